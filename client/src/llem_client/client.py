@@ -1,0 +1,460 @@
+"""``Client`` (blocking) and ``AsyncClient`` (asyncio) for ``llem.v1.LlemService``.
+
+Both take the same arguments, build requests with the same code (``_core``) and
+raise the same exceptions (``errors``); they differ only in the gRPC channel
+type. Results are the ``llem.v1`` response messages themselves.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from llem.v1 import llem_pb2, llem_pb2_grpc
+
+from . import _core
+from ._core import UNSET, ConfigLike
+from .errors import from_rpc_error
+
+__all__ = ["Client", "AsyncClient", "GenerateStream", "AsyncGenerateStream"]
+
+ModelLike = str | llem_pb2.ModelConfig | Mapping[str, Any]
+PathOrPem = bytes | str | os.PathLike | None
+
+
+class _Base:
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: PathOrPem = None,
+        certificate_chain: PathOrPem = None,
+        private_key: PathOrPem = None,
+        server_name: str | None = None,
+        timeout: float | None = None,
+        targets: Sequence[str] | None = None,
+        max_send_message_bytes: int | None = None,
+        max_receive_message_bytes: int | None = _core.DEFAULT_MAX_RECEIVE_BYTES,
+        options: Sequence[tuple[str, Any]] | None = None,
+    ):
+        self._settings = _core.channel_settings(
+            target,
+            token=token,
+            tls=tls,
+            root_certificates=root_certificates,
+            certificate_chain=certificate_chain,
+            private_key=private_key,
+            server_name=server_name,
+            timeout=timeout,
+            targets=targets,
+            max_send_message_bytes=max_send_message_bytes,
+            max_receive_message_bytes=max_receive_message_bytes,
+            options=options,
+        )
+        self._open()
+
+    def _open(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def target(self) -> str:
+        """The gRPC target the channel was opened to (after resolving ``targets``)."""
+        return self._settings.target
+
+    def _timeout(self, timeout: Any) -> float | None:
+        return self._settings.timeout if timeout is UNSET else timeout
+
+    def _call_kwargs(self, timeout: Any) -> dict[str, Any]:
+        return {"timeout": self._timeout(timeout), "metadata": self._settings.metadata}
+
+
+# ---------------------------------------------------------------------------
+# Blocking client
+# ---------------------------------------------------------------------------
+
+
+class GenerateStream(Iterator[llem_pb2.GenerateStreamResponse]):
+    """Iterator over a GenerateStream call; errors arrive as LlemError.
+
+    Leaving the iteration early (``break``, an exception, Ctrl-C, ``close()``)
+    cancels the call, so the server stops generating within one decode step.
+    """
+
+    def __init__(self, call: Any):
+        self._call = call
+
+    def __iter__(self) -> GenerateStream:
+        return self
+
+    def __next__(self) -> llem_pb2.GenerateStreamResponse:
+        try:
+            return next(self._call)
+        except StopIteration:
+            raise
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        except BaseException:
+            self._call.cancel()
+            raise
+
+    def cancel(self) -> None:
+        """Cancel the call (a no-op once it has finished)."""
+        self._call.cancel()
+
+    close = cancel
+
+    def __enter__(self) -> GenerateStream:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._call.cancel()
+
+    def __del__(self) -> None:
+        try:
+            self._call.cancel()
+        except Exception:
+            pass
+
+
+class Client(_Base):
+    """A blocking client for an llem-server.
+
+    Args:
+        target: ``"HOST:PORT"``, a ``dns:///host:port`` target (balanced round
+            robin over every address), or ``"h1:p,h2:p"``.
+        token: sent as ``authorization: Bearer <token>``.
+        tls: use TLS with the system's root certificates.
+        root_certificates: PEM (bytes, text or a path) of the CA to trust; implies TLS.
+        certificate_chain, private_key: the client's certificate and key, for mTLS.
+        server_name: the name to verify the server's certificate against.
+        timeout: default deadline per call, seconds (``None``: no deadline).
+        targets: several ``HOST:PORT`` servers; calls are spread round robin.
+        max_send_message_bytes, max_receive_message_bytes: gRPC message limits.
+        options: extra gRPC channel options.
+
+    Every method raises a :class:`~llem_client.errors.LlemError` subclass for a
+    non-OK status and :class:`~llem_client.errors.ConfigurationError` for
+    arguments it can reject before sending.
+    """
+
+    def _open(self) -> None:
+        s = self._settings
+        if s.credentials is not None:
+            self._channel = grpc.secure_channel(s.target, s.credentials, options=s.options)
+        else:
+            self._channel = grpc.insecure_channel(s.target, options=s.options)
+        self._stub = llem_pb2_grpc.LlemServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    # Context management -----------------------------------------------------
+
+    def close(self) -> None:
+        """Close the channel; calls still running are cancelled."""
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # Calls -----------------------------------------------------------------
+
+    def _unary(self, multicallable: Any, request: Any, timeout: Any) -> Any:
+        # .future() instead of a plain call so that an interrupt (Ctrl-C) while
+        # waiting cancels the RPC instead of leaving the server generating.
+        fut = multicallable.future(request, **self._call_kwargs(timeout))
+        try:
+            return fut.result()
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        except BaseException:
+            fut.cancel()
+            raise
+
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        *,
+        model: ModelLike,
+        precision: str | int | None = None,
+        pytorch: ConfigLike | None = None,
+        decoder: ConfigLike | None = None,
+        max_output_tokens: int | None = None,
+        max_input_tokens: int | None = None,
+        random_seed: int | None = None,
+        request_id: str | None = None,
+        timeout: float | None = UNSET,
+    ) -> llem_pb2.GenerateResponse:
+        """Run the prompts; returns completions, usage, timing and energy.
+
+        ``pytorch`` and ``decoder`` are dicts (or messages) with the field names
+        of config.md; unset (``None``) fields take the server's defaults.
+        """
+        req = _core.generate_request(
+            prompts,
+            model=model,
+            precision=precision,
+            pytorch=pytorch,
+            decoder=decoder,
+            max_output_tokens=max_output_tokens,
+            max_input_tokens=max_input_tokens,
+            random_seed=random_seed,
+            request_id=request_id,
+        )
+        return self.generate_request(req, timeout=timeout)
+
+    def generate_request(self, request: llem_pb2.GenerateRequest, *, timeout: float | None = UNSET) -> llem_pb2.GenerateResponse:
+        """Send a ready-made GenerateRequest."""
+        return self._unary(self._stub.Generate, request, timeout)
+
+    def generate_stream(
+        self,
+        prompts: str | Sequence[str],
+        *,
+        model: ModelLike,
+        precision: str | int | None = None,
+        pytorch: ConfigLike | None = None,
+        decoder: ConfigLike | None = None,
+        max_output_tokens: int | None = None,
+        max_input_tokens: int | None = None,
+        random_seed: int | None = None,
+        request_id: str | None = None,
+        timeout: float | None = UNSET,
+    ) -> GenerateStream:
+        """Like :meth:`generate`, yielding token chunks and, last, the totals (``final``)."""
+        req = _core.generate_request(
+            prompts,
+            model=model,
+            precision=precision,
+            pytorch=pytorch,
+            decoder=decoder,
+            max_output_tokens=max_output_tokens,
+            max_input_tokens=max_input_tokens,
+            random_seed=random_seed,
+            request_id=request_id,
+        )
+        return GenerateStream(self._stub.GenerateStream(req, **self._call_kwargs(timeout)))
+
+    def load_model(
+        self,
+        model: ModelLike,
+        *,
+        precision: str | int | None = None,
+        pytorch: ConfigLike | None = None,
+        request_id: str | None = None,
+        timeout: float | None = UNSET,
+        strip_generation_fields: bool = False,
+    ) -> llem_pb2.LoadModelResponse:
+        """Load (and compile) a model ahead of time.
+
+        The server rejects generation fields (``pytorch.batch_size`` ...) here;
+        with ``strip_generation_fields=True`` they are dropped first, so the same
+        pytorch block as for ``generate`` can be passed.
+        """
+        cfg = _core.model_config(model, precision, pytorch)
+        if strip_generation_fields:
+            cfg = _core.load_config(cfg)
+        req = llem_pb2.LoadModelRequest(model=cfg, request_id=request_id or "")
+        return self._unary(self._stub.LoadModel, req, timeout)
+
+    def unload_model(self, config_hash: str, *, timeout: float | None = UNSET) -> llem_pb2.UnloadModelResponse:
+        """Remove a cached model by its config hash."""
+        return self._unary(self._stub.UnloadModel, llem_pb2.UnloadModelRequest(config_hash=config_hash), timeout)
+
+    def list_models(self, *, timeout: float | None = UNSET) -> llem_pb2.ListModelsResponse:
+        """The cached models, most recently used first."""
+        return self._unary(self._stub.ListModels, llem_pb2.ListModelsRequest(), timeout)
+
+    def server_info(self, *, timeout: float | None = UNSET) -> llem_pb2.GetServerInfoResponse:
+        """Versions, devices, energy sensors and limits."""
+        return self._unary(self._stub.GetServerInfo, llem_pb2.GetServerInfoRequest(), timeout)
+
+    def measure_baseline(
+        self, duration_s: float | None = None, *, timeout: float | None = UNSET
+    ) -> llem_pb2.MeasureBaselineResponse:
+        """Measure idle power per device (server default: 30 s)."""
+        req = _core.to_message(llem_pb2.MeasureBaselineRequest, {"duration_s": duration_s})
+        return self._unary(self._stub.MeasureBaseline, req, timeout)
+
+    def health(self, service: str = "", *, timeout: float | None = UNSET) -> health_pb2.HealthCheckResponse:
+        """``grpc.health.v1.Health/Check``; ``.status`` is SERVING when ready."""
+        return self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
+
+
+# ---------------------------------------------------------------------------
+# asyncio client
+# ---------------------------------------------------------------------------
+
+
+class AsyncGenerateStream(AsyncIterator[llem_pb2.GenerateStreamResponse]):
+    """Async iterator over a GenerateStream call; errors arrive as LlemError."""
+
+    def __init__(self, call: Any):
+        self._call = call
+        self._it = call.__aiter__()
+
+    def __aiter__(self) -> AsyncGenerateStream:
+        return self
+
+    async def __anext__(self) -> llem_pb2.GenerateStreamResponse:
+        try:
+            return await self._it.__anext__()
+        except StopAsyncIteration:
+            raise
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        except BaseException:
+            self._call.cancel()
+            raise
+
+    def cancel(self) -> None:
+        """Cancel the call (a no-op once it has finished)."""
+        self._call.cancel()
+
+    async def __aenter__(self) -> AsyncGenerateStream:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self._call.cancel()
+
+
+class AsyncClient(_Base):
+    """The asyncio twin of :class:`Client`: same arguments, ``async`` methods.
+
+    Use ``async with AsyncClient(...) as c:``; cancelling the awaiting task
+    cancels the RPC.
+    """
+
+    def _open(self) -> None:
+        s = self._settings
+        if s.credentials is not None:
+            self._channel = grpc.aio.secure_channel(s.target, s.credentials, options=s.options)
+        else:
+            self._channel = grpc.aio.insecure_channel(s.target, options=s.options)
+        self._stub = llem_pb2_grpc.LlemServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def close(self) -> None:
+        """Close the channel; calls still running are cancelled."""
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def _unary(self, multicallable: Any, request: Any, timeout: Any) -> Any:
+        try:
+            return await multicallable(request, **self._call_kwargs(timeout))
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    async def generate(
+        self,
+        prompts: str | Sequence[str],
+        *,
+        model: ModelLike,
+        precision: str | int | None = None,
+        pytorch: ConfigLike | None = None,
+        decoder: ConfigLike | None = None,
+        max_output_tokens: int | None = None,
+        max_input_tokens: int | None = None,
+        random_seed: int | None = None,
+        request_id: str | None = None,
+        timeout: float | None = UNSET,
+    ) -> llem_pb2.GenerateResponse:
+        """See :meth:`Client.generate`."""
+        req = _core.generate_request(
+            prompts,
+            model=model,
+            precision=precision,
+            pytorch=pytorch,
+            decoder=decoder,
+            max_output_tokens=max_output_tokens,
+            max_input_tokens=max_input_tokens,
+            random_seed=random_seed,
+            request_id=request_id,
+        )
+        return await self.generate_request(req, timeout=timeout)
+
+    async def generate_request(
+        self, request: llem_pb2.GenerateRequest, *, timeout: float | None = UNSET
+    ) -> llem_pb2.GenerateResponse:
+        """Send a ready-made GenerateRequest."""
+        return await self._unary(self._stub.Generate, request, timeout)
+
+    def generate_stream(
+        self,
+        prompts: str | Sequence[str],
+        *,
+        model: ModelLike,
+        precision: str | int | None = None,
+        pytorch: ConfigLike | None = None,
+        decoder: ConfigLike | None = None,
+        max_output_tokens: int | None = None,
+        max_input_tokens: int | None = None,
+        random_seed: int | None = None,
+        request_id: str | None = None,
+        timeout: float | None = UNSET,
+    ) -> AsyncGenerateStream:
+        """See :meth:`Client.generate_stream`; iterate with ``async for``."""
+        req = _core.generate_request(
+            prompts,
+            model=model,
+            precision=precision,
+            pytorch=pytorch,
+            decoder=decoder,
+            max_output_tokens=max_output_tokens,
+            max_input_tokens=max_input_tokens,
+            random_seed=random_seed,
+            request_id=request_id,
+        )
+        return AsyncGenerateStream(self._stub.GenerateStream(req, **self._call_kwargs(timeout)))
+
+    async def load_model(
+        self,
+        model: ModelLike,
+        *,
+        precision: str | int | None = None,
+        pytorch: ConfigLike | None = None,
+        request_id: str | None = None,
+        timeout: float | None = UNSET,
+        strip_generation_fields: bool = False,
+    ) -> llem_pb2.LoadModelResponse:
+        """See :meth:`Client.load_model`."""
+        cfg = _core.model_config(model, precision, pytorch)
+        if strip_generation_fields:
+            cfg = _core.load_config(cfg)
+        req = llem_pb2.LoadModelRequest(model=cfg, request_id=request_id or "")
+        return await self._unary(self._stub.LoadModel, req, timeout)
+
+    async def unload_model(self, config_hash: str, *, timeout: float | None = UNSET) -> llem_pb2.UnloadModelResponse:
+        """See :meth:`Client.unload_model`."""
+        return await self._unary(self._stub.UnloadModel, llem_pb2.UnloadModelRequest(config_hash=config_hash), timeout)
+
+    async def list_models(self, *, timeout: float | None = UNSET) -> llem_pb2.ListModelsResponse:
+        """See :meth:`Client.list_models`."""
+        return await self._unary(self._stub.ListModels, llem_pb2.ListModelsRequest(), timeout)
+
+    async def server_info(self, *, timeout: float | None = UNSET) -> llem_pb2.GetServerInfoResponse:
+        """See :meth:`Client.server_info`."""
+        return await self._unary(self._stub.GetServerInfo, llem_pb2.GetServerInfoRequest(), timeout)
+
+    async def measure_baseline(
+        self, duration_s: float | None = None, *, timeout: float | None = UNSET
+    ) -> llem_pb2.MeasureBaselineResponse:
+        """See :meth:`Client.measure_baseline`."""
+        req = _core.to_message(llem_pb2.MeasureBaselineRequest, {"duration_s": duration_s})
+        return await self._unary(self._stub.MeasureBaseline, req, timeout)
+
+    async def health(self, service: str = "", *, timeout: float | None = UNSET) -> health_pb2.HealthCheckResponse:
+        """See :meth:`Client.health`."""
+        return await self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
