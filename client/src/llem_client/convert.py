@@ -240,6 +240,7 @@ def _fill(msg: Message, value: Any, path: str, problems: list) -> None:
                         target.append(ev)
             continue
         if field.message_type is not None:
+            getattr(msg, key).SetInParent()  # an empty block is still "given"
             _fill(getattr(msg, key), item, sub, problems)
             continue
         sv = _scalar(field, item, sub, problems)

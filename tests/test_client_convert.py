@@ -1,0 +1,169 @@
+"""dict -> llem.v1 message mapping in llem_client (no server needed)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from google.protobuf import descriptor as _d
+
+from llem.v1 import llem_pb2
+from llem_client import ConfigurationError, message_to_dict, to_message
+from llem_client import _core
+from llem_client.convert import enum_short_names
+
+
+def _sample(field: _d.FieldDescriptor):
+    """A valid plain-Python value for any field, derived from its descriptor."""
+    if field.message_type is not None and field.message_type.GetOptions().map_entry:
+        return {"0": "1GiB"}
+    if field.type == _d.FieldDescriptor.TYPE_ENUM:
+        return sorted(enum_short_names(field.enum_type))[0]
+    if field.type == _d.FieldDescriptor.TYPE_BOOL:
+        return True
+    if field.type in (_d.FieldDescriptor.TYPE_DOUBLE, _d.FieldDescriptor.TYPE_FLOAT):
+        return 0.5
+    if field.type == _d.FieldDescriptor.TYPE_STRING:
+        return "x"
+    return 3
+
+
+@pytest.mark.parametrize("cls", [llem_pb2.PyTorchConfig, llem_pb2.DecoderConfig, llem_pb2.ModelConfig])
+def test_every_field_of_the_config_messages_is_accepted(cls):
+    # Walks the descriptors: a field added to the proto is covered without editing this test.
+    for field in cls.DESCRIPTOR.fields:
+        if field.message_type is not None and not field.message_type.GetOptions().map_entry:
+            value = {}
+        else:
+            value = _sample(field)
+        msg = to_message(cls, {field.name: value})
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            assert dict(getattr(msg, field.name)) == value
+        elif field.has_presence:
+            assert msg.HasField(field.name), field.name
+        else:
+            assert getattr(msg, field.name) != 0, field.name
+
+
+def test_enums_accept_short_full_names_and_numbers():
+    m = to_message(
+        llem_pb2.PyTorchConfig,
+        {
+            "attn_implementation": "flash_attention_2",
+            "bnb_4bit_quant_type": "NF4",
+            "bnb_4bit_compute_dtype": "float16",
+            "cache_implementation": "CACHE_IMPLEMENTATION_STATIC",
+        },
+    )
+    assert m.attn_implementation == llem_pb2.ATTN_IMPLEMENTATION_FLASH_ATTENTION_2
+    assert m.bnb_4bit_quant_type == llem_pb2.BNB4BIT_QUANT_TYPE_NF4
+    assert m.bnb_4bit_compute_dtype == llem_pb2.BNB4BIT_COMPUTE_DTYPE_FLOAT16
+    assert m.cache_implementation == llem_pb2.CACHE_IMPLEMENTATION_STATIC
+    assert to_message(llem_pb2.ModelConfig, {"precision": "bf16"}).precision == llem_pb2.PRECISION_BF16
+    assert to_message(llem_pb2.ModelConfig, {"precision": 2}).precision == llem_pb2.PRECISION_FP16
+    # torch dtype names, as older llem YAMLs write them
+    assert to_message(llem_pb2.ModelConfig, {"precision": "bfloat16"}).precision == llem_pb2.PRECISION_BF16
+    assert to_message(llem_pb2.DecoderConfig, {"preset": "deterministic"}).preset == llem_pb2.DECODER_PRESET_DETERMINISTIC
+
+
+def test_none_means_unset_and_max_memory_int_keys():
+    m = to_message(llem_pb2.PyTorchConfig, {"batch_size": None, "max_memory": {0: "10GiB", "cpu": "30GiB"}})
+    assert not m.HasField("batch_size")
+    assert dict(m.max_memory) == {"0": "10GiB", "cpu": "30GiB"}
+
+
+def test_unknown_keys_and_wrong_types_are_all_reported_with_suggestions():
+    with pytest.raises(ConfigurationError) as ei:
+        to_message(
+            llem_pb2.PyTorchConfig,
+            {"batch_sise": 2, "use_cache": "yes", "cache_implementation": "statik", "num_beams": 1.5, "zzz": 1},
+            "pytorch",
+        )
+    err = ei.value
+    assert isinstance(err, ValueError)
+    paths = [p for p, _ in err.problems]
+    assert paths == ["pytorch.batch_sise", "pytorch.use_cache", "pytorch.cache_implementation", "pytorch.num_beams", "pytorch.zzz"]
+    text = str(err)
+    assert "did you mean 'batch_size'" in text
+    assert "did you mean 'static'" in text
+    assert "expected a bool" in text and "expected an integer" in text
+    assert "known keys" in text  # no close match: the valid keys are listed instead
+
+
+def test_bool_is_not_an_int_and_ranges_are_checked():
+    with pytest.raises(ConfigurationError, match="decoder.top_k: expected an integer, got bool"):
+        to_message(llem_pb2.DecoderConfig, {"top_k": True}, "decoder")
+    with pytest.raises(ConfigurationError, match="out of range"):
+        to_message(llem_pb2.PyTorchConfig, {"batch_size": 2**40})
+    assert to_message(llem_pb2.DecoderConfig, {"temperature": 1}).temperature == 1.0
+
+
+def test_generate_request_collects_problems_across_blocks():
+    with pytest.raises(ConfigurationError) as ei:
+        _core.generate_request(
+            ["hi"], model="demo", precision="bf61", pytorch={"batchsize": 2}, decoder={"tempreature": 0.5}, max_output_tokens="8"
+        )
+    paths = {p for p, _ in ei.value.problems}
+    assert paths == {"precision", "pytorch.batchsize", "decoder.tempreature", "max_output_tokens"}
+    assert "did you mean 'temperature'" in str(ei.value)
+
+
+def test_generate_request_built_from_dicts_and_messages():
+    req = _core.generate_request(
+        "Hello",
+        model=llem_pb2.ModelConfig(model="demo"),
+        precision="fp32",
+        pytorch=llem_pb2.PyTorchConfig(batch_size=2),
+        decoder={"preset": "deterministic", "top_k": 5},
+        max_output_tokens=4,
+        random_seed=7,
+    )
+    assert list(req.prompts) == ["Hello"]
+    assert req.model.model == "demo" and req.model.precision == llem_pb2.PRECISION_FP32
+    assert req.model.pytorch.batch_size == 2
+    assert req.decoder.top_k == 5 and req.max_output_tokens == 4 and req.random_seed == 7
+    assert not req.HasField("max_input_tokens")
+
+
+def test_load_config_strips_generation_fields_only():
+    cfg = _core.model_config("demo", "bf16", {"batch_size": 4, "cache_implementation": "static", "device_map": "cpu"})
+    load = _core.load_config(cfg)
+    assert load.pytorch.device_map == "cpu"
+    assert not load.pytorch.HasField("batch_size") and load.pytorch.cache_implementation == 0
+
+
+def test_message_to_dict_keeps_presence_and_short_enums():
+    e = llem_pb2.Energy(available=True, total_j=3.5, devices=[llem_pb2.DeviceEnergy(index=0, energy_j=3.5)])
+    d = message_to_dict(e)
+    assert d["total_j"] == 3.5 and "adjusted_j" not in d and d["devices"][0]["index"] == 0
+    m = message_to_dict(llem_pb2.ModelInfo(memory_bytes=2**40, config=llem_pb2.ModelConfig(precision=llem_pb2.PRECISION_BF16)))
+    assert m["memory_bytes"] == 2**40  # a number, not json_format's string
+    assert m["config"]["precision"] == "bf16"
+
+
+def test_channel_settings_targets_token_and_tls(tmp_path):
+    s = _core.channel_settings(None, targets=["127.0.0.1:5001", "127.0.0.1:5002"], token="t0k")
+    assert s.target == "ipv4:127.0.0.1:5001,127.0.0.1:5002"
+    assert ("authorization", "Bearer t0k") in s.metadata
+    assert any(k == "grpc.service_config" and "round_robin" in v for k, v in s.options)
+    assert _core.channel_settings("[::1]:1,[::1]:2").target == "ipv6:[::1]:1,[::1]:2"
+    dns = _core.channel_settings("dns:///example.invalid:50051")
+    assert any(k == "grpc.service_config" for k, _ in dns.options)
+    plain = _core.channel_settings("h:1", max_send_message_bytes=10, max_receive_message_bytes=20)
+    assert ("grpc.max_send_message_length", 10) in plain.options and ("grpc.max_receive_message_length", 20) in plain.options
+    assert plain.credentials is None and not any(k == "grpc.service_config" for k, _ in plain.options)
+    with pytest.raises(ConfigurationError, match="cannot read"):
+        _core.channel_settings("h:1", root_certificates=tmp_path / "missing.pem")
+    with pytest.raises(ConfigurationError, match="both"):
+        _core.channel_settings("h:1", certificate_chain=b"-----BEGIN X-----")
+    assert _core.channel_settings("h:1", tls=True).credentials is not None
+
+
+def test_import_stays_light():
+    code = (
+        "import sys, llem_client, llem_client.convert;"
+        "bad=[m for m in sys.modules if m.split('.')[0] in ('torch','transformers','rich','yaml','numpy')];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
