@@ -91,5 +91,8 @@ def configure(json: bool | None = True, level: str = "info", stream=None) -> Non
 
 
 def get_logger(**bind: Any) -> structlog.typing.FilteringBoundLogger:
-    """A logger with ``bind`` attached to every line (e.g. request_id, device)."""
-    return structlog.get_logger().bind(**bind)
+    """A logger with ``bind`` attached to every line (e.g. request_id, device).
+
+    Lazy: safe to create at import time, before :func:`configure` runs (a plain
+    ``.bind()`` would freeze whatever configuration existed at that moment)."""
+    return structlog.get_logger(**bind)
