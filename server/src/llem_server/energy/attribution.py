@@ -1,0 +1,103 @@
+"""Pure functions: energy over windows from a cumulative-energy curve.
+
+The curve is a list of points ``(t, E)`` (E cumulative, mJ) from the sampler; energy at
+any time between points is linearly interpolated (the counter is exact at its updates,
+and power between two updates ~100 ms apart is taken as constant).
+
+Attribution (energy.md rule 3): the time axis is cut at every window start and end.
+Each sub-segment's energy goes to the windows active over it, equally (by time) or in
+proportion to each window's token rate (by tokens, where every active window is closed
+with a token count); a sub-segment with no window goes to the idle bucket. Because the
+sub-segments tile the range and their energies telescope, attributed + idle equals the
+curve's delta over the range exactly.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Hashable, Sequence
+
+
+@dataclass(frozen=True)
+class Span:
+    key: Hashable
+    start: float
+    end: float | None = None  # None: still running
+    tokens: int | None = None
+
+    def overlaps(self, t0: float, t1: float) -> bool:
+        return self.start < t1 and (self.end is None or self.end > t0)
+
+
+@dataclass
+class Split:
+    shares_mj: dict = field(default_factory=dict)
+    idle_mj: float = 0.0
+    by_tokens: bool = False  # some sub-segment was split by tokens
+    by_time: bool = False    # some shared sub-segment was split equally
+
+
+def energy_at(pt_t: Sequence[float], pt_e: Sequence[float], t: float) -> float | None:
+    """Interpolated cumulative energy at ``t``; None outside the points."""
+    if not pt_t or t < pt_t[0] or t > pt_t[-1]:
+        return None
+    i = bisect.bisect_right(pt_t, t)
+    if i >= len(pt_t):
+        return pt_e[-1]
+    ta, tb = pt_t[i - 1], pt_t[i]
+    if tb <= ta:
+        return pt_e[i]
+    return pt_e[i - 1] + (pt_e[i] - pt_e[i - 1]) * (t - ta) / (tb - ta)
+
+
+def edge_step_mj(pt_t: Sequence[float], pt_e: Sequence[float], t: float) -> float:
+    """Energy of the counter step that contains ``t``: the error bound at one window edge."""
+    if len(pt_t) < 2:
+        return 0.0
+    i = min(max(bisect.bisect_right(pt_t, t), 1), len(pt_t) - 1)
+    return abs(pt_e[i] - pt_e[i - 1])
+
+
+def updates_inside(pt_t: Sequence[float], t0: float, t1: float) -> int:
+    """Points (counter updates) strictly inside (t0, t1)."""
+    return max(bisect.bisect_left(pt_t, t1) - bisect.bisect_right(pt_t, t0), 0)
+
+
+def split(pt_t: Sequence[float], pt_e: Sequence[float], spans: Sequence[Span], t0: float, t1: float,
+          by: str = "time") -> Split:
+    """Split the curve's energy over [t0, t1] among ``spans`` plus an idle bucket.
+
+    Raises ValueError where the points do not cover [t0, t1].
+    """
+    out = Split()
+    if t1 <= t0:
+        return out
+    live = [s for s in spans if s.overlaps(t0, t1)]
+    cuts = {t0, t1}
+    for s in live:
+        cuts.update(x for x in (s.start, s.end) if x is not None and t0 < x < t1)
+    bounds = sorted(cuts)
+    e_prev = energy_at(pt_t, pt_e, bounds[0])
+    if e_prev is None:
+        raise ValueError("no energy points cover the range")
+    for a, b in zip(bounds, bounds[1:]):
+        e_b = energy_at(pt_t, pt_e, b)
+        if e_b is None:
+            raise ValueError("no energy points cover the range")
+        seg = e_b - e_prev
+        e_prev = e_b
+        active = [s for s in live if s.start <= a and (s.end is None or s.end >= b)]
+        if not active:
+            out.idle_mj += seg
+            continue
+        weights = None
+        if by == "tokens" and all(s.end is not None and s.tokens and s.end > s.start for s in active):
+            weights = [s.tokens / (s.end - s.start) for s in active]  # token rate: tokens in the segment
+            out.by_tokens = out.by_tokens or len(active) > 1
+        else:
+            weights = [1.0] * len(active)
+            out.by_time = out.by_time or len(active) > 1
+        total_w = sum(weights)
+        for s, w in zip(active, weights):
+            out.shares_mj[s.key] = out.shares_mj.get(s.key, 0.0) + seg * w / total_w
+    return out

@@ -1,0 +1,569 @@
+"""The energy meter the service uses: per-request GPU energy from NVML's counter.
+
+Method (shared/spec/energy.md):
+
+* **The counter is the truth.** One background sampler thread per GPU reads
+  ``nvmlDeviceGetTotalEnergyConsumption`` about every 100 ms (never faster than 50 ms)
+  into a ring buffer with ``time.monotonic()`` timestamps. The counter changes only at its
+  own updates (~100 ms on Hopper); each change becomes a point timed at the midpoint of
+  the two reads around it, and energy at any instant is linearly interpolated between
+  points. GPUs without the counter integrate NVML's ~1 s average power instead, marked
+  approximate. Nothing on the request path calls NVML: windows only read the buffer.
+* **Windows** are stamped with ``time.monotonic()`` in the worker process (CLOCK_MONOTONIC
+  is system-wide on Linux) and registered here with ``open_window``/``close_window``.
+  ``report`` waits, on the calling thread and not on the device, for the first counter
+  update past the window's end, then computes; the device is already running the next job.
+* **Attribution** (rule 3): an exclusive window gets the curve's energy over it. Where
+  windows overlap on a GPU, the time axis is cut at every start and end; each piece's
+  energy is shared equally among the windows active in it (by time; by token rate with
+  ``split="tokens"`` when every window in the piece is closed with a token count), and
+  pieces with no window go to an idle bucket. The ledger (attributed + idle) therefore
+  equals the counter delta; tests check it within one counter step.
+* **Uncertainty**: the energy of the counter step containing each edge (about one update's
+  energy per edge). Windows under 1 s or with fewer than 10 updates are low-confidence.
+* **Failures are never zeros**: every absence carries a reason (no driver, no GPU, NVML
+  error, no counter and no power reading, counter went backwards, sampler stalled).
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+from . import nvml as _nvml
+from .attribution import Span, edge_step_mj, energy_at, split, updates_inside
+from .baseline import STALE_AFTER_S, BaselineResult
+from .rapl import RaplReader, RaplUnavailable
+from .sampler import MIN_PERIOD_S, Reading, ReadError, Sampler
+
+METHOD_COUNTER = "nvml_total_energy_counter"
+METHOD_POWER = "nvml_power_average_integrated (approximate)"
+METHOD_RAPL = "rapl_package_energy"
+
+SHORT_WINDOW_S = 1.0
+MIN_UPDATES = 10
+TEMP_DRIFT_C = 10.0
+POWER_AVG_LAG_S = 0.5  # the ~1 s average lags by about half its span at each edge
+POWER_AVG_REL = 0.015  # counter vs integrated average agreed within 1.5 % over >= 8 s (energy.md)
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class SensorState:
+    available: bool
+    reason: str = ""
+    method: str = ""
+
+
+@dataclass
+class Window:
+    request_id: str
+    devices: tuple[int, ...]
+    t_start: float
+    t_end: float | None = None
+    output_tokens: int | None = None
+    id: int = field(default_factory=lambda: next(_ids))
+    reported: bool = False
+    closed_at: float | None = None
+
+
+@dataclass
+class CpuReport:
+    available: bool
+    reason: str = ""
+    energy_j: float | None = None
+    domains: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DeviceReport:
+    index: int
+    name: str | None = None
+    uuid: str | None = None
+    energy_j: float = 0.0
+    avg_power_w: float = 0.0
+    power_limit_w: float | None = None
+    persistence_mode: bool | None = None
+    temperature_start_c: float | None = None
+    temperature_end_c: float | None = None
+    counter_resolution_mj: float | None = None
+    counter_update_ms: float | None = None
+    counter_updates: int = 0
+    baseline_power_w: float | None = None
+    uncertainty_j: float = 0.0
+    exclusive: bool = True
+
+
+@dataclass
+class EnergyReport:
+    available: bool
+    reason: str = ""
+    method: str = ""
+    attribution: str = ""  # "exclusive", "shared_by_time", "shared_by_tokens"
+    exclusive: bool = False
+    total_j: float | None = None
+    duration_s: float = 0.0
+    uncertainty_j: float = 0.0
+    low_confidence: bool = False
+    approximate: bool = False
+    devices: list[DeviceReport] = field(default_factory=list)
+    baseline_power_w: float | None = None
+    adjusted_j: float | None = None
+    joules_per_output_token: float | None = None
+    output_tokens: int | None = None
+    provenance: dict[str, str] = field(default_factory=dict)
+    cpu: CpuReport = field(default_factory=lambda: CpuReport(False, "not measured"))
+    warnings: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def method_label(self) -> str:
+        """E.g. "nvml_total_energy_counter/exclusive" (the proto's Energy.method)."""
+        return f"{self.method}/{self.attribution}" if self.method and self.attribution else self.method
+
+
+@dataclass
+class _Dev:
+    index: int
+    state: SensorState
+    static: dict[str, Any] = field(default_factory=dict)
+    sampler: Sampler | None = None
+    windows: list[Window] = field(default_factory=list)
+    acct_t: float | None = None
+    attr_mj: float = 0.0
+    idle_mj: float = 0.0
+
+
+def _nearest(ts: list[float], vals: list, t: float):
+    best, best_d = None, None
+    for x, v in zip(ts, vals):
+        if v is not None and (best_d is None or abs(x - t) < best_d):
+            best, best_d = v, abs(x - t)
+    return best
+
+
+class EnergyMeter:
+    def __init__(self, devices: list[int], *, nvml: Any = None, period_s: float = 0.1,
+                 rapl_root: str = "/sys/class/powercap", versions: dict[str, str] | None = None,
+                 clock: Callable[[], float] = time.monotonic, split: str = "time",
+                 min_period_s: float = MIN_PERIOD_S, registration_grace_s: float = 2.0,
+                 capacity: int = 72_000, unavailable_reason: str = ""):
+        # min_period_s: tests lower it for a fast simulator; real hardware keeps 50 ms.
+        # registration_grace_s: how late (after its start) a window may still be registered
+        # before the ledger has already settled that time.
+        self._clock = clock
+        self._period = max(period_s, min_period_s)
+        self._split = split
+        self._grace = registration_grace_s
+        self._versions = dict(versions or {})
+        self._lock = threading.Lock()
+        self._devs: dict[int, _Dev] = {}
+        self._baselines: dict[int, BaselineResult] = {}
+        self._started = False
+        self._gpu_reason = unavailable_reason
+        self._system: dict[str, str] = {}
+        self._session = None
+        if devices and not unavailable_reason:
+            self._session = _nvml.open_session(nvml)
+            if self._session.ok:
+                self._system = _nvml.system_info(self._session.nvml)
+        for idx in devices:
+            self._devs[idx] = self._open_device(idx, capacity)
+        self._cpu_state = SensorState(False, "", "")
+        self._cpu_sampler: Sampler | None = None
+        self._cpu_domains: list[str] = []
+        try:
+            rapl = RaplReader(rapl_root)
+            self._cpu_sampler = Sampler(rapl.read, mode="cumulative", period_s=self._period, clock=clock,
+                                        capacity=capacity, name="rapl")
+            self._cpu_domains = rapl.domains
+            self._cpu_state = SensorState(True, "", METHOD_RAPL)
+        except RaplUnavailable as exc:
+            self._cpu_state = SensorState(False, exc.reason, "")
+
+    @classmethod
+    def unavailable(cls, reason: str, **kw: Any) -> "EnergyMeter":
+        """A meter with no GPU (CPU-only server): every report is unavailable with ``reason``."""
+        return cls([], unavailable_reason=reason, **kw)
+
+    def _open_device(self, idx: int, capacity: int) -> _Dev:
+        s = self._session
+        if s is None or not s.ok:
+            return _Dev(idx, SensorState(False, s.reason if s else self._gpu_reason))
+        try:
+            reader = _nvml.DeviceReader(s.nvml, idx)
+        except _nvml.NvmlFailure as f:
+            return _Dev(idx, SensorState(False, f.reason))
+        static = reader.static()
+        static.update(self._system)
+        mode, method = "counter", METHOD_COUNTER
+        try:
+            reader.energy_mj()
+        except _nvml.NvmlFailure as f:
+            if f.code != "NVML_ERROR_NOT_SUPPORTED":
+                return _Dev(idx, SensorState(False, f"GPU {idx}: {f.reason}"), static)
+            try:
+                reader.power_w()
+                mode, method = "power", METHOD_POWER
+            except _nvml.NvmlFailure as g:
+                return _Dev(idx, SensorState(
+                    False, f"GPU {idx} has no energy sensor: neither the total energy counter nor power usage "
+                           f"is readable ({f.code}; {g.code or g.reason})"), static)
+        extras = []
+        for fn in (reader.temperature_c, reader.event_reasons):
+            try:
+                fn()
+                extras.append(fn)
+            except _nvml.NvmlFailure:
+                extras.append(None)  # unsupported: don't spend NVML calls on it every sample
+        temp_fn, reasons_fn = extras
+        value_fn = reader.energy_mj if mode == "counter" else reader.power_w
+
+        def read() -> Reading:
+            try:
+                v = value_fn()
+            except _nvml.NvmlFailure as f:
+                raise ReadError(f.reason) from None
+            temp = reasons = None
+            try:
+                temp = temp_fn() if temp_fn else None
+                reasons = reasons_fn() if reasons_fn else None
+            except _nvml.NvmlFailure:
+                pass
+            return Reading(v, temp, reasons)
+
+        sampler = Sampler(read, mode=mode, period_s=self._period, clock=self._clock, capacity=capacity,
+                          name=f"gpu{idx}")
+        return _Dev(idx, SensorState(True, "", method), static, sampler)
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self) -> None:
+        for d in self._devs.values():
+            if d.sampler:
+                d.sampler.start()
+        if self._cpu_sampler:
+            self._cpu_sampler.start()
+        self._started = True
+
+    def close(self) -> None:
+        for d in self._devs.values():
+            if d.sampler:
+                d.sampler.stop()
+        if self._cpu_sampler:
+            self._cpu_sampler.stop()
+        s = self._session
+        if s is not None and s.ok:
+            try:
+                s.nvml.nvmlShutdown()
+            except Exception:
+                pass
+
+    # -- info ------------------------------------------------------------------------
+    def sensors(self) -> dict[int, SensorState]:
+        return {i: d.state for i, d in self._devs.items()}
+
+    def cpu_sensor(self) -> SensorState:
+        return self._cpu_state
+
+    def device_static(self, index: int) -> dict:
+        d = self._devs.get(index)
+        if d is None:
+            return {"index": index}
+        return {**d.static, "index": index, "energy_available": d.state.available,
+                "energy_reason": d.state.reason, "energy_method": d.state.method}
+
+    def provenance(self) -> dict[str, str]:
+        v = self._versions
+        return {"driver_version": self._system.get("driver_version", ""),
+                "nvml_version": self._system.get("nvml_version", ""),
+                "cuda_driver_version": self._system.get("cuda_driver_version", ""),
+                "cuda_version": v.get("cuda", "") or "",
+                "torch_version": v.get("torch", "") or "",
+                "transformers_version": v.get("transformers", "") or ""}
+
+    # -- windows ---------------------------------------------------------------------
+    def open_window(self, devices: list[int], t_start: float, request_id: str) -> Window:
+        w = Window(request_id, tuple(devices), t_start)
+        with self._lock:
+            for i in w.devices:
+                d = self._devs.get(i)
+                if d is not None and d.state.available:
+                    d.windows.append(w)
+        return w
+
+    def close_window(self, window: Window, t_end: float, output_tokens: int | None) -> None:
+        with self._lock:
+            window.t_end = max(t_end, window.t_start)
+            window.output_tokens = output_tokens
+            window.closed_at = self._clock()
+
+    # -- report ----------------------------------------------------------------------
+    def _unavailable(self, window: Window, reason: str, **kw: Any) -> EnergyReport:
+        dur = (window.t_end - window.t_start) if window.t_end is not None else 0.0
+        return EnergyReport(False, reason, duration_s=dur, output_tokens=window.output_tokens,
+                            provenance=self.provenance(), warnings=[("ENERGY_UNAVAILABLE", reason)], **kw)
+
+    def report(self, window: Window, timeout_s: float = 1.0) -> EnergyReport:
+        """Blocking (call from a thread pool): energy of a closed window. Never raises for
+        measurement problems: an unavailable report carries the reason."""
+        try:
+            return self._report(window, timeout_s)
+        finally:
+            with self._lock:
+                window.reported = True
+            for i in window.devices:
+                d = self._devs.get(i)
+                if d is not None and d.sampler is not None:
+                    self._settle(d)
+
+    def _report(self, window: Window, timeout_s: float) -> EnergyReport:
+        deadline = self._clock() + timeout_s
+        if window.t_end is None:
+            return self._unavailable(window, "the energy window was never closed")
+        t0, t1 = window.t_start, window.t_end
+        cpu = self._cpu_report(t0, t1, deadline)
+        if not window.devices:
+            return self._unavailable(window, self._gpu_reason or "no GPU in this request's energy window", cpu=cpu)
+        devs = []
+        for i in window.devices:
+            d = self._devs.get(i)
+            if d is None:
+                return self._unavailable(window, f"GPU {i} is not metered by this server", cpu=cpu)
+            if not d.state.available:
+                return self._unavailable(window, d.state.reason, cpu=cpu)
+            if not self._started:
+                return self._unavailable(window, "the energy meter was not started", cpu=cpu)
+            devs.append(d)
+        for d in devs:
+            if not d.sampler.wait_for_point(t1, deadline):
+                err = d.sampler.last_error
+                return self._unavailable(window, (
+                    f"GPU {d.index}: no energy counter update after the window's end within {timeout_s:.1f} s"
+                    + (f" (last read failed: {err})" if err else " (sampler stalled)")), cpu=cpu)
+        dur = t1 - t0
+        out: list[DeviceReport] = []
+        warnings: list[tuple[str, str]] = []
+        shared_tokens = shared_time = False
+        approximate = False
+        for d in devs:
+            v = d.sampler.view(t0, t1)
+            if v.first_t is None or t0 < v.first_t:
+                return self._unavailable(window, f"GPU {d.index}: the window began before the energy sampler's "
+                                                 "first reading", cpu=cpu)
+            if v.oldest_t is not None and t0 < v.oldest_t:
+                return self._unavailable(window, f"GPU {d.index}: the window is older than the energy sample "
+                                                 "buffer", cpu=cpu)
+            if v.gaps:
+                return self._unavailable(window, f"GPU {d.index}: {v.gaps[0][2]}", cpu=cpu)
+            with self._lock:
+                spans = [Span(w.id, w.t_start, w.t_end, w.output_tokens) for w in d.windows
+                         if w is window or Span(0, w.t_start, w.t_end).overlaps(t0, t1)]
+            if not any(s.key == window.id for s in spans):
+                spans.append(Span(window.id, t0, t1, window.output_tokens))
+            exclusive = len(spans) == 1
+            try:
+                sp = split(v.pt_t, v.pt_e, spans, t0, t1, by=self._split)
+            except ValueError:
+                return self._unavailable(window, f"GPU {d.index}: energy samples do not cover the window", cpu=cpu)
+            shared_tokens |= sp.by_tokens
+            shared_time |= sp.by_time
+            e_j = sp.shares_mj.get(window.id, 0.0) / 1000.0
+            unc_j = (edge_step_mj(v.pt_t, v.pt_e, t0) + edge_step_mj(v.pt_t, v.pt_e, t1)) / 1000.0
+            avg_w = e_j / dur if dur > 0 else 0.0
+            if d.state.method == METHOD_POWER:
+                approximate = True
+                unc_j += 2 * POWER_AVG_LAG_S * avg_w + POWER_AVG_REL * e_j
+            # Reasons are a state at read time: include the first sample after the end.
+            reasons = 0
+            for ts, r in zip(v.s_t, v.s_reasons):
+                if r is not None and t0 <= ts:
+                    reasons |= r
+            st = d.static
+            bl = self._baselines.get(d.index)
+            out.append(DeviceReport(
+                index=d.index, name=st.get("name"), uuid=st.get("uuid"), energy_j=e_j, avg_power_w=avg_w,
+                power_limit_w=st.get("power_limit_w"), persistence_mode=st.get("persistence_mode"),
+                temperature_start_c=_nearest(v.s_t, v.s_temp, t0), temperature_end_c=_nearest(v.s_t, v.s_temp, t1),
+                counter_resolution_mj=v.resolution_mj if d.state.method == METHOD_COUNTER else None,
+                counter_update_ms=v.update_s * 1000.0 if v.update_s else None,
+                counter_updates=updates_inside(v.pt_t, t0, t1),
+                baseline_power_w=bl.power_w if bl and bl.available else None,
+                uncertainty_j=unc_j, exclusive=exclusive))
+            warnings += self._device_warnings(d, out[-1], reasons, bl)
+        total = sum(r.energy_j for r in out)
+        unc = sum(r.uncertainty_j for r in out)
+        exclusive = all(r.exclusive for r in out)
+        min_updates = min(r.counter_updates for r in out)
+        low = dur < SHORT_WINDOW_S or min_updates < MIN_UPDATES
+        if low:
+            warnings.insert(0, ("ENERGY_SHORT_WINDOW",
+                                f"energy window of {dur:.3f} s spans {min_updates} counter update(s) (under "
+                                f"{SHORT_WINDOW_S:g} s or {MIN_UPDATES} updates): {total:.3f} J ± {unc:.3f} J"))
+        if not exclusive:
+            how = "by token rate" if shared_tokens and not shared_time else "by time"
+            warnings.append(("ENERGY_SHARED_WINDOW",
+                             f"other requests ran on the same GPU during this one: the shared energy was split {how} "
+                             "(energy.md rule 3)"))
+        baseline_w = None
+        if all(r.baseline_power_w is not None for r in out):
+            baseline_w = sum(r.baseline_power_w for r in out)
+        tokens = window.output_tokens
+        return EnergyReport(
+            available=True, method=METHOD_POWER if approximate else METHOD_COUNTER,
+            attribution="exclusive" if exclusive else (
+                "shared_by_tokens" if shared_tokens and not shared_time else "shared_by_time"),
+            exclusive=exclusive, total_j=total, duration_s=dur, uncertainty_j=unc, low_confidence=low,
+            approximate=approximate, devices=out, baseline_power_w=baseline_w,
+            adjusted_j=total - baseline_w * dur if baseline_w is not None else None,
+            joules_per_output_token=total / tokens if tokens else None, output_tokens=tokens,
+            provenance=self.provenance(), cpu=cpu, warnings=warnings)
+
+    def _device_warnings(self, d: _Dev, r: DeviceReport, reasons: int,
+                         bl: BaselineResult | None) -> list[tuple[str, str]]:
+        w = []
+        if d.state.method == METHOD_POWER:
+            w.append(("ENERGY_APPROXIMATE", f"GPU {d.index} has no energy counter: its energy integrates NVML's "
+                                            "~1 s average power (approximate)"))
+        if r.persistence_mode is False:
+            w.append(("ENERGY_PERSISTENCE_OFF", f"persistence mode is off on GPU {d.index}: the driver may "
+                                                "deinitialise between requests, changing idle power and timing "
+                                                "(nvidia-smi -pm 1)"))
+        if r.temperature_start_c is not None and r.temperature_end_c is not None and \
+                abs(r.temperature_end_c - r.temperature_start_c) > TEMP_DRIFT_C:
+            w.append(("ENERGY_TEMPERATURE_DRIFT", f"GPU {d.index} went from {r.temperature_start_c:.0f} °C to "
+                                                  f"{r.temperature_end_c:.0f} °C during the window (over "
+                                                  f"{TEMP_DRIFT_C:g} °C): power depends on temperature"))
+        held = [name for bit, name in {**_nvml.THERMAL_REASONS, **_nvml.POWER_REASONS}.items() if reasons & bit]
+        if held:
+            w.append(("ENERGY_THROTTLED", f"GPU {d.index} clocks were held back during the window: "
+                                          + ", ".join(held)))
+        if bl is not None and bl.available:
+            age = self._clock() - bl.measured_monotonic
+            if age > STALE_AFTER_S:
+                w.append(("ENERGY_BASELINE_STALE", f"the baseline of GPU {d.index} is {age / 3600:.1f} h old "
+                                                   "(over 1 h): measure it again"))
+        return w
+
+    def _cpu_report(self, t0: float, t1: float, deadline: float) -> CpuReport:
+        s = self._cpu_sampler
+        if s is None:
+            return CpuReport(False, self._cpu_state.reason)
+        if not self._started:
+            return CpuReport(False, "the energy meter was not started")
+        if not s.wait_for_point(t1, deadline):
+            return CpuReport(False, f"no RAPL reading after the window's end{': ' + s.last_error if s.last_error else ''}")
+        v = s.view(t0, t1)
+        e0, e1 = energy_at(v.pt_t, v.pt_e, t0), energy_at(v.pt_t, v.pt_e, t1)
+        if e0 is None or e1 is None:
+            return CpuReport(False, "the window began before the RAPL sampler's first reading")
+        # Package energy over the window, all processes: not split between requests.
+        return CpuReport(True, "", (e1 - e0) / 1000.0, list(self._cpu_domains))
+
+    # -- ledger ----------------------------------------------------------------------
+    def _settle(self, d: _Dev) -> None:
+        """Move the ledger's settled horizon forward and forget windows wholly behind it."""
+        lp = d.sampler.last_point()
+        if lp is None:
+            return
+        now = self._clock()
+        with self._lock:
+            if d.acct_t is None:
+                d.acct_t = d.sampler.first_point()[0]
+            h = min(lp[0], now - self._grace)
+            for w in d.windows:
+                # A closed window never reported for 5 min is abandoned, not a reason to stall.
+                pending = not w.reported and (w.t_end is None or now - (w.closed_at or now) < 300)
+                if pending:
+                    h = min(h, w.t_start)
+            if h <= d.acct_t:
+                return
+            self._account(d, d.acct_t, h, commit=True)
+            d.acct_t = h
+            d.windows = [w for w in d.windows if not (w.t_end is not None and w.t_end <= h
+                                                      and (w.reported or now - (w.closed_at or now) >= 300))]
+
+    def _account(self, d: _Dev, t0: float, t1: float, commit: bool) -> tuple[float, float]:
+        v = d.sampler.view(t0, t1)
+        if not v.pt_t:
+            return 0.0, 0.0
+        t0 = max(t0, v.pt_t[0])  # an evicted stretch cannot be accounted (buffer too short)
+        t1 = min(t1, v.pt_t[-1])
+        if t1 <= t0:
+            return 0.0, 0.0
+        spans = [Span(w.id, w.t_start, w.t_end, w.output_tokens) for w in d.windows]
+        sp = split(v.pt_t, v.pt_e, spans, t0, t1, by=self._split)
+        attr = sum(sp.shares_mj.values())
+        if commit:
+            d.attr_mj += attr
+            d.idle_mj += sp.idle_mj
+        return attr, sp.idle_mj
+
+    def ledger(self, index: int) -> tuple[float, float]:
+        """(attributed_j, idle_j) since start: settled totals plus the unsettled tail."""
+        d = self._devs.get(index)
+        if d is None or d.sampler is None:
+            return 0.0, 0.0
+        self._settle(d)
+        lp = d.sampler.last_point()
+        with self._lock:
+            if lp is None or d.acct_t is None:
+                return 0.0, 0.0
+            a, i = self._account(d, d.acct_t, lp[0], commit=False)
+            return (d.attr_mj + a) / 1000.0, (d.idle_mj + i) / 1000.0
+
+    def counter_delta_j(self, index: int) -> float:
+        """Counter energy from the first reading to the latest update (gaps excluded)."""
+        d = self._devs.get(index)
+        if d is None or d.sampler is None:
+            return 0.0
+        first, last = d.sampler.first_point(), d.sampler.last_point()
+        return 0.0 if first is None or last is None else (last[1] - first[1]) / 1000.0
+
+    # -- baseline --------------------------------------------------------------------
+    def measure_baseline(self, duration_s: float) -> dict[int, BaselineResult]:
+        """Blocking; the caller guarantees no request runs on these devices meanwhile."""
+        out: dict[int, BaselineResult] = {}
+        live = []
+        for i, d in self._devs.items():
+            if not d.state.available:
+                out[i] = BaselineResult(i, False, d.state.reason)
+            elif not self._started:
+                out[i] = BaselineResult(i, False, "the energy meter was not started")
+            else:
+                live.append(d)
+        if not live:
+            return out
+        deadline = self._clock() + 2.0
+        for d in live:  # need a point at or before the start
+            d.sampler.wait_for_point(-float("inf"), deadline)
+        t0 = self._clock()
+        unix0 = time.time()
+        time.sleep(duration_s)
+        t1 = self._clock()
+        deadline = t1 + 2.0
+        for d in live:
+            if not d.sampler.wait_for_point(t1, deadline):
+                out[d.index] = BaselineResult(d.index, False, f"GPU {d.index}: no counter update after the "
+                                                              f"baseline ended ({d.sampler.last_error or 'stalled'})")
+                continue
+            v = d.sampler.view(t0, t1)
+            e0, e1 = energy_at(v.pt_t, v.pt_e, t0), energy_at(v.pt_t, v.pt_e, t1)
+            if v.gaps:
+                res = BaselineResult(d.index, False, f"GPU {d.index}: {v.gaps[0][2]}")
+            elif e0 is None or e1 is None:
+                res = BaselineResult(d.index, False, f"GPU {d.index}: energy samples do not cover the baseline")
+            else:
+                res = BaselineResult(d.index, True, "", (e1 - e0) / 1000.0 / (t1 - t0), t1 - t0, unix0, t0,
+                                     d.state.method)
+                with self._lock:
+                    self._baselines[d.index] = res
+            out[d.index] = res
+        return out
+
+    def baseline(self, index: int) -> BaselineResult | None:
+        """Latest successful baseline of a device, with its age now."""
+        with self._lock:
+            b = self._baselines.get(index)
+        return None if b is None else replace(b, age_s=self._clock() - b.measured_monotonic)

@@ -1,0 +1,225 @@
+"""Background sampler: one thread per sensor, a ring buffer, and the energy curve.
+
+The thread reads its sensor every ``period_s`` and keeps raw samples
+``(t_monotonic, value, temperature_c, event_reasons)``. From them it keeps *points*
+``(t, cumulative_energy_mj)`` that the attribution interpolates between:
+
+* ``counter`` mode (NVML total energy counter): the counter only changes at its own
+  updates (~100 ms), so a point is made where the value changed, timed at the midpoint
+  of the two samples around the change (the update happened between them). A counter
+  that goes backwards (driver reload, GPU reset) opens a *gap*: the energy across it is
+  unknown, and windows touching it are reported unavailable.
+* ``power`` mode (no counter): NVML's ~1 s average power is integrated (trapezoids);
+  every sample is a point. Approximate.
+* ``cumulative`` mode (RAPL): an exact, finely updated cumulative value; every sample
+  is a point.
+
+Requests never call the sensor: they read this buffer (``view``) under a lock.
+"""
+from __future__ import annotations
+
+import bisect
+import statistics
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+MIN_PERIOD_S = 0.05  # energy.md rule 2: never faster than 50 ms on real hardware
+
+
+class ReadError(Exception):
+    """A sensor read failed; ``reason`` is for people."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class Reading:
+    value: float  # counter/cumulative: mJ; power mode: W
+    temperature_c: float | None = None
+    event_reasons: int | None = None
+
+
+@dataclass
+class View:
+    """A copy of what a window needs, taken under the sampler's lock."""
+
+    pt_t: list[float]
+    pt_e: list[float]  # mJ, continuous across gaps
+    s_t: list[float]
+    s_temp: list[float | None]
+    s_reasons: list[int | None]
+    gaps: list[tuple[float, float, str]]
+    resolution_mj: float | None
+    update_s: float | None
+    first_t: float | None
+    oldest_t: float | None
+
+
+@dataclass
+class _Buf:
+    pt_t: list[float] = field(default_factory=list)
+    pt_e: list[float] = field(default_factory=list)
+    s_t: list[float] = field(default_factory=list)
+    s_temp: list = field(default_factory=list)
+    s_reasons: list = field(default_factory=list)
+
+
+class Sampler:
+    def __init__(self, read: Callable[[], Reading], *, mode: str = "counter", period_s: float = 0.1,
+                 clock: Callable[[], float] = time.monotonic, capacity: int = 72_000, name: str = "sensor"):
+        if mode not in ("counter", "power", "cumulative"):
+            raise ValueError(mode)
+        self._read = read
+        self.mode = mode
+        self.period_s = period_s
+        self._clock = clock
+        self._cap = capacity  # 72 000 samples = 2 h at 100 ms
+        self.name = name
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._buf = _Buf()
+        self._gaps: list[tuple[float, float, str]] = []
+        self._prev_raw: float | None = None
+        self._prev_t: float | None = None
+        self._prev_power: float | None = None
+        self._offset = 0.0  # keeps pt_e continuous over a counter reset
+        self._min_step: float | None = None
+        self._intervals: deque[float] = deque(maxlen=200)
+        self._first_t: float | None = None
+        self._first_e: float | None = None
+        self.last_error = ""
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- thread -------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"llem-energy-{self.name}", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+        with self._cond:
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        nxt = self._clock()
+        while not self._stop.is_set():
+            self.sample_once()
+            # Absolute schedule: read time does not accumulate as drift.
+            nxt += self.period_s
+            delay = nxt - self._clock()
+            if delay < 0:
+                nxt = self._clock()
+                delay = 0
+            if self._stop.wait(delay):
+                break
+
+    def sample_once(self) -> None:
+        t0 = self._clock()
+        try:
+            r = self._read()
+        except ReadError as exc:
+            with self._cond:
+                self.last_error, self.errors = exc.reason, self.errors + 1
+                self._cond.notify_all()
+            return
+        t = (t0 + self._clock()) / 2  # a read takes ms on NVML; its value is from inside the call
+        with self._cond:
+            self._add(t, r)
+            self.last_error = ""
+            self._cond.notify_all()
+
+    # -- buffer -------------------------------------------------------------------
+    def _point(self, t: float, e: float) -> None:
+        b = self._buf
+        if b.pt_t:
+            self._intervals.append(t - b.pt_t[-1])
+        else:
+            self._first_t, self._first_e = t, e
+        b.pt_t.append(t)
+        b.pt_e.append(e)
+
+    def _add(self, t: float, r: Reading) -> None:
+        b = self._buf
+        b.s_t.append(t)
+        b.s_temp.append(r.temperature_c)
+        b.s_reasons.append(r.event_reasons)
+        v, prev, prev_t = r.value, self._prev_raw, self._prev_t
+        if self.mode == "power":
+            e = 0.0 if not b.pt_e else b.pt_e[-1] + (self._prev_power + v) / 2 * (t - prev_t) * 1000.0
+            self._prev_power = v
+            self._point(t, e)
+        elif prev is None:
+            self._point(t, v)
+        elif self.mode == "cumulative":
+            self._point(t, v)
+        elif v > prev:
+            step = v - prev
+            self._min_step = step if self._min_step is None else min(self._min_step, step)
+            self._point((prev_t + t) / 2, v + self._offset)  # the update fell between the two reads
+        elif v < prev:
+            # Counter went backwards: energy since the last update before it is unknown.
+            last = b.pt_t[-1] if b.pt_t else prev_t
+            self._gaps.append((last, t, f"the GPU energy counter went backwards (from {prev:.0f} mJ to {v:.0f} mJ), "
+                                        "probably a driver reload or GPU reset: energy across it is unknown"))
+            self._offset += prev - v
+            b.pt_t.append(t)
+            b.pt_e.append(v + self._offset)
+        self._prev_raw, self._prev_t = v, t
+        self._trim()
+
+    def _trim(self) -> None:
+        b = self._buf
+        for ts, others in ((b.s_t, (b.s_temp, b.s_reasons)), (b.pt_t, (b.pt_e,))):
+            if len(ts) > 2 * self._cap:  # amortised: lists stay bisectable
+                cut = len(ts) - self._cap
+                del ts[:cut]
+                for o in others:
+                    del o[:cut]
+
+    # -- readers (request path: no sensor call) -----------------------------------
+    def wait_for_point(self, t: float, deadline: float) -> bool:
+        """Block until a point at/after ``t`` exists (the next counter update), or the deadline."""
+        with self._cond:
+            while not self._buf.pt_t or self._buf.pt_t[-1] < t:
+                left = deadline - self._clock()
+                if left <= 0 or self._stop.is_set():
+                    return False
+                self._cond.wait(min(left, 0.05))
+            return True
+
+    def last_point(self) -> tuple[float, float] | None:
+        with self._lock:
+            b = self._buf
+            return (b.pt_t[-1], b.pt_e[-1]) if b.pt_t else None
+
+    def first_point(self) -> tuple[float, float] | None:
+        with self._lock:
+            return None if self._first_t is None else (self._first_t, self._first_e)
+
+    def view(self, t0: float, t1: float) -> View:
+        """Points bracketing [t0, t1] and the samples inside it."""
+        with self._lock:
+            b = self._buf
+            i = max(bisect.bisect_right(b.pt_t, t0) - 1, 0)
+            j = bisect.bisect_left(b.pt_t, t1) + 1
+            k = max(bisect.bisect_right(b.s_t, t0) - 1, 0)
+            m = bisect.bisect_left(b.s_t, t1) + 1
+            return View(
+                pt_t=b.pt_t[i:j], pt_e=b.pt_e[i:j],
+                s_t=b.s_t[k:m], s_temp=b.s_temp[k:m], s_reasons=b.s_reasons[k:m],
+                gaps=[g for g in self._gaps if g[0] < t1 and g[1] > t0],
+                resolution_mj=self._min_step,
+                update_s=statistics.median(self._intervals) if self._intervals else None,
+                first_t=self._first_t,
+                oldest_t=b.pt_t[0] if b.pt_t else None,
+            )

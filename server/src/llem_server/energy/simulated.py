@@ -1,0 +1,199 @@
+"""A simulated NVML (the pynvml function names the meter uses) whose true energy is known.
+
+Each ``SimGpu`` has a power that is a known function of time (a constant or piecewise
+constant ``[(t_rel_s, watts), ...]`` from the simulator's start), a cumulative counter
+that updates every ``update_period_s`` with the exact energy up to that update (floored
+to ``resolution_mj``), and a ~1 s trailing average power like ``nvmlDeviceGetPowerUsage``.
+Every call is recorded with the calling thread, so tests can prove the request path
+makes none. Thread-safe.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+NVML_TEMPERATURE_GPU = 0
+NVML_ERROR_UNINITIALIZED = 1
+NVML_ERROR_INVALID_ARGUMENT = 2
+NVML_ERROR_NOT_SUPPORTED = 3
+NVML_ERROR_NO_PERMISSION = 4
+NVML_ERROR_NOT_FOUND = 6
+NVML_ERROR_DRIVER_NOT_LOADED = 9
+NVML_ERROR_LIBRARY_NOT_FOUND = 12
+NVML_ERROR_GPU_IS_LOST = 15
+NVML_ERROR_UNKNOWN = 999
+
+nvmlClocksEventReasonGpuIdle = 0x1
+nvmlClocksEventReasonSwPowerCap = 0x4
+nvmlClocksEventReasonHwSlowdown = 0x8
+nvmlClocksEventReasonSwThermalSlowdown = 0x20
+nvmlClocksEventReasonHwThermalSlowdown = 0x40
+nvmlClocksEventReasonHwPowerBrakeSlowdown = 0x80
+
+
+class NVMLError(Exception):
+    def __init__(self, value: int):
+        super().__init__(value)
+        self.value = value
+
+    def __str__(self) -> str:
+        return f"simulated NVML error {self.value}"
+
+
+@dataclass
+class SimGpu:
+    power: float | list[tuple[float, float]] = 100.0
+    update_period_s: float = 0.1
+    resolution_mj: float = 1.0
+    counter: bool = True               # False: nvmlDeviceGetTotalEnergyConsumption -> NOT_SUPPORTED
+    power_reading: bool = True         # False: nvmlDeviceGetPowerUsage -> NOT_SUPPORTED
+    backwards_at: float | None = None  # t_rel at which the counter restarts from 0 (driver reload)
+    counter_start_mj: float = 5.0e8    # real counters are large: since the driver loaded
+    temperature: float | Callable[[float], float] = 40.0
+    reasons: int | Callable[[float], int] = 0
+    persistence: int = 1
+    name: str = "Simulated H200"
+    uuid: str = ""
+    power_limit_w: float = 700.0
+
+    def segments(self) -> list[tuple[float, float]]:
+        return [(-math.inf, float(self.power))] if not isinstance(self.power, list) else \
+            [(-math.inf, self.power[0][1])] + list(self.power[1:])
+
+
+class SimulatedNvml:
+    """Module-like object: pass as ``EnergyMeter(nvml=SimulatedNvml(...))``."""
+
+    NVMLError = NVMLError
+
+    def __init__(self, gpus: list[SimGpu] | None = None, *, clock: Callable[[], float] = time.monotonic,
+                 init_error: int | None = None, count_error: int | None = None):
+        self.gpus = gpus if gpus is not None else [SimGpu()]
+        for i, g in enumerate(self.gpus):
+            g.uuid = g.uuid or f"GPU-sim-{i:04d}"
+        self.clock = clock
+        self.t0 = clock()
+        self.init_error = init_error
+        self.count_error = count_error
+        self.calls: list[tuple[int, str]] = []  # (thread ident, function name)
+        self._lock = threading.Lock()
+        g = globals()
+        for k in list(g):
+            if k.startswith(("NVML_", "nvmlClocksEventReason")):
+                setattr(self, k, g[k])
+
+    # -- truth ---------------------------------------------------------------------
+    def true_energy_j(self, index: int, t_a: float, t_b: float) -> float:
+        """Exact energy between absolute times t_a and t_b (same clock as the simulator)."""
+        segs = self.gpus[index].segments()
+        a, b = t_a - self.t0, t_b - self.t0
+        total = 0.0
+        for k, (start, watts) in enumerate(segs):
+            end = segs[k + 1][0] if k + 1 < len(segs) else math.inf
+            lo, hi = max(a, start), min(b, end)
+            if hi > lo:
+                total += watts * (hi - lo)
+        return total
+
+    def _counter_mj(self, index: int, now: float) -> float:
+        g = self.gpus[index]
+        rel = now - self.t0
+        upd = self.t0 + math.floor(rel / g.update_period_s) * g.update_period_s  # last update
+        if g.backwards_at is not None and rel >= g.backwards_at:
+            e = self.true_energy_j(index, self.t0 + g.backwards_at, max(upd, self.t0 + g.backwards_at)) * 1000
+            base = 0.0
+        else:
+            e = self.true_energy_j(index, self.t0, upd) * 1000
+            base = g.counter_start_mj
+        return base + math.floor(e / g.resolution_mj) * g.resolution_mj
+
+    # -- pynvml surface ------------------------------------------------------------
+    def _rec(self, name: str) -> None:
+        with self._lock:
+            self.calls.append((threading.get_ident(), name))
+
+    def _gpu(self, handle: int) -> SimGpu:
+        return self.gpus[handle]
+
+    def nvmlInit(self) -> None:
+        self._rec("nvmlInit")
+        if self.init_error is not None:
+            raise NVMLError(self.init_error)
+
+    def nvmlShutdown(self) -> None:
+        self._rec("nvmlShutdown")
+
+    def nvmlDeviceGetCount(self) -> int:
+        self._rec("nvmlDeviceGetCount")
+        if self.count_error is not None:
+            raise NVMLError(self.count_error)
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        self._rec("nvmlDeviceGetHandleByIndex")
+        if not 0 <= index < len(self.gpus):
+            raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+        return index
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, h: int) -> int:
+        self._rec("nvmlDeviceGetTotalEnergyConsumption")
+        if not self._gpu(h).counter:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        return int(self._counter_mj(h, self.clock()))
+
+    def nvmlDeviceGetPowerUsage(self, h: int) -> int:
+        self._rec("nvmlDeviceGetPowerUsage")
+        if not self._gpu(h).power_reading:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        now = self.clock()
+        return int(round(self.true_energy_j(h, now - 1.0, now) * 1000))  # 1 s trailing average, mW
+
+    def nvmlDeviceGetTemperature(self, h: int, sensor: int) -> int:
+        self._rec("nvmlDeviceGetTemperature")
+        t = self._gpu(h).temperature
+        return int(t(self.clock() - self.t0) if callable(t) else t)
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, h: int) -> int:
+        self._rec("nvmlDeviceGetCurrentClocksEventReasons")
+        r = self._gpu(h).reasons
+        return int(r(self.clock() - self.t0) if callable(r) else r)
+
+    def nvmlDeviceGetName(self, h: int) -> str:
+        self._rec("nvmlDeviceGetName")
+        return self._gpu(h).name
+
+    def nvmlDeviceGetUUID(self, h: int) -> str:
+        self._rec("nvmlDeviceGetUUID")
+        return self._gpu(h).uuid
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, h: int) -> int:
+        self._rec("nvmlDeviceGetEnforcedPowerLimit")
+        return int(self._gpu(h).power_limit_w * 1000)
+
+    def nvmlDeviceGetPersistenceMode(self, h: int) -> int:
+        self._rec("nvmlDeviceGetPersistenceMode")
+        return self._gpu(h).persistence
+
+    def nvmlSystemGetDriverVersion(self) -> str:
+        self._rec("nvmlSystemGetDriverVersion")
+        return "580.159-sim"
+
+    def nvmlSystemGetNVMLVersion(self) -> str:
+        self._rec("nvmlSystemGetNVMLVersion")
+        return "13.580.159-sim"
+
+    def nvmlSystemGetCudaDriverVersion(self) -> int:
+        self._rec("nvmlSystemGetCudaDriverVersion")
+        return 13000
+
+    # -- test helpers --------------------------------------------------------------
+    def calls_from(self, thread_ident: int, since: int = 0) -> list[str]:
+        with self._lock:
+            return [n for tid, n in self.calls[since:] if tid == thread_ident]
+
+    def call_count(self) -> int:
+        with self._lock:
+            return len(self.calls)
