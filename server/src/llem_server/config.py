@@ -51,7 +51,8 @@ Serialisation: keys of every object sorted by code point; no whitespace (separat
 characters as ``\\n \\r \\t \\b \\f`` or ``\\u00XX``; integers in plain decimal; booleans
 and null as JSON literals. A float (none today; the rule is fixed for future fields)
 is written as a JSON *string* holding C ``printf("%.17g")`` of the value; NaN and
-infinities are rejected before they get here. This is exactly Python's
+infinities are rejected before they get here. Once floats are replaced by those
+strings this is exactly Python's
 ``json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)``.
 Generation fields (section 2) never enter the hash.
 """
@@ -562,6 +563,10 @@ def _resolve_load(
         if allowed is not None and value not in allowed:
             col.bad(path, f"{value!r} is not a torch.compile mode; allowed: {', '.join(allowed)}")
             continue
+        if value in ("reduce-overhead", "cudagraphs") and not caps.cuda:
+            # CUDA graphs only: on CPU torch skips them and the choice would do nothing.
+            col.bad(path, f"{value!r} uses CUDA graphs; this server has no CUDA device", FAILED_PRECONDITION)
+            continue
         if allowed is None and value not in caps.compile_backends:
             col.bad(
                 path,
@@ -727,6 +732,7 @@ def _resolve_plan(col: _Collector, req: llem_pb2.GenerateRequest, caps: Capabili
         max_out = req.max_output_tokens
         _int_range(col, "max_output_tokens", max_out, 1, caps.max_output_tokens,
                    " (this server's max_output_tokens limit)")
+    # Any int64 is a valid seed: torch.manual_seed takes the whole range.
     seed = req.random_seed if req.HasField("random_seed") else _DEFAULT_SEED
     if len(req.request_id) > _MAX_REQUEST_ID_CHARS:
         col.bad("request_id", f"is {len(req.request_id)} characters; at most {_MAX_REQUEST_ID_CHARS}")
