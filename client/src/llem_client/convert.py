@@ -280,6 +280,8 @@ def message_to_dict(msg: Message) -> dict[str, Any]:
     for field in msg.DESCRIPTOR.fields:
         value = getattr(msg, field.name)
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            if not value:
+                continue  # an empty map is "unset"; leaving it out keeps configs readable
             vf = field.message_type.fields_by_name["value"]
             out[field.name] = {
                 str(k): (message_to_dict(v) if vf.message_type is not None else _json_scalar(vf, v))

@@ -1,0 +1,214 @@
+"""Run results: per-request records, aggregates, the JSON file and the summary.
+
+Rules the aggregates keep:
+  * throughput counts output tokens only, over the sum of the client-measured
+    wall times of the measured requests (input tokens are reported apart);
+  * energy sums add only ``available`` energies and say how many requests had
+    none: an absent energy is never 0 J;
+  * time to first token is summarised over the requests that report it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from llem.v1 import llem_pb2
+
+from .convert import message_to_dict
+
+SCHEMA = "llem-client/result"
+SCHEMA_VERSION = "1.0"
+THROUGHPUT_BASIS = "output_tokens / sum of client-measured wall time of the measured Generate calls"
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (numpy's default), ``None`` for no values."""
+    if not values:
+        return None
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    if not values:
+        return {"count": 0}
+    return {
+        "count": len(values),
+        "mean": sum(values) / len(values),
+        "min": min(values),
+        "p50": percentile(values, 50),
+        "p90": percentile(values, 90),
+        "p95": percentile(values, 95),
+        "p99": percentile(values, 99),
+        "max": max(values),
+    }
+
+
+def request_record(
+    index: int,
+    prompt_indices: list[int],
+    resp: llem_pb2.GenerateResponse,
+    wall_s: float,
+    *,
+    record_energy: bool,
+) -> dict[str, Any]:
+    """One measured request, as stored in the result file."""
+    timing = resp.timing
+    return {
+        "index": index,
+        "request_id": resp.request_id,
+        "prompt_indices": prompt_indices,
+        "prompts": len(prompt_indices),
+        "config_hash": resp.config_hash,
+        "cache_hit": resp.cache_hit,
+        "input_tokens": resp.usage.input_tokens,
+        "output_tokens": resp.usage.output_tokens,
+        "wall_s": wall_s,
+        "server_total_ms": timing.total_ms,
+        "time_to_first_token_ms": timing.time_to_first_token_ms if timing.HasField("time_to_first_token_ms") else None,
+        "timing": message_to_dict(timing),
+        "energy": message_to_dict(resp.energy) if record_energy else None,
+        "warnings": [{"code": w.code, "message": w.message} for w in resp.warnings],
+        "completions": [
+            {
+                "index": c.index,
+                "text": c.text,
+                "input_tokens": c.input_tokens,
+                "output_tokens": c.output_tokens,
+                "finish_reason": llem_pb2.FinishReason.Name(c.finish_reason).removeprefix("FINISH_REASON_").lower(),
+            }
+            for c in resp.completions
+        ],
+    }
+
+
+def aggregate(records: list[dict[str, Any]], *, energy_recorded: bool) -> dict[str, Any]:
+    """Totals, throughput, energy, latency and TTFT over the measured requests."""
+    in_tok = sum(r["input_tokens"] for r in records)
+    out_tok = sum(r["output_tokens"] for r in records)
+    wall = sum(r["wall_s"] for r in records)
+    agg: dict[str, Any] = {
+        "requests": len(records),
+        "prompts": sum(r["prompts"] for r in records),
+        "input_tokens": in_tok,
+        "output_tokens": out_tok,
+        "wall_time_s": wall,
+        "output_tokens_per_s": (out_tok / wall) if wall > 0 else None,
+        "throughput_basis": THROUGHPUT_BASIS,
+        "latency_ms": _stats([r["wall_s"] * 1000.0 for r in records]),
+        "server_total_ms": _stats([r["server_total_ms"] for r in records]),
+        "time_to_first_token_ms": _stats([r["time_to_first_token_ms"] for r in records if r["time_to_first_token_ms"] is not None]),
+    }
+    warnings: Counter[str] = Counter(w["code"] for r in records for w in r["warnings"])
+    if not energy_recorded:
+        agg["energy"] = {"recorded": False, "reason": "energy.backend is null"}
+    else:
+        with_e = [r for r in records if r["energy"] and r["energy"].get("available")]
+        without = [r for r in records if not (r["energy"] and r["energy"].get("available"))]
+        total = sum(r["energy"]["total_j"] for r in with_e) if with_e else None
+        adj = [r for r in with_e if r["energy"].get("adjusted_j") is not None]
+        out_with_e = sum(r["output_tokens"] for r in with_e)
+        reasons = Counter((r["energy"] or {}).get("unavailable_reason") or "not reported" for r in without)
+        agg["energy"] = {
+            "recorded": True,
+            "requests_with_energy": len(with_e),
+            "requests_without_energy": len(without),
+            "unavailable_reasons": dict(reasons),
+            "total_j": total,
+            # adjusted_j only where every summed request has one, else the partial sum would mislead
+            "adjusted_j": sum(r["energy"]["adjusted_j"] for r in adj) if adj and len(adj) == len(with_e) else None,
+            "requests_with_adjusted_energy": len(adj),
+            "joules_per_output_token": (total / out_with_e) if total is not None and out_with_e > 0 else None,
+            "joules_per_output_token_basis": "total_j / output tokens of the requests with energy",
+            "uncertainty_j": sum(r["energy"].get("uncertainty_j", 0.0) for r in with_e) if with_e else None,
+            "low_confidence_requests": sum(1 for r in with_e if r["energy"].get("low_confidence")),
+            "approximate_requests": sum(1 for r in with_e if r["energy"].get("approximate")),
+            "shared_window_requests": sum(1 for r in with_e if not r["energy"].get("exclusive")),
+        }
+        if without:
+            warnings["ENERGY_MISSING"] += len(without)
+    agg["warnings"] = dict(warnings)
+    return agg
+
+
+def write_atomic(path: Path, data: dict[str, Any]) -> Path:
+    """Write JSON to ``path`` via a temporary file and rename: never a half-written result."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, ensure_ascii=False, allow_nan=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Summary
+# ---------------------------------------------------------------------------
+
+
+def _fmt(v: Any, unit: str = "", digits: int = 2) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}{unit}"
+    return f"{v:,}{unit}"
+
+
+def summary_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, value) rows for the end-of-run summary."""
+    a = result["aggregates"]
+    rows = [
+        ("status", result["status"]),
+        ("model", f"{result['config']['model']} (config {result.get('config_hash', '')[:12] or 'n/a'})"),
+        ("requests", f"{a['requests']} ({a['prompts']} prompts)"),
+        ("input tokens", _fmt(a["input_tokens"])),
+        ("output tokens", _fmt(a["output_tokens"])),
+        ("output tokens/s", _fmt(a["output_tokens_per_s"]) + " (client wall time)"),
+    ]
+    e = a["energy"]
+    if not e["recorded"]:
+        rows.append(("energy", "not recorded (energy.backend: null)"))
+    else:
+        missing = e["requests_without_energy"]
+        note = f" ({e['requests_with_energy']} of {a['requests']} requests)" if missing else ""
+        if e["total_j"] is None:
+            reasons = "; ".join(e["unavailable_reasons"]) or "not reported"
+            rows.append(("total energy", f"unavailable: {reasons}"))
+        else:
+            rows.append(("total energy", _fmt(e["total_j"], " J", 3) + note))
+            rows.append(("adjusted energy", _fmt(e["adjusted_j"], " J", 3) if e["adjusted_j"] is not None else "n/a (no baseline)"))
+            rows.append(("J per output token", _fmt(e["joules_per_output_token"], " J", 4)))
+            if missing:
+                rows.append(("requests without energy", f"{missing}: " + "; ".join(e["unavailable_reasons"])))
+    lat = a["latency_ms"]
+    if lat["count"]:
+        rows.append(("latency p50 / p90 / p99", f"{_fmt(lat['p50'])} / {_fmt(lat['p90'])} / {_fmt(lat['p99'])} ms"))
+    t = a["time_to_first_token_ms"]
+    if t["count"]:
+        rows.append(("time to first token p50 / p95", f"{_fmt(t['p50'])} / {_fmt(t['p95'])} ms ({t['count']} requests)"))
+    else:
+        rows.append(("time to first token", "not reported"))
+    warns = dict(a["warnings"])
+    for w in result.get("warnings", []):
+        warns[w["code"]] = warns.get(w["code"], 0) + 1
+    rows.append(("warnings", ", ".join(f"{k} x{v}" for k, v in sorted(warns.items())) or "none"))
+    if result.get("error"):
+        rows.append(("error", result["error"]["message"]))
+    return rows

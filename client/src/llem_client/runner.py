@@ -1,0 +1,285 @@
+"""``llem-client run``: server info, load, warm-up, baseline, measured requests.
+
+The runner fills a result dict as it goes, so that whatever finished before an
+interrupt or an error is kept; the CLI decides what to write and which exit code.
+"""
+from __future__ import annotations
+
+import platform
+import socket
+import statistics
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from llem.v1 import llem_pb2
+
+from . import __version__
+from .client import Client
+from .convert import message_to_dict
+from .datasets import Prompt
+from .display import Display
+from .errors import LlemError
+from .experiment import Experiment
+from .results import SCHEMA, SCHEMA_VERSION, aggregate, request_record
+
+SERVER_INFO_TIMEOUT_S = 30.0
+
+
+class EnergyRequirementError(Exception):
+    """energy.backend is nvml but the server measures no GPU energy."""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _sensor_summary(info: llem_pb2.GetServerInfoResponse) -> list[str]:
+    out = []
+    for d in info.devices:
+        s = d.energy_sensor
+        state = f"energy via {s.method or 'sensor'}" if s.available else f"energy unavailable: {s.unavailable_reason or 'no reason given'}"
+        out.append(f"{d.kind}:{d.index} {d.name} ({state})")
+    return out
+
+
+def _energy_text(e: llem_pb2.Energy | dict | None) -> str:
+    if e is None:
+        return "energy not recorded"
+    if isinstance(e, dict):
+        if not e.get("available"):
+            return f"energy unavailable ({e.get('unavailable_reason') or 'no reason given'})"
+        return f"{e['total_j']:.3f} J"
+    if not e.available:
+        return f"energy unavailable ({e.unavailable_reason or 'no reason given'})"
+    return f"{e.total_j:.3f} J"
+
+
+class Runner:
+    """One experiment against one server. ``result`` is valid at every point."""
+
+    def __init__(self, client: Client, exp: Experiment, prompts: list[Prompt], dataset_info: dict[str, Any], display: Display, address: str):
+        self.client = client
+        self.exp = exp
+        self.prompts = prompts
+        self.display = display
+        self.run_id = uuid.uuid4().hex[:12]
+        self.stage = "connect"
+        self.record_energy = exp.energy_backend != "null"
+        self.records: list[dict[str, Any]] = []
+        self.info: llem_pb2.GetServerInfoResponse | None = None
+        self.result: dict[str, Any] = {
+            "schema": SCHEMA,
+            "schema_version": SCHEMA_VERSION,
+            "status": "running",
+            "error": None,
+            "run_id": self.run_id,
+            "started_at": _now(),
+            "finished_at": None,
+            "client": {
+                "llem_client_version": __version__,
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+                "host": socket.gethostname(),
+                "argv": sys.argv[1:],
+            },
+            "server": {"address": address},
+            "config_source": exp.source,
+            "config": exp.effective(),
+            "config_digest": exp.config_digest(),
+            "config_hash": None,
+            "effective_config": None,
+            "dataset": dataset_info,
+            "model_load": None,
+            "warmup": {"enabled": exp.warmup["enabled"], "requests": 0},
+            "baseline": {"enabled": exp.baseline["enabled"], "measured": False},
+            "energy": {"backend": exp.energy_backend, "recorded": self.record_energy},
+            "requests": self.records,
+            "aggregates": None,
+            "warnings": [],
+        }
+
+    # Phases -----------------------------------------------------------------
+
+    def run(self) -> None:
+        """All phases in order; raises KeyboardInterrupt / LlemError / EnergyRequirementError."""
+        self._server_info()
+        self._load()
+        self._warmup()
+        self._baseline()
+        self._measure()
+        self.stage = "done"
+
+    def finish(self, status: str, error: BaseException | None = None) -> dict[str, Any]:
+        """Close the result with a status (completed, interrupted, failed)."""
+        self.result["status"] = status
+        self.result["stage"] = self.stage
+        if error is not None:
+            err: dict[str, Any] = {"type": type(error).__name__, "message": str(error)}
+            if isinstance(error, LlemError):
+                err["code"] = error.code.name if error.code else None
+                err["details"] = error.details
+                err["field_violations"] = [list(v) for v in error.field_violations]
+            self.result["error"] = err
+        self.result["finished_at"] = _now()
+        self.result["aggregates"] = aggregate(self.records, energy_recorded=self.record_energy)
+        return self.result
+
+    def _server_info(self) -> None:
+        self.info = info = self.client.server_info(timeout=SERVER_INFO_TIMEOUT_S)
+        self.result["server"].update(message_to_dict(info))
+        self.display.line(f"server: llem-server {info.server_version or '?'} at {self.result['server']['address']}")
+        for s in _sensor_summary(info):
+            self.display.line(f"  device {s}")
+        if self.exp.energy_backend == "nvml" and not any(d.energy_sensor.available for d in info.devices):
+            reasons = "; ".join(_sensor_summary(info)) or "the server reports no devices"
+            raise EnergyRequirementError(
+                f"energy.backend is nvml but the server measures no GPU energy ({reasons}); "
+                "use energy.backend: auto to run without energy, or a server with an NVIDIA GPU"
+            )
+        if not self.record_energy:
+            self.display.line("energy: not recorded (energy.backend: null)")
+
+    def _load(self) -> None:
+        self.stage = "load"
+        self.display.line(f"loading {self.exp.model} ...")
+        resp = self.client.load_model(self.exp.model_config, strip_generation_fields=True, request_id=f"{self.run_id}-load", timeout=None)
+        m = resp.model
+        self.result["config_hash"] = resp.config_hash
+        self.result["model_load"] = {
+            "config_hash": resp.config_hash,
+            "cache_hit": resp.cache_hit,
+            "load_time_s": m.load_time_s,
+            "compile_time_s": m.compile_time_s,
+            "compiled": m.compiled,
+            "device": m.device,
+            "memory_bytes": m.memory_bytes,
+            "load_energy": message_to_dict(m.load_energy) if self.record_energy and m.HasField("load_energy") else None,
+            "warnings": [{"code": w.code, "message": w.message} for w in resp.warnings],
+            "model": message_to_dict(m),
+        }
+        how = "already loaded (cache hit)" if resp.cache_hit else f"loaded in {m.load_time_s:.2f} s"
+        if m.compile_time_s or m.compiled:
+            how += f", compile {m.compile_time_s:.2f} s"
+        energy = _energy_text(m.load_energy if m.HasField("load_energy") else None) if self.record_energy else "energy not recorded"
+        self.display.line(f"model {self.exp.model}: {how} on {m.device or '?'}, config {resp.config_hash[:12]}, load {energy}")
+        for w in resp.warnings:
+            self.display.line(f"  warning {w.code}: {w.message}")
+
+    def _batch(self, k: int) -> list[str]:
+        # Warm-up uses the measured batch shape, cycling through the prompts.
+        size = min(self.exp.batch_size, len(self.prompts))
+        start = (k * size) % len(self.prompts)
+        return [self.prompts[(start + j) % len(self.prompts)].text for j in range(size)]
+
+    def _timed(self, prompts: list[str], request_id: str) -> tuple[llem_pb2.GenerateResponse, float]:
+        req = self.exp.request(prompts, request_id)
+        t0 = time.perf_counter()
+        resp = self.client.generate_request(req, timeout=None)
+        return resp, time.perf_counter() - t0
+
+    def _warmup(self) -> None:
+        cfg = self.exp.warmup
+        rec: dict[str, Any] = {**cfg, "requests": 0, "latencies_ms": [], "unit": "requests of pytorch.batch_size prompts"}
+        self.result["warmup"] = rec
+        if not cfg["enabled"]:
+            return
+        self.stage = "warmup"
+        conv = cfg["convergence_detection"]
+        rec["mode"] = "convergence" if conv else "fixed"
+        limit = cfg["max_prompts"] if conv else cfg["n_warmup"]
+        need = max(cfg["min_prompts"], cfg["window_size"])
+        if conv:
+            rec["converged"] = False
+            rec["final_cv"] = None
+        self.display.line(
+            f"warm-up: {'until latency CV < ' + format(cfg['cv_threshold'], 'g') + f' (at most {limit})' if conv else limit} request(s)"
+        )
+        for k in range(limit):
+            resp, wall = self._timed(self._batch(k), f"{self.run_id}-w{k}")
+            if self.result["effective_config"] is None:
+                self.result["effective_config"] = message_to_dict(resp.effective_config)
+            rec["requests"] += 1
+            rec["latencies_ms"].append(wall * 1000.0)
+            if conv and rec["requests"] >= need:
+                window = rec["latencies_ms"][-cfg["window_size"]:]
+                mean = statistics.fmean(window)
+                cv = statistics.pstdev(window) / mean if mean > 0 else 0.0
+                rec["final_cv"] = cv
+                if cv < cfg["cv_threshold"]:
+                    rec["converged"] = True
+                    break
+        if conv:
+            state = "converged" if rec["converged"] else "did not converge"
+            cv_text = "n/a" if rec["final_cv"] is None else f"{rec['final_cv']:.3f}"
+            self.display.line(f"warm-up: {rec['requests']} request(s), {state} (CV {cv_text})")
+            if not rec["converged"]:
+                self.result["warnings"].append(
+                    {"code": "WARMUP_NOT_CONVERGED", "message": f"latency CV {cv_text} after {rec['requests']} warm-up requests"}
+                )
+        else:
+            self.display.line(f"warm-up: {rec['requests']} request(s) done")
+        floor = cfg["thermal_floor_seconds"]
+        if floor > 0:
+            self.display.line(f"thermal floor: waiting {floor:g} s")
+            time.sleep(floor)
+        rec["thermal_floor_waited_s"] = floor
+
+    def _baseline(self) -> None:
+        cfg = self.exp.baseline
+        rec: dict[str, Any] = {**cfg, "measured": False}
+        self.result["baseline"] = rec
+        if not cfg["enabled"]:
+            return
+        if not self.record_energy:
+            rec["skipped"] = "energy.backend is null"
+            return
+        assert self.info is not None
+        if not any(d.energy_sensor.available for d in self.info.devices):
+            rec["skipped"] = "the server measures no device energy"
+            self.display.line("baseline: skipped (the server measures no device energy)")
+            return
+        self.stage = "baseline"
+        dur = float(cfg["duration_seconds"])
+        self.display.line(f"baseline: measuring idle power for {dur:g} s ...")
+        resp = self.client.measure_baseline(dur, timeout=dur + 120.0)
+        rec["measured"] = True
+        rec["response"] = message_to_dict(resp)
+        for d in resp.devices:
+            if d.available:
+                self.display.line(f"  device {d.index}: {d.baseline.power_w:.1f} W over {d.baseline.duration_s:g} s")
+            else:
+                self.display.line(f"  device {d.index}: unavailable ({d.unavailable_reason})")
+        for w in resp.warnings:
+            self.display.line(f"  warning {w.code}: {w.message}")
+
+    def _measure(self) -> None:
+        self.stage = "measure"
+        size = self.exp.batch_size
+        batches = [list(range(i, min(i + size, len(self.prompts)))) for i in range(0, len(self.prompts), size)]
+        total_tokens = 0
+        joules = 0.0
+        missing = 0
+        self.display.line(f"measuring: {len(self.prompts)} prompt(s) in {len(batches)} request(s) of up to {size}")
+        with self.display.progress(len(batches)) as bar:
+            for i, idx in enumerate(batches):
+                resp, wall = self._timed([self.prompts[j].text for j in idx], f"{self.run_id}-{i}")
+                if self.result["effective_config"] is None:
+                    self.result["effective_config"] = message_to_dict(resp.effective_config)
+                rec = request_record(i, idx, resp, wall, record_energy=self.record_energy)
+                self.records.append(rec)
+                total_tokens += rec["output_tokens"]
+                if self.record_energy:
+                    if resp.energy.available:
+                        joules += resp.energy.total_j
+                    else:
+                        missing += 1
+                energy_text = _energy_text(rec["energy"]) if self.record_energy else "energy not recorded"
+                bar.advance(
+                    output_tokens=total_tokens,
+                    joules=joules if self.record_energy and missing < len(self.records) else None,
+                    missing=missing,
+                    line=f"request {i + 1}/{len(batches)}: {rec['output_tokens']} output tokens, {wall:.3f} s, {energy_text}",
+                )

@@ -1,0 +1,153 @@
+"""Experiment YAML parsing, prompts and result aggregation of llem-client (no server)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llem.v1 import llem_pb2
+from llem_client import ConfigurationError
+from llem_client.datasets import Prompt, load_prompts, order_prompts, synthetic_prompts
+from llem_client.experiment import EXPERIMENT_KEYS, build_experiment
+from llem_client.results import aggregate, percentile, request_record, write_atomic
+
+BASE = {"model": "llama", "dataset": {"n": 4, "input_len": 8}}
+
+
+def test_every_documented_key_is_accepted(tmp_path):
+    data = {
+        "model": "llama",
+        "backend": "pytorch",
+        "n": 3,
+        "dataset": {"n": 5, "input_len": 16, "output_len": 4, "seed": 1},
+        "dataset_order": "shuffled",
+        "precision": "fp32",
+        "random_seed": 7,
+        "max_input_tokens": 64,
+        "max_output_tokens": 4,
+        "decoder": {"preset": "deterministic", "top_k": 5},
+        "pytorch": {"batch_size": 2, "attn_implementation": "sdpa", "max_memory": {0: "1GiB"}},
+        "warmup": {"enabled": True, "n_warmup": 1, "thermal_floor_seconds": 0, "convergence_detection": True,
+                   "cv_threshold": 0.2, "max_prompts": 4, "window_size": 2, "min_prompts": 2},
+        "baseline": {"enabled": True, "duration_seconds": 1},
+        "energy": {"backend": "nvml"},
+        "output_dir": str(tmp_path),
+    }
+    assert set(data) == set(EXPERIMENT_KEYS)
+    exp = build_experiment(data)
+    assert exp.batch_size == 2 and exp.max_output_tokens == 4 and exp.energy_backend == "nvml"
+    req = exp.request(["a", "b"], "r1")
+    assert req.model.precision == llem_pb2.PRECISION_FP32 and req.model.pytorch.batch_size == 2
+    assert req.decoder.top_k == 5 and req.max_input_tokens == 64 and req.random_seed == 7 and req.request_id == "r1"
+    eff = exp.effective()
+    assert eff["pytorch"]["max_memory"] == {"0": "1GiB"} and eff["warmup"]["window_size"] == 2
+    json.dumps(eff)  # JSON-able
+
+
+def test_all_problems_in_one_error_with_suggestions():
+    data = {
+        "model": "llama", "backend": "vllm", "datset": "x.jsonl", "dataset": {"n": 2, "inputlen": 3},
+        "warmup": {"n_warmpu": 2}, "baseline": {"duration": 3}, "energy": {"backend": "nvlm"},
+        "pytorch": {"batch_sise": 2}, "decoder": {"temprature": 1}, "dataset_order": "interleave",
+    }
+    with pytest.raises(ConfigurationError) as ei:
+        build_experiment(data)
+    paths = {p for p, _ in ei.value.problems}
+    assert {"datset", "backend", "dataset.inputlen", "warmup.n_warmpu", "baseline.duration", "energy.backend",
+            "pytorch.batch_sise", "decoder.temprature", "dataset_order"} <= paths
+    text = str(ei.value)
+    for hint in ("'dataset'", "'input_len'", "'n_warmup'", "'duration_seconds'", "'nvml'", "'batch_size'", "'temperature'", "'interleaved'"):
+        assert f"did you mean {hint}" in text, hint
+
+
+def test_overrides_and_flags():
+    exp = build_experiment(
+        BASE,
+        overrides=["pytorch.batch_size=3", "decoder.preset=deterministic", "warmup.enabled=false", "energy.backend=null"],
+        flags={"n": 2, "precision": "bf16", "model": "gpt2", "output_dir": None},
+    )
+    assert exp.batch_size == 3 and exp.n == 2 and exp.model == "gpt2" and not exp.warmup["enabled"]
+    assert exp.energy_backend == "null"
+    assert exp.model_config.precision == llem_pb2.PRECISION_BF16
+    with pytest.raises(ConfigurationError, match="not a block"):
+        build_experiment({**BASE, "dataset": "p.txt"}, overrides=["dataset.n=3"])
+    with pytest.raises(ConfigurationError, match="KEY=VALUE"):
+        build_experiment(BASE, overrides=["pytorch.batch_size"])
+
+
+def test_output_len_and_max_output_tokens_must_agree():
+    with pytest.raises(ConfigurationError, match="conflicts with max_output_tokens"):
+        build_experiment({**BASE, "dataset": {"n": 2, "output_len": 4}, "max_output_tokens": 8})
+    assert build_experiment({**BASE, "dataset": {"n": 2, "output_len": 8}, "max_output_tokens": 8}).max_output_tokens == 8
+
+
+def test_synthetic_prompts_are_reproducible():
+    a = synthetic_prompts(3, 20, seed=5)
+    assert a == synthetic_prompts(3, 20, seed=5) and a != synthetic_prompts(3, 20, seed=6)
+    assert all(len(p.text.split()) == 20 for p in a)
+
+
+def test_dataset_orders():
+    ps = [Prompt("a1", "a"), Prompt("a2", "a"), Prompt("b1", "b"), Prompt("a3", "a"), Prompt("c1", "c")]
+    assert [p.text for p in order_prompts(ps, "interleaved", 0)] == ["a1", "b1", "c1", "a2", "a3"]
+    assert [p.text for p in order_prompts(ps, "grouped", 0)] == ["a1", "a2", "a3", "b1", "c1"]
+    s1 = [p.text for p in order_prompts(ps, "shuffled", 1)]
+    assert s1 == [p.text for p in order_prompts(ps, "shuffled", 1)] and sorted(s1) == sorted(p.text for p in ps)
+
+
+def test_files_and_n(tmp_path):
+    jl = tmp_path / "p.jsonl"
+    jl.write_text('{"prompt": "x1", "source": "x"}\n{"text": "y1", "source": "y"}\n\n{"prompt": "x2", "source": "x"}\n')
+    exp = build_experiment({"model": "m", "dataset": str(jl), "n": 2})
+    prompts, info = load_prompts(exp)
+    assert [p.text for p in prompts] == ["x1", "y1"] and info["kind"] == "jsonl" and info["available"] == 3
+    txt = tmp_path / "p.txt"
+    txt.write_text("one\n\ntwo\nthree\n")
+    prompts, info = load_prompts(build_experiment({"model": "m", "dataset": str(txt)}))
+    assert [p.text for p in prompts] == ["one", "two", "three"]
+    with pytest.raises(ConfigurationError, match="has 3"):
+        load_prompts(build_experiment({"model": "m", "dataset": str(txt), "n": 9}))
+    bad = tmp_path / "b.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"nope": 1}\nnot json\n')
+    with pytest.raises(ConfigurationError) as ei:
+        load_prompts(build_experiment({"model": "m", "dataset": str(bad)}))
+    assert [p for p, _ in ei.value.problems] == [f"{bad}:2", f"{bad}:3"]
+    with pytest.raises(ConfigurationError, match="no such file"):
+        load_prompts(build_experiment({"model": "m", "dataset": str(tmp_path / "missing.txt")}))
+
+
+def _resp(out_tokens: int, energy: llem_pb2.Energy | None, ttft: float | None = None) -> llem_pb2.GenerateResponse:
+    r = llem_pb2.GenerateResponse(usage=llem_pb2.Usage(input_tokens=10, output_tokens=out_tokens))
+    if energy is not None:
+        r.energy.CopyFrom(energy)
+    if ttft is not None:
+        r.timing.time_to_first_token_ms = ttft
+    return r
+
+
+def test_aggregate_never_counts_missing_energy_as_zero():
+    recs = [
+        request_record(0, [0], _resp(8, llem_pb2.Energy(available=True, total_j=4.0, adjusted_j=1.0), ttft=5.0), 0.5, record_energy=True),
+        request_record(1, [1], _resp(8, llem_pb2.Energy(available=False, unavailable_reason="no GPU")), 0.5, record_energy=True),
+        request_record(2, [2], _resp(4, llem_pb2.Energy(available=True, total_j=2.0)), 1.0, record_energy=True),
+    ]
+    a = aggregate(recs, energy_recorded=True)
+    assert a["output_tokens"] == 20 and a["input_tokens"] == 30
+    assert a["output_tokens_per_s"] == pytest.approx(20 / 2.0)
+    e = a["energy"]
+    assert e["total_j"] == 6.0 and e["requests_with_energy"] == 2 and e["requests_without_energy"] == 1
+    assert e["joules_per_output_token"] == pytest.approx(6.0 / 12)  # only tokens of requests with energy
+    assert e["adjusted_j"] is None  # one of the two lacks a baseline: no partial sum
+    assert e["unavailable_reasons"] == {"no GPU": 1}
+    assert a["time_to_first_token_ms"]["count"] == 1 and a["warnings"]["ENERGY_MISSING"] == 1
+    none = aggregate(recs[1:2], energy_recorded=True)["energy"]
+    assert none["total_j"] is None and none["joules_per_output_token"] is None
+    off = aggregate([request_record(0, [0], _resp(1, None), 0.1, record_energy=False)], energy_recorded=False)
+    assert off["energy"] == {"recorded": False, "reason": "energy.backend is null"}
+
+
+def test_percentile_and_atomic_write(tmp_path):
+    assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([], 50) is None and percentile([7], 99) == 7
+    p = write_atomic(tmp_path / "sub" / "r.json", {"a": 1})
+    assert json.loads(p.read_text()) == {"a": 1}
+    assert [f.name for f in p.parent.iterdir()] == ["r.json"]
