@@ -1,6 +1,7 @@
 """metrics: record, then scrape /metrics over HTTP from a started endpoint."""
 from __future__ import annotations
 
+import asyncio
 import math
 import urllib.request
 
@@ -8,6 +9,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from llem_server.errors import ServiceError, abort
 from llem_server.metrics import Metrics
 
 
@@ -63,7 +65,7 @@ def test_scrape_shows_llem_metrics(served):
     assert val("llem_request_duration_seconds_count", method="Generate") == 2
     assert val("llem_request_duration_seconds_bucket", method="GenerateStream", le="2.5") == 1
     assert val("llem_input_tokens_total", device=0) == 16
-    assert val("llem_output_tokens_total", device=0) == 37
+    assert val("llem_output_tokens_total", device=0) == 30  # stopped requests' tokens are counted apart
     assert val("llem_stopped_output_tokens_total", device=0) == 7
     assert val("llem_energy_joules_total", device=0) == 41.5
     assert val("llem_energy_unavailable_total", device=0) == 1
@@ -98,3 +100,125 @@ def test_start_twice_refused(served):
     m, _ = served
     with pytest.raises(RuntimeError):
         m.start_http(0, host="127.0.0.1")
+
+
+def test_servicer_level_helpers():
+    llem_pb2 = pytest.importorskip("llem.v1.llem_pb2")
+    m = Metrics()
+    measured = llem_pb2.Energy(available=True, total_j=10.0, devices=[llem_pb2.DeviceEnergy(index=1, energy_j=10.0)])
+    m.generated(8, 20, cache_hit=False, energy=measured)  # device taken from the single-GPU reading
+    m.generated(2, 3, cache_hit=True, energy=llem_pb2.Energy(available=False, unavailable_reason="no GPU"),
+                device="cpu")
+    m.stopped_tokens(4, device=1)
+    m.model_loaded(3.0, device=1)
+    depth = [5]
+    m.track_queue(1, lambda: depth[0])
+    depth[0] = 2  # read at scrape time
+    text = m.render().decode()
+    for line in [
+        'llem_input_tokens_total{device="1"} 8.0', 'llem_output_tokens_total{device="1"} 20.0',
+        'llem_energy_joules_total{device="1"} 10.0', 'llem_model_cache_misses_total{device="1"} 1.0',
+        'llem_model_cache_hits_total{device="cpu"} 1.0', 'llem_energy_unavailable_total{device="cpu"} 1.0',
+        'llem_stopped_output_tokens_total{device="1"} 4.0', 'llem_model_load_seconds_count{device="1"} 1.0',
+        'llem_queue_depth{device="1"} 2.0',
+    ]:
+        assert line in text, line
+    assert 'llem_energy_joules_total{device="cpu"}' not in text
+
+
+SERVICE = "test.Metered"
+
+
+async def _interceptor_scenario(m: Metrics):
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from llem_server.auth import BearerTokenInterceptor
+
+    release = asyncio.Event()
+
+    async def ok(request, context):
+        return b"ok"
+
+    async def invalid(request, context):
+        await abort(context, ServiceError.invalid_argument([("prompts", "at least one")]))
+
+    async def bug(request, context):
+        raise RuntimeError("a server bug")
+
+    async def set_code(request, context):
+        context.set_code(grpc.StatusCode.NOT_FOUND)
+        context.set_details("gone")
+        return b""
+
+    async def slow(request, context):
+        await release.wait()
+        return b"late"
+
+    async def stream(request, context):
+        for i in range(3):
+            yield bytes([i])
+
+    async def stream_fail(request, context):
+        yield b"x"
+        await abort(context, ServiceError.resource_exhausted("queue full", 1.0))
+
+    handlers = grpc.method_handlers_generic_handler(SERVICE, {
+        "Ok": grpc.unary_unary_rpc_method_handler(ok),
+        "Invalid": grpc.unary_unary_rpc_method_handler(invalid),
+        "Bug": grpc.unary_unary_rpc_method_handler(bug),
+        "SetCode": grpc.unary_unary_rpc_method_handler(set_code),
+        "Slow": grpc.unary_unary_rpc_method_handler(slow),
+        "Stream": grpc.unary_stream_rpc_method_handler(stream),
+        "StreamFail": grpc.unary_stream_rpc_method_handler(stream_fail),
+    })
+    token = "tok-0123456789abcdef"
+    server = grpc.aio.server(interceptors=[m.interceptor(), BearerTokenInterceptor([token])])
+    server.add_generic_rpc_handlers((handlers,))
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    md = (("authorization", f"Bearer {token}"),)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            def unary(name):
+                return ch.unary_unary(f"/{SERVICE}/{name}")
+
+            assert await unary("Ok")(b"", metadata=md, timeout=5) == b"ok"
+            for name, code in [("Invalid", "INVALID_ARGUMENT"), ("Bug", "UNKNOWN"), ("SetCode", "NOT_FOUND")]:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await unary(name)(b"", metadata=md, timeout=5)
+                assert info.value.code().name == code
+            with pytest.raises(grpc.aio.AioRpcError):
+                await unary("Ok")(b"", timeout=5)  # no token
+            assert [x async for x in ch.unary_stream(f"/{SERVICE}/Stream")(b"", metadata=md, timeout=5)] == [
+                b"\x00", b"\x01", b"\x02"]
+            with pytest.raises(grpc.aio.AioRpcError):
+                async for _ in ch.unary_stream(f"/{SERVICE}/StreamFail")(b"", metadata=md, timeout=5):
+                    pass
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await unary("Slow")(b"", metadata=md, timeout=0.2)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            call = unary("Slow")(b"", metadata=md, timeout=5)
+            await asyncio.sleep(0.1)
+            call.cancel()
+            await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        for _ in range(50):  # server-side handlers finish after the client gave up
+            if b'method="Slow",status="CANCELLED"' in m.render():
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        release.set()
+        await server.stop(None)
+
+
+def test_interceptor_counts_every_outcome():
+    m = Metrics()
+    asyncio.run(_interceptor_scenario(m))
+    text = m.render().decode()
+    for method, status in [("Ok", "OK"), ("Invalid", "INVALID_ARGUMENT"), ("Bug", "UNKNOWN"),
+                           ("SetCode", "NOT_FOUND"), ("Ok", "UNAUTHENTICATED"), ("Stream", "OK"),
+                           ("StreamFail", "RESOURCE_EXHAUSTED"), ("Slow", "DEADLINE_EXCEEDED"),
+                           ("Slow", "CANCELLED")]:
+        assert f'llem_requests_total{{method="{method}",status="{status}"}} 1.0' in text, (method, status, text)
+    assert "Health" not in text  # probes are not counted
+    assert 'llem_request_duration_seconds_count{method="Slow"} 2.0' in text
