@@ -1,0 +1,70 @@
+"""``llem-client info|models|load|unload|health`` as subprocesses against a real llem-server."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+MODEL = "gpt2"  # a different model than test_cli_run's, so unload does not disturb it
+
+
+def llem(*args: str, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("LLEM_SERVER", "LLEM_TOKEN")}
+    return subprocess.run([sys.executable, "-m", "llem_client.cli", *map(str, args)],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_health_and_info(server, tmp_path):
+    p = llem("health", "--server", server.address, cwd=tmp_path)
+    assert p.returncode == 0 and p.stdout.strip() == "SERVING", p.stderr
+    p = llem("info", "--server", server.address, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "server version" in p.stdout and "device" in p.stdout
+    p = llem("info", "--server", server.address, "--json", cwd=tmp_path)
+    info = json.loads(p.stdout)
+    assert info["server_version"] and info["devices"]
+
+
+def test_load_models_unload_roundtrip(server, tmp_path):
+    p = llem("load", MODEL, "--server", server.address, "--precision", "fp32", "--json", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    loaded = json.loads(p.stdout)
+    h = loaded["config_hash"]
+    assert len(h) == 64 and loaded["model"]["state"] == "ready"
+
+    # the same load config from an experiment YAML (generation fields are dropped) hits the cache
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(yaml.safe_dump({"model": MODEL, "precision": "fp32", "pytorch": {"batch_size": 4}, "dataset": "x.txt"}))
+    p = llem("load", cfg, "--server", server.address, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith(h) and "already loaded" in p.stdout
+
+    p = llem("models", "--server", server.address, cwd=tmp_path)
+    assert p.returncode == 0 and h[:12] in p.stdout and MODEL in p.stdout, p.stdout + p.stderr
+    listed = json.loads(llem("models", "--server", server.address, "--json", cwd=tmp_path).stdout)
+    assert h in [m["config_hash"] for m in listed["models"]]
+
+    p = llem("unload", h[:12], "--server", server.address, cwd=tmp_path)
+    assert p.returncode == 0 and f"unloaded {h}" in p.stdout, p.stdout + p.stderr
+    listed = json.loads(llem("models", "--server", server.address, "--json", cwd=tmp_path).stdout)
+    assert h not in [m["config_hash"] for m in listed.get("models", [])]
+    p = llem("unload", h[:12], "--server", server.address, cwd=tmp_path)
+    assert p.returncode == 1 and "match" in p.stderr
+
+
+def test_load_errors(server, tmp_path):
+    p = llem("load", "no-such-model", "--server", server.address, cwd=tmp_path)
+    assert p.returncode == 1 and "NOT_FOUND" in p.stderr, p.stderr
+    p = llem("load", MODEL, "pytorch.attn_implementaton=eager", "--server", server.address, cwd=tmp_path)
+    assert p.returncode == 2 and "did you mean 'attn_implementation'" in p.stderr
+
+
+def test_commands_against_unreachable_server(tmp_path):
+    for cmd in (["info"], ["models"], ["health"], ["load", MODEL], ["unload", "abc"]):
+        p = llem(*cmd, "--server", "127.0.0.1:1", cwd=tmp_path, timeout=60)
+        assert p.returncode == 1, cmd
+        assert "cannot reach llem-server at 127.0.0.1:1" in p.stderr and "Traceback" not in p.stderr

@@ -1,0 +1,281 @@
+"""``llem-client run`` as a subprocess against a real llem-server with a tiny model.
+
+Uses the session fixtures ``server`` (``.address``) and ``model_root`` from
+conftest.py. Config-error tests need no server: they must fail before sending.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+MODEL = "llama"
+UNREACHABLE = "127.0.0.1:1"
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("LLEM_SERVER", "LLEM_TOKEN")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def llem(*args: str, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "llem_client.cli", *map(str, args)],
+        cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def write_config(path: Path, **overrides) -> Path:
+    cfg = {
+        "model": MODEL,
+        "backend": "pytorch",
+        "n": 4,
+        "dataset": {"n": 6, "input_len": 12, "seed": 3},
+        "precision": "fp32",
+        "random_seed": 7,
+        "max_output_tokens": 4,
+        "decoder": {"preset": "deterministic"},
+        "pytorch": {"batch_size": 2},
+        "warmup": {"enabled": True, "n_warmup": 1, "thermal_floor_seconds": 0},
+        "baseline": {"enabled": True, "duration_seconds": 1},
+        "energy": {"backend": "auto"},
+        "output_dir": str(path.parent / "out"),
+    }
+    cfg.update(overrides)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def only_result(out_dir: Path) -> dict:
+    files = sorted(out_dir.glob("*.json"))
+    assert len(files) == 1, files
+    assert not list(out_dir.glob(".*.tmp")), "a temporary file was left behind"
+    return json.loads(files[0].read_text())
+
+
+def check_result(res: dict, *, requests: int, prompts: int) -> None:
+    assert res["schema"] == "llem-client/result" and res["schema_version"] == "1.0"
+    assert res["status"] == "completed" and res["error"] is None
+    assert len(res["config_hash"]) == 64
+    assert res["server"]["server_version"]
+    a = res["aggregates"]
+    assert a["requests"] == requests == len(res["requests"]) and a["prompts"] == prompts
+    assert a["output_tokens"] == sum(r["output_tokens"] for r in res["requests"]) > 0
+    assert a["input_tokens"] == sum(r["input_tokens"] for r in res["requests"]) > 0
+    assert a["output_tokens_per_s"] > 0 and "output_tokens" in a["throughput_basis"]
+    for r in res["requests"]:
+        assert r["config_hash"] == res["config_hash"]
+        assert len(r["completions"]) == r["prompts"]
+        assert r["output_tokens"] <= 4 * r["prompts"]
+    e = a["energy"]
+    assert e["recorded"] is True
+    assert e["requests_with_energy"] + e["requests_without_energy"] == requests
+    if e["requests_with_energy"] == 0:
+        assert e["total_j"] is None and e["joules_per_output_token"] is None  # never 0 J for "unknown"
+    assert res["effective_config"]["model"]["model"] == MODEL
+
+
+def test_full_run_synthetic(server, tmp_path):
+    cfg = write_config(tmp_path / "exp.yaml")
+    p = llem("run", cfg, "--server", server.address, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    res = only_result(tmp_path / "out")
+    check_result(res, requests=2, prompts=4)
+    assert res["dataset"]["kind"] == "synthetic" and res["dataset"]["used"] == 4
+    assert res["warmup"]["requests"] == 1 and res["warmup"]["mode"] == "fixed"
+    assert res["config"]["pytorch"]["batch_size"] == 2
+    # the summary (plain, not a TTY) names the key figures
+    for label in ("output tokens/s", "total energy", "latency p50", "warnings"):
+        assert label in p.stdout, p.stdout
+    assert "model llama:" in p.stderr and "request 2/2" in p.stderr
+
+
+def test_run_jsonl_with_overrides_and_json_stdout(server, tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Energy is {i}", "source": s}) + "\n" for i, s in enumerate("aabbab")))
+    cfg = write_config(tmp_path / "exp.yaml", dataset=str(data), dataset_order="interleaved", n=6)
+    p = llem("run", cfg, "--server", server.address, "-n", "3", "--batch-size", "2",
+             "decoder.top_k=5", "--set", "warmup.enabled=false", "--json", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)  # stdout is the JSON alone
+    check_result(res, requests=2, prompts=3)
+    assert res == only_result(tmp_path / "out")
+    assert res["dataset"]["kind"] == "jsonl" and res["dataset"]["sources"] == {"a": 2, "b": 1}
+    assert res["config"]["decoder"]["top_k"] == 5 and res["warmup"]["requests"] == 0
+    assert [r["prompts"] for r in res["requests"]] == [2, 1]
+    assert "output tokens/s" in p.stderr  # the summary moved to stderr
+
+
+def test_run_txt_dataset_flag_output_flag_and_convergence(server, tmp_path):
+    (tmp_path / "p.txt").write_text("The quick brown fox\nA GPU draws power\nOnce upon a time\n")
+    cfg = write_config(
+        tmp_path / "exp.yaml", n=None,
+        warmup={"enabled": True, "convergence_detection": True, "cv_threshold": 10.0, "window_size": 2,
+                "min_prompts": 2, "max_prompts": 3, "thermal_floor_seconds": 0},
+    )
+    p = llem("run", cfg, "--server", server.address, "--dataset", "p.txt", "--output", "res2",
+             "--precision", "fp32", "--model", MODEL, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    res = only_result(tmp_path / "res2")
+    check_result(res, requests=2, prompts=3)
+    assert res["dataset"]["kind"] == "txt"
+    w = res["warmup"]
+    assert w["mode"] == "convergence" and w["converged"] is True and w["requests"] == 2  # CV < 10 at the first check
+
+
+def test_energy_null_is_recorded_as_disabled(server, tmp_path):
+    cfg = write_config(tmp_path / "exp.yaml", energy={"backend": None}, n=2, warmup={"enabled": False})
+    p = llem("run", cfg, "--server", server.address, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    res = only_result(tmp_path / "out")
+    assert res["energy"] == {"backend": "null", "recorded": False}
+    assert res["aggregates"]["energy"]["recorded"] is False
+    assert all(r["energy"] is None for r in res["requests"])
+    assert res["baseline"]["measured"] is False and res["baseline"]["skipped"] == "energy.backend is null"
+
+
+def test_energy_nvml_without_gpu_energy_fails_clearly(server, tmp_path):
+    from llem_client import Client
+
+    with Client(server.address) as c:
+        if any(d.energy_sensor.available for d in c.server_info().devices):
+            pytest.skip("this server measures energy")
+    cfg = write_config(tmp_path / "exp.yaml", energy={"backend": "nvml"})
+    p = llem("run", cfg, "--server", server.address, cwd=tmp_path)
+    assert p.returncode == 1, p.stderr
+    assert "energy.backend is nvml" in p.stderr and "no GPU energy" in p.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_keys_exit_2_with_suggestions(tmp_path):
+    cfg = write_config(tmp_path / "exp.yaml", datset="x.jsonl", warmup={"n_warmpu": 1}, pytorch={"batch_sise": 2})
+    p = llem("run", cfg, "--server", UNREACHABLE, "decoder.temprature=0.5", cwd=tmp_path)
+    assert p.returncode == 2, p.stderr
+    for line in ("datset: unknown key (did you mean 'dataset'?)", "warmup.n_warmpu: unknown key (did you mean 'n_warmup'?)",
+                 "pytorch.batch_sise: unknown key (did you mean 'batch_size'?)",
+                 "decoder.temprature: unknown key (did you mean 'temperature'?)"):
+        assert line in p.stderr, p.stderr
+    assert "cannot reach" not in p.stderr  # nothing was sent
+
+
+def test_bad_types_and_enum_values_exit_2(tmp_path):
+    cfg = write_config(tmp_path / "exp.yaml", precision="bf61", pytorch={"batch_size": "two"})
+    p = llem("run", cfg, "--server", UNREACHABLE, cwd=tmp_path)
+    assert p.returncode == 2
+    assert "precision: unknown value 'bf61' (did you mean 'bf16'?)" in p.stderr
+    assert "pytorch.batch_size: expected an integer" in p.stderr
+
+
+def test_other_backend_exit_2(tmp_path):
+    cfg = write_config(tmp_path / "exp.yaml", backend="vllm")
+    p = llem("run", cfg, "--server", UNREACHABLE, cwd=tmp_path)
+    assert p.returncode == 2
+    assert "backend: 'vllm' is not supported" in p.stderr and "pytorch" in p.stderr
+
+
+def test_unreadable_config_exit_2(tmp_path):
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    assert llem("run", tmp_path / "bad.yaml", cwd=tmp_path).returncode == 2
+    assert llem("run", tmp_path / "missing.yaml", cwd=tmp_path).returncode == 2
+
+
+def test_unreachable_server_exit_1(tmp_path):
+    cfg = write_config(tmp_path / "exp.yaml")
+    p = llem("run", cfg, "--server", UNREACHABLE, cwd=tmp_path, timeout=60)
+    assert p.returncode == 1
+    assert f"cannot reach llem-server at {UNREACHABLE}" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_server_side_validation_is_a_config_error(server, tmp_path):
+    # config.md rule 1: load_in_4bit with load_in_8bit -> INVALID_ARGUMENT naming the field.
+    cfg = write_config(tmp_path / "exp.yaml")
+    p = llem("run", cfg, "--server", server.address, "pytorch.load_in_4bit=true", "pytorch.load_in_8bit=true", cwd=tmp_path)
+    assert p.returncode == 2, p.stderr
+    assert "rejected the configuration" in p.stderr and "pytorch.load_in_" in p.stderr
+
+
+def _sigint_preexec() -> None:
+    # A test runner started in the background may ignore SIGINT; Python only turns
+    # SIGINT into KeyboardInterrupt when it is not ignored at start.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _start(args: list[str], cwd: Path, marker: str) -> tuple[subprocess.Popen, list[str], threading.Event]:
+    """Start the CLI; the event is set once a stderr line contains ``marker``."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llem_client.cli", *args], cwd=cwd, env=_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_preexec,
+    )
+    lines: list[str] = []
+    seen = threading.Event()
+
+    def pump() -> None:
+        for line in proc.stderr:  # type: ignore[union-attr]
+            lines.append(line)
+            if marker in line:
+                seen.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    return proc, lines, seen
+
+
+def test_ctrl_c_during_thermal_floor_keeps_warmup_and_exits_130(server, tmp_path):
+    cfg = write_config(tmp_path / "exp.yaml", warmup={"enabled": True, "n_warmup": 1, "thermal_floor_seconds": 60})
+    proc, lines, seen = _start(["run", str(cfg), "--server", server.address], tmp_path, "thermal floor")
+    assert seen.wait(120), "".join(lines)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, "".join(lines)
+    res = only_result(tmp_path / "out")
+    assert res["status"] == "interrupted" and res["stage"] == "warmup"
+    assert res["warmup"]["requests"] == 1 and res["requests"] == []
+    assert "interrupted" in out  # the summary still prints
+
+
+def test_ctrl_c_mid_run_writes_partial_result_and_exits_130(server, tmp_path):
+    from llem_client import Client, LlemError
+
+    # Keep the server's device busy with long requests so that each of the CLI's
+    # requests waits in the queue: the interrupt then lands mid-run, never after it.
+    stop = threading.Event()
+
+    def blocker() -> None:
+        with Client(server.address) as c:
+            limit = c.server_info().limits.max_output_tokens or 256
+            n = min(256, limit)
+            while not stop.is_set():
+                try:
+                    c.generate(["busy"], model=MODEL, precision="fp32", max_output_tokens=n,
+                               decoder={"min_new_tokens": n, "preset": "deterministic"})
+                except LlemError:
+                    time.sleep(0.05)
+
+    t = threading.Thread(target=blocker, daemon=True)
+    t.start()
+    try:
+        cfg = write_config(tmp_path / "exp.yaml", n=6, pytorch={"batch_size": 1}, warmup={"enabled": False},
+                           baseline={"enabled": False})
+        proc, lines, seen = _start(["run", str(cfg), "--server", server.address], tmp_path, "request 1/6")
+        assert seen.wait(180), "".join(lines)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    finally:
+        stop.set()
+        t.join(timeout=60)
+    assert proc.returncode == 130, "".join(lines)
+    res = only_result(tmp_path / "out")
+    assert res["status"] == "interrupted" and res["stage"] == "measure"
+    assert 1 <= len(res["requests"]) < 6
+    assert res["aggregates"]["requests"] == len(res["requests"])
+    assert any("interrupted during measure" in line for line in lines)
