@@ -247,6 +247,15 @@ class EnergyMeter:
             self._cpu_sampler.start()
         self._started = True
 
+    def sample_once(self) -> None:
+        """Take one reading on every sensor now, on this thread (tools and deterministic
+        tests drive the meter this way; the sampler threads do it every period)."""
+        for d in self._devs.values():
+            if d.sampler:
+                d.sampler.sample_once()
+        if self._cpu_sampler:
+            self._cpu_sampler.sample_once()
+
     def close(self) -> None:
         for d in self._devs.values():
             if d.sampler:
@@ -319,7 +328,7 @@ class EnergyMeter:
                     self._settle(d)
 
     def _report(self, window: Window, timeout_s: float) -> EnergyReport:
-        deadline = self._clock() + timeout_s
+        deadline = time.monotonic() + timeout_s  # real time: how long this thread may block
         if window.t_end is None:
             return self._unavailable(window, "the energy window was never closed")
         t0, t1 = window.t_start, window.t_end
@@ -333,15 +342,14 @@ class EnergyMeter:
                 return self._unavailable(window, f"GPU {i} is not metered by this server", cpu=cpu)
             if not d.state.available:
                 return self._unavailable(window, d.state.reason, cpu=cpu)
-            if not self._started:
-                return self._unavailable(window, "the energy meter was not started", cpu=cpu)
             devs.append(d)
         for d in devs:
             if not d.sampler.wait_for_point(t1, deadline):
                 err = d.sampler.last_error
                 return self._unavailable(window, (
                     f"GPU {d.index}: no energy counter update after the window's end within {timeout_s:.1f} s"
-                    + (f" (last read failed: {err})" if err else " (sampler stalled)")), cpu=cpu)
+                    + (f" (last read failed: {err})" if err else
+                       " (sampler stalled)" if d.sampler.running else " (sampler not running)")), cpu=cpu)
         dur = t1 - t0
         out: list[DeviceReport] = []
         warnings: list[tuple[str, str]] = []
@@ -450,8 +458,6 @@ class EnergyMeter:
         s = self._cpu_sampler
         if s is None:
             return CpuReport(False, self._cpu_state.reason)
-        if not self._started:
-            return CpuReport(False, "the energy meter was not started")
         if not s.wait_for_point(t1, deadline):
             return CpuReport(False, f"no RAPL reading after the window's end{': ' + s.last_error if s.last_error else ''}")
         v = s.view(t0, t1)
@@ -529,20 +535,20 @@ class EnergyMeter:
         for i, d in self._devs.items():
             if not d.state.available:
                 out[i] = BaselineResult(i, False, d.state.reason)
-            elif not self._started:
-                out[i] = BaselineResult(i, False, "the energy meter was not started")
+            elif not d.sampler.running:
+                out[i] = BaselineResult(i, False, "the energy sampler is not running (EnergyMeter.start)")
             else:
                 live.append(d)
         if not live:
             return out
-        deadline = self._clock() + 2.0
+        deadline = time.monotonic() + 2.0
         for d in live:  # need a point at or before the start
             d.sampler.wait_for_point(-float("inf"), deadline)
         t0 = self._clock()
         unix0 = time.time()
         time.sleep(duration_s)
         t1 = self._clock()
-        deadline = t1 + 2.0
+        deadline = time.monotonic() + 2.0
         for d in live:
             if not d.sampler.wait_for_point(t1, deadline):
                 out[d.index] = BaselineResult(d.index, False, f"GPU {d.index}: no counter update after the "

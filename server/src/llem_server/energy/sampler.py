@@ -187,12 +187,17 @@ class Sampler:
                     del o[:cut]
 
     # -- readers (request path: no sensor call) -----------------------------------
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def wait_for_point(self, t: float, deadline: float) -> bool:
-        """Block until a point at/after ``t`` exists (the next counter update), or the deadline."""
+        """Block until a point at/after ``t`` exists (the next counter update), or until
+        ``deadline`` (real ``time.monotonic()`` seconds: how long a caller may block)."""
         with self._cond:
             while not self._buf.pt_t or self._buf.pt_t[-1] < t:
-                left = deadline - self._clock()
-                if left <= 0 or self._stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stop.is_set() or not self.running:
                     return False
                 self._cond.wait(min(left, 0.05))
             return True
@@ -205,6 +210,15 @@ class Sampler:
     def first_point(self) -> tuple[float, float] | None:
         with self._lock:
             return None if self._first_t is None else (self._first_t, self._first_e)
+
+    def _update_period(self) -> float | None:
+        # Mean of recent intervals between points, outliers (stalls) left out: midpoint
+        # timing makes single intervals jitter by a sample period, the mean does not.
+        if not self._intervals:
+            return None
+        med = statistics.median(self._intervals)
+        kept = [x for x in self._intervals if x <= 3 * med]
+        return sum(kept) / len(kept)
 
     def view(self, t0: float, t1: float) -> View:
         """Points bracketing [t0, t1] and the samples inside it."""
@@ -219,7 +233,7 @@ class Sampler:
                 s_t=b.s_t[k:m], s_temp=b.s_temp[k:m], s_reasons=b.s_reasons[k:m],
                 gaps=[g for g in self._gaps if g[0] < t1 and g[1] > t0],
                 resolution_mj=self._min_step,
-                update_s=statistics.median(self._intervals) if self._intervals else None,
+                update_s=self._update_period(),
                 first_t=self._first_t,
                 oldest_t=b.pt_t[0] if b.pt_t else None,
             )

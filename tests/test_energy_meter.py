@@ -1,0 +1,333 @@
+"""EnergyMeter over a simulated NVML whose true energy is known.
+
+Most tests drive the samplers by hand on a fake clock (``sample_once``), so energies are
+deterministic; tolerances come from the counter step, never from wall time. The last
+tests run the real sampler threads to prove the request path makes no NVML call and
+never holds the device.
+"""
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+
+import pytest
+
+from llem_server.energy import METHOD_COUNTER, METHOD_POWER, EnergyMeter
+from llem_server.energy.simulated import SimGpu, SimulatedNvml
+
+T0 = 1000.0
+
+
+class FakeClock:
+    def __init__(self, t: float = T0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make(gpus, clock, tmp_path=None, **kw):
+    sim = SimulatedNvml(gpus, clock=clock)
+    kw.setdefault("period_s", 0.01)
+    meter = EnergyMeter(list(range(len(gpus))), nvml=sim, clock=clock, min_period_s=0.001,
+                        rapl_root="/nonexistent-powercap", **kw)
+    return sim, meter
+
+
+def drive(meter, clock, until_rel, dt):
+    """Sample every dt (fake seconds) until T0 + until_rel; phase-shifted off the updates."""
+    if clock.t == T0:
+        clock.t += dt * 0.37
+    while clock.t < T0 + until_rel:
+        meter.sample_once()
+        clock.t += dt
+    meter.sample_once()
+
+
+def window(meter, a, b, tokens=None, devices=(0,), rid="r"):
+    w = meter.open_window(list(devices), T0 + a, rid)
+    meter.close_window(w, T0 + b, tokens)
+    return w
+
+
+def step_j(watts, update_s):
+    return watts * update_s
+
+
+# ---------------------------------------------------------------- exclusive windows
+@pytest.mark.parametrize("sample_dt", [0.1, 0.05, 0.03])  # as fast as the counter, and faster
+def test_exclusive_constant_power_is_exact_within_the_edge_steps(sample_dt):
+    clock = FakeClock()
+    sim, m = make([SimGpu(power=150.0, update_period_s=0.1)], clock)
+    drive(m, clock, 4.0, sample_dt)
+    w = window(m, 1.013, 3.571, tokens=100)
+    r = m.report(w, timeout_s=0.01)
+    truth = sim.true_energy_j(0, T0 + 1.013, T0 + 3.571)
+    assert r.available and r.exclusive and r.attribution == "exclusive"
+    assert r.method == METHOD_COUNTER and r.method_label == "nvml_total_energy_counter/exclusive"
+    assert abs(r.total_j - truth) <= r.uncertainty_j
+    assert r.uncertainty_j <= 2 * step_j(150, 0.1) * 1.05 + 0.01  # about one update's energy per edge
+    assert not r.low_confidence and r.devices[0].counter_updates >= 20
+    assert r.joules_per_output_token == pytest.approx(r.total_j / 100)
+    assert r.duration_s == pytest.approx(2.558)
+    assert r.devices[0].avg_power_w == pytest.approx(150, rel=0.01)
+    assert r.devices[0].counter_update_ms == pytest.approx(100, rel=0.05)
+    assert r.adjusted_j is None and r.baseline_power_w is None
+
+
+def test_exclusive_piecewise_power_and_back_to_back_windows():
+    clock = FakeClock()
+    sim, m = make([SimGpu(power=[(0.0, 100.0), (1.0, 400.0), (2.0, 50.0)], update_period_s=0.1)], clock)
+    drive(m, clock, 3.5, 0.05)
+    a, b = window(m, 0.52, 1.5, rid="a"), window(m, 1.5, 2.73, rid="b")
+    ra, rb = m.report(a, 0.01), m.report(b, 0.01)
+    for r, (x, y) in ((ra, (0.52, 1.5)), (rb, (1.5, 2.73))):
+        assert r.available and r.exclusive  # touching windows do not overlap
+        assert abs(r.total_j - sim.true_energy_j(0, T0 + x, T0 + y)) <= r.uncertainty_j
+    # Consecutive windows share the edge point: their sum is the curve over the union.
+    assert ra.total_j + rb.total_j == pytest.approx(sim.true_energy_j(0, T0 + 0.52, T0 + 2.73), abs=2 * 40)
+
+
+def test_short_window_is_low_confidence_with_an_edge_bound():
+    clock = FakeClock()
+    sim, m = make([SimGpu(power=300.0, update_period_s=0.1)], clock)
+    drive(m, clock, 2.0, 0.1)
+    w = window(m, 0.61, 0.91)
+    r = m.report(w, 0.01)
+    truth = sim.true_energy_j(0, T0 + 0.61, T0 + 0.91)
+    assert r.available and r.low_confidence
+    assert 0 < r.uncertainty_j <= 2 * step_j(300, 0.1) * 1.05 + 0.01
+    assert abs(r.total_j - truth) <= r.uncertainty_j
+    codes = [c for c, _ in r.warnings]
+    assert codes == ["ENERGY_SHORT_WINDOW"]
+
+
+# ---------------------------------------------------------------- failures: never zeros
+def test_counter_going_backwards_makes_spanning_windows_unavailable():
+    clock = FakeClock()
+    sim, m = make([SimGpu(power=200.0, update_period_s=0.1, backwards_at=1.5)], clock)
+    drive(m, clock, 3.5, 0.05)
+    spanning = m.report(window(m, 1.0, 2.0, rid="x"), 0.01)
+    assert not spanning.available and spanning.total_j is None
+    assert "went backwards" in spanning.reason and "driver reload" in spanning.reason
+    assert ("ENERGY_UNAVAILABLE", spanning.reason) in spanning.warnings
+    before = m.report(window(m, 0.3, 1.2, rid="b"), 0.01)
+    after = m.report(window(m, 2.0, 3.2, rid="c"), 0.01)
+    for r, (x, y) in ((before, (0.3, 1.2)), (after, (2.0, 3.2))):
+        assert r.available and abs(r.total_j - 200 * (y - x)) <= r.uncertainty_j
+    # The ledger skips the unknown stretch on both sides: still conserved.
+    attributed, idle = m.ledger(0)
+    assert attributed + idle == pytest.approx(m.counter_delta_j(0), abs=step_j(200, 0.1))
+
+
+def test_counterless_gpu_integrates_average_power_marked_approximate():
+    clock = FakeClock()
+    sim, m = make([SimGpu(power=200.0, counter=False)], clock)
+    assert m.sensors()[0].available and m.sensors()[0].method == METHOD_POWER
+    drive(m, clock, 5.0, 0.1)
+    r = m.report(window(m, 1.5, 4.5), 0.01)
+    assert r.available and r.approximate and r.method == METHOD_POWER
+    assert abs(r.total_j - 600.0) <= r.uncertainty_j
+    assert r.devices[0].counter_resolution_mj is None
+    assert "ENERGY_APPROXIMATE" in [c for c, _ in r.warnings]
+
+
+def test_gpu_with_neither_counter_nor_power_has_a_reason():
+    clock = FakeClock()
+    sim, m = make([SimGpu(counter=False, power_reading=False)], clock)
+    s = m.sensors()[0]
+    assert not s.available and "no energy sensor" in s.reason and "NVML_ERROR_NOT_SUPPORTED" in s.reason
+    r = m.report(window(m, 0.0, 1.0), 0.01)
+    assert not r.available and r.reason == s.reason and r.total_j is None
+
+
+@pytest.mark.parametrize("code,expect", [
+    (12, "no NVIDIA driver: NVML could not be initialised (NVML_ERROR_LIBRARY_NOT_FOUND"),
+    (9, "NVIDIA driver not loaded"),
+    (999, "NVML error initialising NVML (NVML_ERROR_UNKNOWN"),
+])
+def test_nvml_init_failures_give_distinct_reasons(code, expect):
+    sim = SimulatedNvml([SimGpu()], init_error=code)
+    m = EnergyMeter([0], nvml=sim, rapl_root="/nonexistent")
+    m.start()
+    try:
+        s = m.sensors()[0]
+        assert not s.available and expect in s.reason
+        w = m.open_window([0], time.monotonic(), "r")
+        m.close_window(w, time.monotonic(), 3)
+        r = m.report(w, 0.05)
+        assert not r.available and expect in r.reason and r.joules_per_output_token is None
+    finally:
+        m.close()
+
+
+def test_no_gpu_and_missing_index_reasons():
+    assert "no NVIDIA GPU" in EnergyMeter([0], nvml=SimulatedNvml([]), rapl_root="/x").sensors()[0].reason
+    r = EnergyMeter([0, 3], nvml=SimulatedNvml([SimGpu()]), rapl_root="/x").sensors()
+    assert r[0].available and "no GPU with index 3: NVML sees 1 GPU(s)" in r[3].reason
+
+
+def test_real_pynvml_without_driver_and_missing_package(monkeypatch):
+    m = EnergyMeter([0], rapl_root="/x")  # the real pynvml: no driver on CPU machines
+    s = m.sensors()[0]
+    assert s.available or s.reason  # on a GPU machine it may work; never an exception
+    monkeypatch.setitem(__import__("sys").modules, "pynvml", None)
+    s = EnergyMeter([0], rapl_root="/x").sensors()[0]
+    assert not s.available and "nvidia-ml-py package (pynvml) cannot be imported" in s.reason
+
+
+def test_cpu_only_meter_reports_its_reason():
+    reason = "no NVIDIA GPU: NVML could not be initialised (NVML_ERROR_LIBRARY_NOT_FOUND)"
+    m = EnergyMeter.unavailable(reason, rapl_root="/x")
+    assert m.sensors() == {}
+    w = m.open_window([], time.monotonic(), "r")
+    m.close_window(w, time.monotonic(), 5)
+    r = m.report(w, 0.01)
+    assert not r.available and r.reason == reason and r.total_j is None
+    assert not r.cpu.available and "no RAPL" in r.cpu.reason
+
+
+# ---------------------------------------------------------------- warnings
+def test_warnings_persistence_temperature_throttling():
+    clock = FakeClock()
+    gpu = SimGpu(power=250.0, persistence=0, temperature=lambda t: 45 if t < 1.5 else 62,
+                 reasons=lambda t: 0x4 | 0x40 if 2.0 < t < 2.1 else 0x1)
+    sim, m = make([gpu], clock)
+    drive(m, clock, 3.5, 0.02)
+    r = m.report(window(m, 1.4, 2.5), 0.01)
+    codes = {c: msg for c, msg in r.warnings}
+    assert set(codes) == {"ENERGY_PERSISTENCE_OFF", "ENERGY_TEMPERATURE_DRIFT", "ENERGY_THROTTLED"}
+    assert "software power cap" in codes["ENERGY_THROTTLED"] and "hardware thermal" in codes["ENERGY_THROTTLED"]
+    assert r.devices[0].temperature_start_c == 45 and r.devices[0].temperature_end_c == 62
+    assert r.devices[0].persistence_mode is False
+    # Idle-only reasons and small drift: no warning (control).
+    quiet = m.report(window(m, 0.1, 1.35), 0.01)
+    assert [c for c, _ in quiet.warnings] == ["ENERGY_PERSISTENCE_OFF"]
+
+
+# ---------------------------------------------------------------- overlap and conservation
+def _random_windows(rng, n, span, devices):
+    out = []
+    for k in range(n):
+        a = rng.uniform(0.1, span - 0.2)
+        b = min(a + rng.expovariate(1 / 0.4), span - 0.05)
+        devs = rng.choice([(0,), (1,), (0, 1)][: len(devices) + 1])
+        out.append((a, b, rng.choice([None, rng.randint(1, 200)]), devs, f"w{k}"))
+    return out
+
+
+@pytest.mark.parametrize("split_by", ["time", "tokens"])
+@pytest.mark.parametrize("seed", range(6))
+def test_conservation_many_overlapping_windows_two_gpus(seed, split_by):
+    rng = random.Random(seed)
+    clock = FakeClock()
+    gpus = [SimGpu(power=[(0, rng.uniform(60, 120)), (1.0, rng.uniform(200, 600)), (2.0, rng.uniform(80, 300))],
+                   update_period_s=0.1, resolution_mj=rng.choice([1.0, 15.0])) for _ in range(2)]
+    sim, m = make(gpus, clock, split=split_by)
+    drive(m, clock, 3.2, rng.choice([0.05, 0.1]))
+    specs = _random_windows(rng, 30, 3.0, [0, 1])
+    ws = [window(m, a, b, tok, devs, rid) for a, b, tok, devs, rid in specs]
+    reports = [m.report(w, 0.01) for w in ws]
+    assert all(r.available for r in reports)
+    assert any(not r.exclusive for r in reports)
+    for d in (0, 1):
+        mine = [r for r in reports for dr in r.devices if dr.index == d]
+        per_dev = sum(dr.energy_j for r in mine for dr in r.devices if dr.index == d)
+        attributed, idle = m.ledger(d)
+        step = max(gpus[d].segments(), key=lambda s: s[1])[1] * 0.1
+        assert per_dev == pytest.approx(attributed, rel=1e-9, abs=1e-6)  # reports are the ledger's split
+        assert attributed + idle == pytest.approx(m.counter_delta_j(d), abs=step)
+        assert idle > 0
+    for r in reports:
+        if not r.exclusive:
+            assert r.attribution in ("shared_by_time", "shared_by_tokens")
+            assert "ENERGY_SHARED_WINDOW" in [c for c, _ in r.warnings]
+
+
+def test_two_identical_overlapping_windows_share_equally():
+    clock = FakeClock()
+    sim, m = make([SimGpu(power=200.0, update_period_s=0.1)], clock)
+    drive(m, clock, 3.0, 0.05)
+    a, b = window(m, 0.5, 2.5, rid="a"), window(m, 0.5, 2.5, rid="b")
+    ra, rb = m.report(a, 0.01), m.report(b, 0.01)
+    assert not ra.exclusive and ra.method_label == "nvml_total_energy_counter/shared_by_time"
+    assert ra.total_j == pytest.approx(rb.total_j)
+    assert abs(ra.total_j + rb.total_j - 400.0) <= ra.uncertainty_j
+
+
+# ---------------------------------------------------------------- real threads
+def test_request_path_makes_no_nvml_call_and_does_not_hold_the_device():
+    sim = SimulatedNvml([SimGpu(power=120.0, update_period_s=0.02)])
+    m = EnergyMeter([0], nvml=sim, period_s=0.01, min_period_s=0.005, rapl_root="/x")
+    m.start()
+    try:
+        time.sleep(0.05)
+        me = threading.get_ident()
+        mark = sim.call_count()
+        t_a = time.monotonic()
+        a = m.open_window([0], t_a, "a")
+        time.sleep(0.15)
+        t_end = time.monotonic()
+        m.close_window(a, t_end, 10)
+        b = m.open_window([0], time.monotonic(), "b")  # the device runs the next request at once
+        ra = m.report(a, timeout_s=1.0)
+        assert b.t_end is None  # B is still open while A's energy is finished
+        assert ra.available and ra.exclusive
+        assert abs(ra.total_j - sim.true_energy_j(0, t_a, t_end)) <= ra.uncertainty_j
+        m.close_window(b, time.monotonic(), 1)
+        m.report(b, timeout_s=1.0)
+        m.ledger(0)
+        assert sim.calls_from(me, mark) == []  # no NVML call on the request path
+        assert any(tid != me for tid, _ in sim.calls[mark:])  # the samplers kept reading
+    finally:
+        m.close()
+
+
+def test_baseline_adjusted_and_stale_warning():
+    off = [0.0]
+
+    def clock():
+        return time.monotonic() + off[0]
+
+    sim = SimulatedNvml([SimGpu(power=80.0, update_period_s=0.02)], clock=clock)
+    m = EnergyMeter([0], nvml=sim, period_s=0.01, min_period_s=0.005, rapl_root="/x", clock=clock)
+    assert not m.measure_baseline(0.1)[0].available  # not started: a reason, not a number
+    m.start()
+    try:
+        res = m.measure_baseline(0.3)[0]
+        assert res.available and res.method == METHOD_COUNTER
+        assert res.power_w == pytest.approx(80.0, abs=2 * 80 * 0.02 / 0.3)
+        assert m.baseline(0).age_s < 5
+        t0 = clock()
+        w = m.open_window([0], t0, "r")
+        time.sleep(0.2)
+        m.close_window(w, clock(), 4)
+        r = m.report(w, 1.0)
+        assert r.available and r.baseline_power_w == res.power_w
+        assert r.adjusted_j == pytest.approx(r.total_j - res.power_w * r.duration_s)
+        assert r.devices[0].baseline_power_w == res.power_w
+        assert "ENERGY_BASELINE_STALE" not in [c for c, _ in r.warnings]
+        off[0] += 3700.0  # an hour later
+        time.sleep(0.05)
+        assert m.baseline(0).age_s > 3600 and m.baseline(0).stale
+        w = m.open_window([0], clock(), "r2")
+        time.sleep(0.1)
+        m.close_window(w, clock(), 4)
+        r = m.report(w, 1.0)
+        assert "ENERGY_BASELINE_STALE" in [c for c, _ in r.warnings]
+    finally:
+        m.close()
+
+
+def test_report_times_out_with_a_reason_when_the_sampler_stops():
+    sim = SimulatedNvml([SimGpu(power=100.0, update_period_s=0.02)])
+    m = EnergyMeter([0], nvml=sim, period_s=0.01, min_period_s=0.005, rapl_root="/x")
+    m.start()
+    time.sleep(0.05)
+    m.close()
+    w = m.open_window([0], time.monotonic() - 0.02, "r")
+    m.close_window(w, time.monotonic() + 0.5, 1)
+    r = m.report(w, timeout_s=0.05)
+    assert not r.available and "no energy counter update after the window's end" in r.reason
