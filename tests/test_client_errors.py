@@ -185,3 +185,31 @@ def test_async_client_maps_errors_the_same_way(fake):
             assert (await c.health()).status == health_pb2.HealthCheckResponse.SERVING
 
     asyncio.run(main())
+
+
+def test_ctrl_c_while_waiting_cancels_the_rpc(fake):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import sys, llem_client\n"
+        f"c = llem_client.Client({fake.address!r})\n"
+        "print('go', flush=True)\n"
+        "try:\n"
+        "    c.generate(['slow'], model='demo')\n"
+        "except KeyboardInterrupt:\n"
+        "    sys.exit(130)\n"
+    )
+    before = fake.cancelled
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert p.stdout.readline().strip() == "go"
+    time.sleep(0.5)  # the call is now waiting on the server
+    p.send_signal(signal.SIGINT)
+    assert p.wait(timeout=20) == 130
+    deadline = time.time() + 10
+    while fake.cancelled == before and time.time() < deadline:
+        time.sleep(0.05)
+    assert fake.cancelled == before + 1  # the server saw the cancellation

@@ -11,7 +11,7 @@ import os
 import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 import grpc
 
@@ -164,7 +164,8 @@ def channel_settings(
 # Requests
 # ---------------------------------------------------------------------------
 
-ConfigLike = Mapping[str, Any] | Any  # a dict or the message itself
+# A dict of fields or the message itself (typing.Union: `|` with Any fails on Python 3.10).
+ConfigLike = Union[Mapping[str, Any], Any]
 
 
 def model_config(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Union
 
 import grpc
 import grpc.aio
@@ -22,8 +22,8 @@ from .errors import from_rpc_error
 
 __all__ = ["Client", "AsyncClient", "GenerateStream", "AsyncGenerateStream"]
 
-ModelLike = str | llem_pb2.ModelConfig | Mapping[str, Any]
-PathOrPem = bytes | str | os.PathLike | None
+ModelLike = Union[str, llem_pb2.ModelConfig, Mapping[str, Any]]
+PathOrPem = Union[bytes, str, os.PathLike, None]
 
 
 class _Base:
