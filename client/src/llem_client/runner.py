@@ -98,6 +98,7 @@ class Runner:
             "energy": {"backend": exp.energy_backend, "recorded": self.record_energy},
             "requests": self.records,
             "aggregates": None,
+            "provenance": None,
             "warnings": [],
         }
 
@@ -125,7 +126,24 @@ class Runner:
             self.result["error"] = err
         self.result["finished_at"] = _now()
         self.result["aggregates"] = aggregate(self.records, energy_recorded=self.record_energy)
+        self.result["provenance"] = self._provenance()
         return self.result
+
+    def _provenance(self) -> dict[str, Any] | None:
+        """Where the numbers came from, in one place (details stay in server/requests)."""
+        if self.info is None:
+            return None
+        energy = next((r["energy"].get("provenance") for r in self.records if r["energy"] and r["energy"].get("available")), None)
+        return {
+            "server_version": self.info.server_version,
+            "versions": dict(self.info.versions),
+            "devices": [
+                {"kind": d.kind, "index": d.index, "name": d.name, "uuid": d.uuid, "compute_capability": d.compute_capability}
+                for d in self.info.devices
+            ],
+            "energy_methods": sorted({r["energy"]["method"] for r in self.records if r["energy"] and r["energy"].get("available")}),
+            "energy": energy,
+        }
 
     def _server_info(self) -> None:
         self.info = info = self.client.server_info(timeout=SERVER_INFO_TIMEOUT_S)
