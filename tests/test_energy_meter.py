@@ -331,3 +331,14 @@ def test_report_times_out_with_a_reason_when_the_sampler_stops():
     m.close_window(w, time.monotonic() + 0.5, 1)
     r = m.report(w, timeout_s=0.05)
     assert not r.available and "no energy counter update after the window's end" in r.reason
+
+
+def test_energy_package_imports_only_the_stdlib():
+    import subprocess
+    import sys
+
+    code = ("import sys, llem_server.energy, llem_server.energy.simulated; "
+            "bad = [m for m in ('pynvml', 'grpc', 'google.protobuf', 'torch', 'transformers') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
