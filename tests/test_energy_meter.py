@@ -7,7 +7,6 @@ never holds the device.
 """
 from __future__ import annotations
 
-import math
 import random
 import threading
 import time
