@@ -1,0 +1,169 @@
+"""Assembling and running the server: devices, workers, energy meter, gRPC, drain."""
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from llem.v1 import llem_pb2, llem_pb2_grpc
+
+from .scheduler import DeviceWorker
+from .service import LlemServicer, Settings
+
+SERVICE_NAME = llem_pb2.DESCRIPTOR.services_by_name["LlemService"].full_name
+
+
+def detect_devices(spec: str) -> list[tuple[str, int | None]]:
+    """(device, physical CUDA index) per worker. NVML finds GPUs without importing torch here."""
+    if spec == "cpu":
+        return [("cpu", None)]
+    if spec not in ("auto", ""):
+        return [(f"cuda:{i}", int(i)) for i in spec.split(",")]
+    count = 0
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        count = pynvml.nvmlDeviceGetCount()
+        pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - no driver / no GPU: serve on the CPU
+        count = 0
+    if count == 0:
+        return [("cpu", None)]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    indices = [int(x) for x in visible.split(",") if x.strip().isdigit()] if visible else list(range(count))
+    return [(f"cuda:{i}", i) for i in indices]
+
+
+def make_meter(settings: Settings, devices: list[tuple[str, int | None]], versions: dict[str, str]):
+    """(meter, worker index → metered GPU index, reason energy is absent where it is)."""
+    from .energy import EnergyMeter
+
+    backend = settings.energy_backend
+    if backend == "none":
+        reason = "energy metering is switched off on this server (--energy-backend none)"
+        return EnergyMeter.unavailable(reason, versions=versions), {}, reason
+    if backend == "simulated":
+        # A simulated NVML counter whose true energy is known (tests, CPU benchmarks): the
+        # real sampler and attribution run on it, metering worker 0.
+        from .energy.simulated import SimGpu, SimulatedNvml
+
+        watts = float(settings.extra.get("simulated_power_w", 150.0))
+        nvml = SimulatedNvml([SimGpu(power=watts)])
+        return EnergyMeter([0], nvml=nvml, versions=versions), {0: 0}, ""
+    gpus = [phys for _, phys in devices if phys is not None]
+    if not gpus:
+        reason = ("no NVIDIA GPU: this server generates on the CPU, and NVML found no GPU energy counter "
+                  "(GPU energy is measured only for CUDA devices)")
+        return EnergyMeter.unavailable(reason, versions=versions), {}, reason
+    return EnergyMeter(gpus, versions=versions), {i: phys for i, (_, phys) in enumerate(devices)}, ""
+
+
+async def serve(settings: Settings, *, port_file: Path | None = None, auth_tokens: list[str] | None = None,
+                tls: tuple[Path, Path, Path | None] | None = None, metrics_port: int | None = None,
+                log=None, ready: asyncio.Event | None = None) -> int:
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # CUDA indices in NVML's order
+    devices = detect_devices(settings.devices)
+    workers = [DeviceWorker(i, dev, phys, max_models=settings.max_models, max_queue=settings.max_queue)
+               for i, (dev, phys) in enumerate(devices)]
+    await asyncio.gather(*(w.start() for w in workers))
+    caps = workers[0].capabilities
+    versions = {k: caps["versions"].get(k, "") for k in ("torch", "transformers", "cuda")}
+    meter, meter_devices, energy_reason = make_meter(settings, devices, versions)
+    meter.start()
+
+    metrics = None
+    if metrics_port is not None:
+        from .metrics import Metrics
+
+        metrics = Metrics()
+        metrics.start_http(metrics_port, settings.host)
+        for w in workers:
+            metrics.track_queue(w.index, w.queue_depth)
+
+    interceptors = []
+    if auth_tokens:
+        from .auth import BearerTokenInterceptor
+
+        interceptors.append(BearerTokenInterceptor(auth_tokens))
+    options = [("grpc.max_receive_message_length", settings.max_message_bytes),
+               ("grpc.max_send_message_length", max(settings.max_message_bytes, 64 * 1024 * 1024))]
+    server = grpc.aio.server(interceptors=interceptors, options=options)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    front_versions = {"python": platform.python_version(), "grpcio": grpc.__version__,
+                      "protobuf": _protobuf_version(), "llem_server": _own_version()}
+    servicer = LlemServicer(settings, workers, meter, meter_devices=meter_devices, energy_reason=energy_reason,
+                            log=log, metrics=metrics,
+                            health=health_servicer, front_versions=front_versions)
+    llem_pb2_grpc.add_LlemServiceServicer_to_server(servicer, server)
+    reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+
+    address = f"{settings.host}:{settings.port}"
+    if tls is not None:
+        from .tls import server_credentials
+
+        port = server.add_secure_port(address, server_credentials(*tls))
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise SystemExit(f"could not bind {address}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if port_file is not None:
+        tmp = Path(str(port_file) + ".tmp")
+        tmp.write_text(str(port))
+        tmp.replace(port_file)
+    print(f"llem-server listening on {settings.host}:{port} ({', '.join(d for d, _ in devices)})", flush=True)
+    if log is not None:
+        log.info("server_started", address=f"{settings.host}:{port}", devices=[d for d, _ in devices])
+    if ready is not None:
+        ready.set()
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    # Drain: probes see NOT_SERVING, new calls get UNAVAILABLE, in-flight calls get the grace period.
+    servicer.draining = True
+    await health_servicer.enter_graceful_shutdown()
+    if log is not None:
+        log.info("server_draining", grace_seconds=settings.grace_seconds)
+    await server.stop(settings.grace_seconds)
+    await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
+    meter.close()
+    if log is not None:
+        log.info("server_stopped")
+    return 0
+
+
+def _protobuf_version() -> str:
+    import google.protobuf
+
+    return google.protobuf.__version__
+
+
+def _own_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def run(settings: Settings, **kwargs) -> int:
+    try:
+        return asyncio.run(serve(settings, **kwargs))
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use the llem-server command")

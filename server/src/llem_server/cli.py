@@ -1,0 +1,77 @@
+"""``llem-server``: serve models over gRPC with per-request GPU energy."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .service import Settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llem-server", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port (0 picks a free one; see --port-file)")
+    p.add_argument("--port-file", type=Path, help="write the bound port to this file once serving")
+    p.add_argument("--model-root", type=Path, default=Path("."),
+                   help="a request's model name resolves to a directory under this folder")
+    p.add_argument("--allow-hub", action="store_true", help="allow Hugging Face hub ids as model names")
+    p.add_argument("--allow-remote-code", action="store_true", help="allow trust_remote_code=true")
+    p.add_argument("--max-models", type=int, default=2, help="models kept loaded per device (LRU eviction)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting per device before RESOURCE_EXHAUSTED")
+    p.add_argument("--max-prompts", type=int, default=256, help="prompts per request at most")
+    p.add_argument("--max-input-tokens", type=int, default=8192, help="max_input_tokens at most")
+    p.add_argument("--max-output-tokens", type=int, default=4096, help="max_output_tokens at most")
+    p.add_argument("--max-message-bytes", type=int, default=16 * 1024 * 1024, help="largest request message")
+    p.add_argument("--devices", default="auto", help="auto, cpu, or comma-separated CUDA indices")
+    p.add_argument("--energy-backend", choices=["auto", "nvml", "simulated", "none"], default="auto",
+                   help="where GPU energy comes from; 'simulated' is a known-power fake counter for tests")
+    p.add_argument("--simulated-power-w", type=float, default=150.0, help="power of the simulated counter")
+    p.add_argument("--auth-token-file", type=Path, help="bearer tokens, one per line; required on every call")
+    p.add_argument("--tls-cert", type=Path, help="server certificate (PEM)")
+    p.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    p.add_argument("--tls-client-ca", type=Path, help="require client certificates signed by this CA (mTLS)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.add_argument("--grace-seconds", type=float, default=30.0, help="time in-flight calls get on SIGTERM")
+    p.add_argument("--log-format", choices=["json", "console"], default="json")
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("llem-server: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    if not args.model_root.is_dir():
+        print(f"llem-server: --model-root {args.model_root} is not a directory", file=sys.stderr)
+        return 2
+    settings = Settings(
+        host=args.host, port=args.port, model_root=args.model_root.resolve(), max_models=args.max_models,
+        max_queue=args.max_queue, max_prompts=args.max_prompts, max_input_tokens=args.max_input_tokens,
+        max_output_tokens=args.max_output_tokens, max_message_bytes=args.max_message_bytes,
+        allow_hub=args.allow_hub, allow_remote_code=args.allow_remote_code, grace_seconds=args.grace_seconds,
+        energy_backend=args.energy_backend, devices=args.devices,
+        extra={"simulated_power_w": args.simulated_power_w},
+    )
+    from .logs import configure, get_logger
+
+    configure(json=args.log_format == "json", level=args.log_level)
+    tokens = None
+    if args.auth_token_file:
+        from .auth import load_tokens
+
+        tokens = load_tokens(args.auth_token_file)
+        if not tokens:
+            print(f"llem-server: no tokens in {args.auth_token_file}", file=sys.stderr)
+            return 2
+    tls = (args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    from .app import run
+
+    return run(settings, port_file=args.port_file, auth_tokens=tokens, tls=tls, metrics_port=args.metrics_port,
+               log=get_logger())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

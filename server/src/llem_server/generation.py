@@ -1,0 +1,213 @@
+"""Running one request's prompts through ``model.generate`` (inside a worker's main thread).
+
+Prompts run in slices of ``batch_size``, each slice one left-padded ``generate`` call.
+A step hook (the ``streamer`` argument of ``generate``) stamps each decode step with
+``time.monotonic()`` and, when the client streams, forwards the new token ids to the
+front process; it does nothing heavier, because it runs on the generating thread.
+A stopping criterion polls a shared-memory cancel flag every step.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from .models import LoadedModel
+
+FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = 1, 2, 3  # llem.v1.FinishReason values
+
+
+class Cancelled(Exception):
+    """Raised inside the worker when the front asked to stop the running job."""
+
+
+class CancelCriterion(StoppingCriteria):
+    """Stops every sequence once the front process writes this job's id into the flag."""
+
+    def __init__(self, flag, job_id: int, batch: int, device):
+        self.flag, self.job_id = flag, job_id
+        # Pre-built answers: no tensor is made on the device per step.
+        self._no = torch.zeros(batch, dtype=torch.bool, device=device)
+        self._yes = torch.ones(batch, dtype=torch.bool, device=device)
+        self.fired = False
+
+    def __call__(self, input_ids, scores, **kwargs):
+        if self.flag.value == self.job_id:
+            self.fired = True
+            return self._yes
+        return self._no
+
+
+class StepHook(BaseStreamer):
+    """Records the time of each decode step; optionally emits token ids per prompt."""
+
+    def __init__(self, emit: Callable[[list[tuple[int, int]]], None] | None, prompt_indices: list[int],
+                 eos_ids: frozenset[int]):
+        self.emit = emit
+        self.prompt_indices = prompt_indices
+        self.eos_ids = eos_ids
+        self.done = [False] * len(prompt_indices)
+        self.step_times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value):
+        if not self._prompt_seen:  # generate() first hands over the prompt ids
+            self._prompt_seen = True
+            return
+        self.step_times.append(time.monotonic())
+        if self.emit is None:
+            return
+        ids = value.tolist()
+        if isinstance(ids, int):
+            ids = [ids]
+        out = []
+        for row, tok in enumerate(ids[: len(self.done)]):
+            if isinstance(tok, list):  # assisted decoding hands over several tokens per row
+                toks = tok
+            else:
+                toks = [tok]
+            for t in toks:
+                if self.done[row]:
+                    break
+                out.append((self.prompt_indices[row], int(t)))
+                if t in self.eos_ids:
+                    self.done[row] = True
+        if out:
+            self.emit(out)
+
+    def end(self):
+        pass
+
+
+@dataclass
+class SliceResult:
+    t_start: float
+    t_end: float
+    step_times: list[float]
+
+
+def _percentile(sorted_vals: list[float], q: float) -> float:
+    if not sorted_vals:
+        return 0.0
+    k = (len(sorted_vals) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(sorted_vals) - 1)
+    return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (k - lo)
+
+
+def run_generate(entry: LoadedModel, prompts: list[str], plan: dict, *, job_id: int, cancel_flag,
+                 emit: Callable[[list[tuple[int, int]]], None] | None,
+                 on_start: Callable[[float], None]) -> dict:
+    """Generate for all prompts; returns completions, token counts and timing as plain data."""
+    model, tok = entry.model, entry.tokenizer
+    batch_size = int(plan["batch_size"])
+    gen_kwargs = dict(plan["generate_kwargs"])
+    max_new = int(plan["max_output_tokens"])
+    device = next(model.parameters()).device
+    beams = int(gen_kwargs.get("num_beams", 1) or 1)
+
+    t_tok = time.monotonic()
+    slices = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        enc = tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=int(plan["max_input_tokens"]))
+        slices.append((start, enc))
+    tokenization_ms = (time.monotonic() - t_tok) * 1e3
+
+    # The seed is applied once per request, before its first generate call (CPU and CUDA).
+    torch.manual_seed(int(plan["random_seed"]))
+
+    completions: list[dict] = [None] * len(prompts)  # type: ignore[list-item]
+    results: list[SliceResult] = []
+    cancelled = False
+    started = False
+    for start, enc in slices:
+        input_ids = enc["input_ids"].to(device)
+        attention = enc["attention_mask"].to(device)
+        rows = input_ids.shape[0]
+        criterion = CancelCriterion(cancel_flag, job_id, rows, device)
+        hook = StepHook(emit, list(range(start, start + rows)), entry.eos_ids) if beams == 1 else None
+        if cancel_flag.value == job_id:
+            cancelled = True
+            break
+        t0 = time.monotonic()
+        if not started:
+            on_start(t0)
+            started = True
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new,
+                pad_token_id=entry.pad_id, streamer=hook,
+                stopping_criteria=StoppingCriteriaList([criterion]), **gen_kwargs,
+            )
+        new = out[:, input_ids.shape[1]:].tolist()  # .tolist() synchronises: the window ends after the device
+        t1 = time.monotonic()
+        results.append(SliceResult(t0, t1, hook.step_times if hook else []))
+        in_counts = attention.sum(dim=1).tolist()
+        for row, ids in enumerate(new):
+            cut, reason = len(ids), FINISH_LENGTH
+            for i, t in enumerate(ids):
+                if t in entry.eos_ids:
+                    cut, reason = i + 1, FINISH_STOP
+                    break
+            # Everything after a row's EOS is padding generate() added while other rows ran on.
+            ids = ids[:cut]
+            if criterion.fired and reason != FINISH_STOP and len(ids) < max_new:
+                reason = FINISH_CANCELLED
+            completions[start + row] = {
+                "index": start + row, "token_ids": ids,
+                "text": tok.decode(ids, skip_special_tokens=True),
+                "input_tokens": int(in_counts[row]), "output_tokens": len(ids), "finish_reason": reason,
+            }
+        if criterion.fired:
+            cancelled = True
+            break
+
+    entry.use_count += 1
+    entry.last_used_unix = time.time()
+    return {
+        "completions": [c for c in completions if c is not None],
+        "cancelled": cancelled,
+        "timing": _timing(results, tokenization_ms),
+        "window": (results[0].t_start, results[-1].t_end) if results else None,
+        "effective_generate_kwargs": {**gen_kwargs, "max_new_tokens": max_new},
+        "effective_decoder": _effective_decoder(model, gen_kwargs),
+    }
+
+
+def _effective_decoder(model, gen_kwargs: dict) -> dict:
+    """The sampling values generate() really used: our kwargs over the model's own generation_config."""
+    gc = model.generation_config
+    out = {}
+    for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "do_sample", "min_new_tokens"):
+        value = gen_kwargs.get(name, getattr(gc, name, None))
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def _timing(results: list[SliceResult], tokenization_ms: float) -> dict:
+    timing = {"tokenization_ms": tokenization_ms, "generate_ms": 0.0, "decode_ms": 0.0}
+    if not results:
+        return timing
+    timing["generate_ms"] = sum((r.t_end - r.t_start) for r in results) * 1e3
+    if results[0].step_times:
+        timing["time_to_first_token_ms"] = (results[0].step_times[0] - results[0].t_start) * 1e3
+        gaps = []
+        decode = 0.0
+        for r in results:
+            if r.step_times:
+                decode += r.t_end - r.step_times[0]
+                gaps.extend((b - a) * 1e3 for a, b in zip(r.step_times, r.step_times[1:]))
+        timing["decode_ms"] = decode * 1e3
+        if gaps:
+            s = sorted(gaps)
+            timing["inter_token_latency"] = {
+                "mean_ms": statistics.fmean(s), "median_ms": _percentile(s, 0.5),
+                "p95_ms": _percentile(s, 0.95), "p99_ms": _percentile(s, 0.99), "count": len(s),
+            }
+    return timing

@@ -1,0 +1,227 @@
+"""Loading models and the per-worker model cache (runs inside a worker process).
+
+The load configuration arrives already validated and resolved by ``config.py`` as
+JSON-able ``from_pretrained`` kwargs; here they become torch dtypes and a
+``BitsAndBytesConfig``. The cache is keyed by the config hash, bounded, and evicts
+the least recently used model that the current job does not use.
+"""
+from __future__ import annotations
+
+import gc
+import time
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+           "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class LoadError(Exception):
+    """A load that failed for a reason the client can act on; carries a gRPC status name."""
+
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class LoadedModel:
+    config_hash: str
+    model: Any
+    tokenizer: Any
+    eos_ids: frozenset[int]
+    pad_id: int
+    device: str
+    memory_bytes: int
+    load_time_s: float
+    compile_time_s: float
+    compiled: bool
+    load_window: tuple[float, float]
+    warnings: list[tuple[str, str]] = field(default_factory=list)
+    loaded_unix: float = field(default_factory=time.time)
+    last_used_unix: float = field(default_factory=time.time)
+    use_count: int = 0
+    tokenizer_json: str | None = None  # the fast tokenizer, so the front process can decode streams
+
+    def info(self) -> dict:
+        return {
+            "config_hash": self.config_hash, "device": self.device, "memory_bytes": self.memory_bytes,
+            "load_time_s": self.load_time_s, "compile_time_s": self.compile_time_s, "compiled": self.compiled,
+            "loaded_unix": self.loaded_unix, "last_used_unix": self.last_used_unix, "use_count": self.use_count,
+            "load_window": self.load_window, "warnings": list(self.warnings),
+        }
+
+
+def to_from_pretrained_kwargs(load_kwargs: dict) -> dict:
+    """Turn config.py's JSON-able kwargs into what ``from_pretrained`` takes."""
+    kwargs = dict(load_kwargs)
+    if "dtype" in kwargs:
+        kwargs["dtype"] = _DTYPES[kwargs["dtype"]]
+    quant = kwargs.pop("quantization_config", None)
+    if quant:
+        from transformers import BitsAndBytesConfig
+
+        quant = dict(quant)
+        if "bnb_4bit_compute_dtype" in quant:
+            quant["bnb_4bit_compute_dtype"] = _DTYPES[quant["bnb_4bit_compute_dtype"]]
+        kwargs["quantization_config"] = BitsAndBytesConfig(**quant)
+    if "max_memory" in kwargs:
+        kwargs["max_memory"] = {(int(k) if str(k).isdigit() else k): v for k, v in kwargs["max_memory"].items()}
+    return kwargs
+
+
+def _model_device(model) -> str:
+    try:
+        return str(next(model.parameters()).device)
+    except StopIteration:
+        return "cpu"
+
+
+def _classify_load_error(exc: BaseException, source: str) -> LoadError:
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        return LoadError("RESOURCE_EXHAUSTED", f"out of device memory while loading {source}: {exc}")
+    if isinstance(exc, ImportError):
+        return LoadError("FAILED_PRECONDITION", f"a package needed to load {source} is missing: {exc}")
+    if isinstance(exc, (OSError, EnvironmentError)):
+        low = str(exc).lower()
+        if "does not appear to have" in low or "no such file" in low or "not a valid model identifier" in low:
+            return LoadError("NOT_FOUND", f"model {source} has no usable weights or config: {exc}")
+        return LoadError("FAILED_PRECONDITION", f"model {source} could not be read (missing or corrupt files?): {exc}")
+    if isinstance(exc, (ValueError, KeyError, RuntimeError)) and ("safetensors" in text.lower() or "header" in text.lower()
+                                                                 or "deserializ" in text.lower() or "corrupt" in text.lower()):
+        return LoadError("FAILED_PRECONDITION", f"model {source} has corrupt weights: {text}")
+    if isinstance(exc, ValueError):
+        return LoadError("FAILED_PRECONDITION", f"transformers refused to load {source} with this configuration: {exc}")
+    return LoadError("INTERNAL", f"unexpected error loading {source}: {text}")
+
+
+def load_model(config_hash: str, source: str, load_kwargs: dict, compile_kwargs: dict | None,
+               *, device_hint: str) -> LoadedModel:
+    """from_pretrained the model and tokenizer, optionally compile, and warm the compiled graph.
+
+    A compile failure is not fatal: the model is served uncompiled with a warning.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.monotonic()
+    kwargs = to_from_pretrained_kwargs(load_kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        # The tokenizer gets the same revision and trust_remote_code as the model
+        # (upstream forgot the revision for the tokenizer).
+        tok_kwargs = {k: kwargs[k] for k in ("revision", "trust_remote_code") if k in kwargs}
+        tokenizer = AutoTokenizer.from_pretrained(source, **tok_kwargs)
+    except Exception as exc:  # noqa: BLE001 - classified into a status
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise _classify_load_error(exc, source) from exc
+    model.eval()
+    # Decoder-only models must be left-padded in a batch; GPT-2-style tokenizers pad
+    # right by default and have no pad token, so EOS stands in.
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    eos_ids = frozenset(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
+    load_time = time.monotonic() - t0
+
+    warnings: list[tuple[str, str]] = []
+    compiled, compile_time = False, 0.0
+    if compile_kwargs is not None:
+        compiled, compile_time, warning = _compile(model, tokenizer, compile_kwargs)
+        if warning:
+            warnings.append(warning)
+    t1 = time.monotonic()
+    tokenizer_json = None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        tokenizer_json = backend.to_str()
+    return LoadedModel(
+        config_hash=config_hash, model=model, tokenizer=tokenizer, eos_ids=eos_ids,
+        pad_id=int(tokenizer.pad_token_id), device=_model_device(model) if device_hint == "" else _model_device(model),
+        memory_bytes=int(model.get_memory_footprint()), load_time_s=load_time, compile_time_s=compile_time,
+        compiled=compiled, load_window=(t0, t1), warnings=warnings, tokenizer_json=tokenizer_json,
+    )
+
+
+def _compile(model, tokenizer, compile_kwargs: dict) -> tuple[bool, float, tuple[str, str] | None]:
+    """Compile in place and run a tiny forward so that compile errors surface now, not mid-request.
+
+    ``torch.compile(model)`` would return a wrapper whose ``.generate`` still calls the
+    uncompiled forward; ``nn.Module.compile`` compiles the module's ``__call__`` that
+    ``generate`` uses.
+    """
+    t = time.monotonic()
+    try:
+        model.compile(**compile_kwargs)
+        ids = tokenizer(["warm up"], return_tensors="pt").to(_model_device(model))
+        with torch.inference_mode():
+            model.generate(**ids, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        return True, time.monotonic() - t, None
+    except Exception as exc:  # noqa: BLE001 - compile failure is not fatal by contract
+        model._compiled_call_impl = None  # back to eager
+        try:
+            torch._dynamo.reset()
+        except Exception:  # noqa: BLE001 - best effort: the model already runs eager
+            pass
+        return False, time.monotonic() - t, (
+            "COMPILE_FAILED",
+            f"torch.compile({compile_kwargs}) failed, serving the model uncompiled: {type(exc).__name__}: {str(exc)[:500]}",
+        )
+
+
+class ModelCache:
+    """The models one worker holds, least recently used first."""
+
+    def __init__(self, max_models: int):
+        self.max_models = max(1, max_models)
+        self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+
+    def get(self, config_hash: str) -> LoadedModel | None:
+        entry = self._models.get(config_hash)
+        if entry is not None:
+            self._models.move_to_end(config_hash)
+        return entry
+
+    def make_room(self, keep: set[str]) -> list[tuple[str, int]]:
+        """Evict least recently used models (never those in ``keep``) until one more fits."""
+        evicted = []
+        while len(self._models) >= self.max_models:
+            victim = next((h for h in self._models if h not in keep), None)
+            if victim is None:
+                break
+            evicted.append((victim, self.unload(victim)))
+        return evicted
+
+    def add(self, entry: LoadedModel) -> None:
+        self._models[entry.config_hash] = entry
+
+    def unload(self, config_hash: str) -> int:
+        """Drop a model and really return its memory; returns the bytes it held (0 if absent)."""
+        entry = self._models.pop(config_hash, None)
+        if entry is None:
+            return 0
+        freed = entry.memory_bytes
+        ref = weakref.ref(entry.model)
+        entry.model = None
+        entry.tokenizer = None
+        del entry
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if ref() is not None:
+            # Something still holds the module: its memory is not back. Say so rather than claim it.
+            return 0
+        return freed
+
+    def hashes(self) -> list[str]:
+        return list(self._models)

@@ -1,0 +1,111 @@
+"""The front process's view of every worker's model cache.
+
+Workers hold the models; this mirror answers ListModels without asking them, routes a
+config hash to the device that holds it, and counts the requests using each entry.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from llem.v1 import llem_pb2
+
+READY, LOADING, FAILED = llem_pb2.MODEL_STATE_READY, llem_pb2.MODEL_STATE_LOADING, llem_pb2.MODEL_STATE_FAILED
+
+
+@dataclass
+class Entry:
+    config_hash: str
+    config: llem_pb2.ModelConfig
+    device_index: int
+    state: int = LOADING
+    active: int = 0
+    info: dict = field(default_factory=dict)  # from the worker: memory, load/compile time, use count, ...
+    load_energy: llem_pb2.Energy | None = None
+    error: str = ""
+    tokenizer: Any = None  # tokenizers.Tokenizer for decoding streams in this process
+    last_used_unix: float = field(default_factory=time.time)
+    use_count: int = 0
+
+    def to_proto(self) -> llem_pb2.ModelInfo:
+        info = self.info
+        msg = llem_pb2.ModelInfo(
+            config_hash=self.config_hash, state=self.state, device=info.get("device", ""),
+            memory_bytes=int(info.get("memory_bytes", 0)), load_time_s=float(info.get("load_time_s", 0.0)),
+            compile_time_s=float(info.get("compile_time_s", 0.0)), compiled=bool(info.get("compiled", False)),
+            loaded_unix=float(info.get("loaded_unix", 0.0)), last_used_unix=self.last_used_unix,
+            use_count=self.use_count, error=self.error, active_requests=self.active,
+        )
+        msg.config.CopyFrom(self.config)
+        if self.load_energy is not None:
+            msg.load_energy.CopyFrom(self.load_energy)
+        return msg
+
+
+class Registry:
+    def __init__(self, on_change: Callable[[str, int | None], None] | None = None):
+        self._entries: dict[str, Entry] = {}
+        # on_change(config_hash, state or None when gone): health statuses follow it.
+        self.on_change = on_change or (lambda h, s: None)
+
+    def get(self, config_hash: str) -> Entry | None:
+        return self._entries.get(config_hash)
+
+    def reserve(self, config_hash: str, config: llem_pb2.ModelConfig, device_index: int) -> Entry:
+        """Count one more request on this config; creates a LOADING entry if new (or retrying a failed one)."""
+        entry = self._entries.get(config_hash)
+        if entry is None or entry.state == FAILED:
+            entry = Entry(config_hash, config, device_index)
+            self._entries[config_hash] = entry
+            self.on_change(config_hash, LOADING)
+        entry.active += 1
+        return entry
+
+    def release(self, entry: Entry) -> None:
+        entry.active = max(0, entry.active - 1)
+
+    def loaded(self, entry: Entry, info: dict, tokenizer_json: str | None) -> None:
+        entry.info = info
+        entry.state = READY
+        entry.error = ""
+        if tokenizer_json and entry.tokenizer is None:
+            try:
+                from tokenizers import Tokenizer
+
+                entry.tokenizer = Tokenizer.from_str(tokenizer_json)
+            except Exception:  # noqa: BLE001 - streams then carry ids only
+                entry.tokenizer = None
+        self.on_change(entry.config_hash, READY)
+
+    def used(self, entry: Entry, info: dict) -> None:
+        entry.info = info
+        entry.use_count += 1
+        entry.last_used_unix = time.time()
+
+    def failed(self, entry: Entry, reason: str) -> None:
+        """A failed load is remembered with its reason but never counted as ready."""
+        if entry.state != READY:
+            entry.state = FAILED
+            entry.error = reason
+            self.on_change(entry.config_hash, FAILED)
+
+    def remove(self, config_hash: str) -> Entry | None:
+        entry = self._entries.pop(config_hash, None)
+        if entry is not None:
+            self.on_change(config_hash, None)
+        return entry
+
+    def drop_device(self, device_index: int) -> None:
+        for h in [h for h, e in self._entries.items() if e.device_index == device_index]:
+            self.remove(h)
+
+    def device_of(self, config_hash: str) -> int | None:
+        entry = self._entries.get(config_hash)
+        return None if entry is None or entry.state == FAILED else entry.device_index
+
+    def hashes_on(self, device_index: int) -> list[str]:
+        return [h for h, e in self._entries.items() if e.device_index == device_index and e.active > 0]
+
+    def list(self) -> list[Entry]:
+        return sorted(self._entries.values(), key=lambda e: e.last_used_unix, reverse=True)

@@ -1,0 +1,208 @@
+"""Front-process side of the workers: one ``DeviceWorker`` per device.
+
+Each DeviceWorker owns a worker process, a bounded queue of jobs and a dispatcher
+task that sends one job at a time (one generation at a time per device). A reader
+thread turns the worker's pipe messages into events on the job's asyncio queue.
+A worker that dies fails its running job with UNAVAILABLE and is started again.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import multiprocessing as mp
+import threading
+import time
+from dataclasses import dataclass, field
+
+from .errors import ServiceError, status_from_name
+
+_job_ids = itertools.count(1)
+
+
+@dataclass
+class Job:
+    op: str
+    payload: dict
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # ("started"|"tokens"|"done"|"error", data)
+    id: int = field(default_factory=lambda: next(_job_ids))
+    enqueued: float = field(default_factory=time.monotonic)
+    dispatched: float | None = None
+    cancelled: bool = False
+    finished: bool = False
+    over: asyncio.Event = field(default_factory=asyncio.Event)  # set with the job's last event
+
+    def finish(self, kind: str, data) -> None:
+        self.finished = True
+        self.events.put_nowait((kind, data))
+        self.over.set()
+
+
+class QueueFull(Exception):
+    pass
+
+
+class DeviceWorker:
+    """A device, its worker process and its queue."""
+
+    def __init__(self, index: int, device: str, cuda_index: int | None, *, max_models: int, max_queue: int):
+        self.index, self.device, self.cuda_index = index, device, cuda_index
+        self.max_models, self.max_queue = max_models, max_queue
+        self.queue: asyncio.Queue[Job] = asyncio.Queue()
+        self.state = "starting"
+        self.capabilities: dict = {}
+        self.current: Job | None = None
+        self.exclusive = asyncio.Lock()  # held while a job runs; a baseline takes it to see an idle device
+        self.restarts = 0
+        self._ctx = mp.get_context("spawn")
+        self._cancel = self._ctx.RawValue("q", 0)
+        self._proc = None
+        self._conn = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._hello: asyncio.Future | None = None
+        self._dispatcher: asyncio.Task | None = None
+        self.on_restart = None  # callback(index) after a crash, to clear the front's cache mirror
+
+    # -- process lifecycle -------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self._spawn()
+        self._dispatcher = asyncio.create_task(self._dispatch(), name=f"dispatch-{self.index}")
+
+    async def _spawn(self) -> None:
+        from .worker import worker_main
+
+        parent, child = self._ctx.Pipe()
+        self._conn = parent
+        self._hello = self._loop.create_future()
+        self._proc = self._ctx.Process(
+            target=worker_main, args=(child, self.device, self.cuda_index, self._cancel, self.max_models),
+            name=f"llem-worker-{self.index}", daemon=True,
+        )
+        self._proc.start()
+        child.close()
+        threading.Thread(target=self._reader, args=(parent, self._proc), daemon=True,
+                         name=f"llem-reader-{self.index}").start()
+        hello = await self._hello
+        self.capabilities = hello["capabilities"]
+        self.state = "ready"
+
+    def _reader(self, conn, proc) -> None:
+        """Runs in a thread: pipe messages → event loop."""
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                break
+            self._loop.call_soon_threadsafe(self._on_message, msg)
+        proc.join(timeout=5)
+        self._loop.call_soon_threadsafe(self._on_exit, proc)
+
+    def _on_message(self, msg: dict) -> None:
+        if msg["type"] == "hello":
+            if self._hello and not self._hello.done():
+                self._hello.set_result(msg)
+            return
+        job = self.current
+        if job is None or job.id != msg.get("job"):
+            return
+        if msg["type"] == "started":
+            job.events.put_nowait(("started", msg["t"]))
+        elif msg["type"] == "loaded":
+            job.events.put_nowait(("loaded", msg["result"]))
+        elif msg["type"] == "tokens":
+            job.events.put_nowait(("tokens", msg["items"]))
+        elif msg["type"] in ("done", "error"):
+            job.finish(msg["type"], msg["result"] if msg["type"] == "done" else msg)
+
+    def _on_exit(self, proc) -> None:
+        if self.state == "stopped":
+            return
+        if self._hello is not None and not self._hello.done():
+            # Died before saying hello: a broken install or device, not a crash mid-request.
+            self._hello.set_exception(RuntimeError(
+                f"the worker process for device {self.device} exited during start-up (exit code {proc.exitcode})"))
+            return
+        job = self.current
+        if job is not None and not job.finished:
+            job.finish("error", {
+                "status": "UNAVAILABLE", "retryable": True,
+                "message": f"the worker process for device {self.device} died (exit code {proc.exitcode}) "
+                           "while running this request; it is being restarted, retry the request",
+            })
+        self.state = "restarting"
+        self.restarts += 1
+        if self.on_restart:
+            self.on_restart(self.index)
+        asyncio.ensure_future(self._restart())
+
+    async def _restart(self) -> None:
+        try:
+            await self._spawn()
+        except Exception:  # noqa: BLE001 - try again shortly rather than take the server down
+            await asyncio.sleep(1.0)
+            asyncio.ensure_future(self._restart())
+
+    async def stop(self) -> None:
+        self.state = "stopped"
+        if self._dispatcher:
+            self._dispatcher.cancel()
+        try:
+            self._conn.send({"op": "stop"})
+        except Exception:  # noqa: BLE001
+            pass
+        if self._proc is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._proc.join, 10)
+            if self._proc.is_alive():
+                self._proc.kill()
+
+    def kill(self) -> None:
+        """Kill the worker process (tests: a crash mid-request)."""
+        if self._proc is not None:
+            self._proc.kill()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    # -- jobs ----------------------------------------------------------------
+    def submit(self, op: str, payload: dict) -> Job:
+        """Queue a job or raise QueueFull; the caller awaits ``job.events``."""
+        if self.queue.qsize() >= self.max_queue:
+            raise QueueFull(f"device {self.device} has {self.queue.qsize()} requests waiting (limit {self.max_queue})")
+        job = Job(op, payload)
+        self.queue.put_nowait(job)
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Stop a job: skipped if still queued, stopped within one decode step if running."""
+        job.cancelled = True
+        if self.current is job and not job.finished:
+            self._cancel.value = job.id
+
+    def queue_depth(self) -> int:
+        return self.queue.qsize()
+
+    async def _dispatch(self) -> None:
+        while True:
+            job = await self.queue.get()
+            if job.cancelled:
+                continue
+            async with self.exclusive:
+                while self.state != "ready":
+                    await asyncio.sleep(0.05)
+                self.current = job
+                job.dispatched = time.monotonic()
+                try:
+                    self._conn.send({"op": job.op, "job": job.id, **job.payload})
+                except Exception as exc:  # noqa: BLE001 - broken pipe: the reader sees the exit
+                    job.finish("error", {"status": "UNAVAILABLE", "retryable": True,
+                                         "message": f"worker unreachable: {exc}"})
+                # One job at a time: the next is sent once this one's last message arrived.
+                await job.over.wait()
+                self.current = None
+
+
+def error_from_worker(msg: dict) -> ServiceError:
+    return ServiceError(status_from_name(msg.get("status", "INTERNAL")), msg.get("message", "worker error"),
+                        retry_delay_s=1.0 if msg.get("retryable") else None)
+

@@ -1,0 +1,479 @@
+"""The gRPC servicer: validation, routing, streaming, cancellation, energy, responses.
+
+Everything here runs on the front process's event loop; generation happens in the
+worker processes (``scheduler``). Errors are ``ServiceError``s turned into statuses
+with ``google.rpc`` details (``errors``); anything a client sends that we cannot serve
+gets a specific status, never UNKNOWN or INTERNAL.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator
+
+import grpc
+from llem.v1 import llem_pb2, llem_pb2_grpc
+
+from . import __version__, config
+from . import energy_proto
+from .errors import ServiceError, abort
+from .paths import ModelPathError, resolve_model
+from .registry import FAILED, READY, Registry
+from .scheduler import DeviceWorker, QueueFull, error_from_worker
+from .streaming import IncrementalDecoder
+
+_S = grpc.StatusCode
+
+
+@dataclass
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    model_root: Path | None = None
+    max_models: int = 2
+    max_queue: int = 64
+    max_prompts: int = 256
+    max_input_tokens: int = 8192
+    max_output_tokens: int = 4096
+    max_message_bytes: int = 16 * 1024 * 1024
+    allow_hub: bool = False
+    allow_remote_code: bool = False
+    grace_seconds: float = 30.0
+    energy_backend: str = "auto"  # auto | nvml | simulated | none
+    devices: str = "auto"  # auto | cpu | comma-separated CUDA indices
+    extra: dict = field(default_factory=dict)
+
+
+def _status_of(name: str) -> grpc.StatusCode:
+    return getattr(_S, name)
+
+
+def _config_error(err: config.ConfigError) -> ServiceError:
+    return ServiceError(_status_of(err.status), "; ".join(f"{v.field}: {v.description}" for v in err.violations),
+                        violations=[(v.field, v.description) for v in err.violations])
+
+
+def _json_map(d: dict) -> dict[str, str]:
+    return {k: json.dumps(v, sort_keys=True) for k, v in d.items()}
+
+
+class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
+    def __init__(self, settings: Settings, workers: list[DeviceWorker], meter, *, meter_devices: dict[int, int],
+                 energy_reason: str = "", log=None, metrics=None, health=None,
+                 front_versions: dict[str, str] | None = None):
+        self.settings = settings
+        self.workers = workers
+        self.meter = meter
+        # worker index -> metered GPU index (absent: that worker's device is not metered)
+        self.meter_devices = meter_devices
+        self.energy_reason = energy_reason  # why GPU energy is absent on workers with no metered device
+        self.log = log
+        self.metrics = metrics
+        self.health = health
+        self.front_versions = front_versions or {}
+        self.registry = Registry(on_change=self._on_model_change)
+        self.draining = False
+        self._background: set[asyncio.Task] = set()
+        for w in workers:
+            w.on_restart = self.registry.drop_device
+
+    # -- helpers -------------------------------------------------------------
+    def capabilities(self) -> config.Capabilities:
+        caps = self.workers[0].capabilities if self.workers else {}
+        ccs = [tuple(w.capabilities["compute_capability"]) for w in self.workers
+               if w.capabilities.get("compute_capability")]
+        return config.Capabilities(
+            # Each worker sees only its own GPU (CUDA_VISIBLE_DEVICES), so cuda:0 is the only index.
+            cuda=bool(caps.get("cuda")), device_count=1 if caps.get("cuda") else 0,
+            compute_capability=min(ccs) if ccs else None,
+            flash_attn_2=bool(caps.get("flash_attn_2")), flash_attn_3=bool(caps.get("flash_attn_3")),
+            bitsandbytes=bool(caps.get("bitsandbytes", False)),
+            compile_backends=frozenset(caps.get("compile_backends", ["inductor"])),
+            cache_implementations=frozenset(caps.get("cache_implementations", [])),
+            quantized_cache=bool(caps.get("quantized_cache")),
+            allow_remote_code=self.settings.allow_remote_code,
+            max_prompts=self.settings.max_prompts, max_input_tokens=self.settings.max_input_tokens,
+            max_output_tokens=self.settings.max_output_tokens,
+        )
+
+    def _on_model_change(self, config_hash: str, state: int | None) -> None:
+        if self.health is None:
+            return
+        from grpc_health.v1 import health_pb2
+
+        status = health_pb2.HealthCheckResponse.SERVING if state == READY else health_pb2.HealthCheckResponse.NOT_SERVING
+        if state is None:
+            status = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        task = asyncio.ensure_future(self.health.set(config_hash, status))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _check_open(self) -> None:
+        if self.draining:
+            raise ServiceError(_S.UNAVAILABLE, "the server is shutting down; retry on another replica", retry_delay_s=1.0)
+
+    def _resolve_model(self, name: str, field_path: str):
+        if not name:
+            raise ServiceError(_S.INVALID_ARGUMENT, f"{field_path}: a model name is required",
+                               violations=[(field_path, "a model name is required")])
+        try:
+            return resolve_model(name, self.settings.model_root, self.settings.allow_hub)
+        except ModelPathError as exc:
+            violations = [(field_path, exc.message)] if exc.status == "INVALID_ARGUMENT" else None
+            raise ServiceError(_status_of(exc.status), exc.message, violations=violations) from None
+
+    def _route(self, config_hash: str) -> DeviceWorker:
+        index = self.registry.device_of(config_hash)
+        if index is not None:
+            return self.workers[index]
+        return min(self.workers, key=lambda w: (w.queue_depth() + (1 if w.current else 0), w.index))
+
+    def _submit(self, worker: DeviceWorker, op: str, payload: dict):
+        try:
+            return worker.submit(op, payload)
+        except QueueFull as exc:
+            raise ServiceError(_S.RESOURCE_EXHAUSTED, str(exc), retry_delay_s=1.0) from None
+
+    def _meter_indices(self, worker: DeviceWorker) -> list[int]:
+        idx = self.meter_devices.get(worker.index)
+        return [] if idx is None else [idx]
+
+    async def _energy(self, window, t_end: float | None,
+                      output_tokens: int | None) -> tuple[llem_pb2.Energy, list[llem_pb2.Warning]]:
+        """Waits (off the device) for the counter to pass the window's end, then attributes."""
+        if window is None:
+            return llem_pb2.Energy(available=False, unavailable_reason="no generation ran for this request"), []
+        self.meter.close_window(window, t_end, output_tokens)
+        report = await asyncio.to_thread(self.meter.report, window)
+        return energy_proto.energy(report), energy_proto.warnings(report)
+
+    # -- Generate / GenerateStream ------------------------------------------
+    async def Generate(self, request, context):
+        try:
+            final = None
+            async for event in self._generate(request, context, stream=False):
+                final = event
+            return final
+        except ServiceError as err:
+            await abort(context, err)
+
+    async def GenerateStream(self, request, context):
+        try:
+            async for event in self._generate(request, context, stream=True):
+                if isinstance(event, llem_pb2.GenerateResponse):
+                    yield llem_pb2.GenerateStreamResponse(final=event)
+                else:
+                    yield llem_pb2.GenerateStreamResponse(chunk=event)
+        except ServiceError as err:
+            await abort(context, err)
+
+    async def _generate(self, request: llem_pb2.GenerateRequest, context, *, stream: bool) -> AsyncIterator:
+        t_arrival = time.monotonic()
+        self._check_open()
+        request_id = request.request_id or uuid.uuid4().hex
+        model = self._resolve_model(request.model.model, "model.model")
+        try:
+            resolved = config.resolve_generate(request, self.capabilities(), model_is_local=model.is_local)
+        except config.ConfigError as err:
+            raise _config_error(err) from None
+        load, plan = resolved.load, resolved.plan
+        config_hash = load.config_hash()
+        worker = self._route(config_hash)
+        entry = self.registry.reserve(config_hash, load.to_proto(), worker.index)
+        payload = {
+            "config_hash": config_hash, "source": model.source, "load_kwargs": load.load_kwargs(),
+            "compile_kwargs": load.compile_kwargs(), "prompts": list(request.prompts), "stream": stream,
+            "pinned": self.registry.hashes_on(worker.index),
+            "plan": {"batch_size": plan.batch_size, "generate_kwargs": plan.generate_kwargs,
+                     "max_input_tokens": plan.max_input_tokens, "max_output_tokens": plan.max_output_tokens,
+                     "random_seed": plan.random_seed},
+        }
+        try:
+            job = self._submit(worker, "generate", payload)
+        except ServiceError:
+            self.registry.release(entry)
+            raise
+        window, decoders, result = None, {}, None
+        t_end = None
+        try:
+            while True:
+                kind, data = await job.events.get()
+                if kind == "started":
+                    window = self.meter.open_window(self._meter_indices(worker), data, request_id)
+                elif kind == "loaded":
+                    self._note_load(entry, data)
+                elif kind == "tokens" and stream:
+                    for chunk in self._chunks(entry, decoders, data):
+                        yield chunk
+                elif kind == "done":
+                    result = data
+                    break
+                elif kind == "error":
+                    if entry.state != READY:
+                        self.registry.failed(entry, data.get("message", ""))
+                    raise error_from_worker(data)
+        except asyncio.CancelledError:
+            # Client cancelled, went away or its deadline passed: stop within one decode step.
+            worker.cancel(job)
+            self._finish_in_background(worker, job, entry, window, request_id)
+            raise
+        finally:
+            if result is not None or not job.cancelled:
+                self.registry.release(entry)
+        if not result["cache_hit"]:
+            self._note_load(entry, result)
+        self.registry.used(entry, result["model"])
+        for evicted_hash, _freed in result.get("evicted", []):
+            self.registry.remove(evicted_hash)
+        if result.get("window"):
+            t_end = result["window"][1]
+            if window is None:  # "started" is always sent first; keep a window regardless
+                window = self.meter.open_window(self._meter_indices(worker), result["window"][0], request_id)
+        out_tokens = sum(c["output_tokens"] for c in result["completions"])
+        energy, energy_warnings = await self._energy(window, t_end, out_tokens)
+        if stream and not decoders and out_tokens:
+            # Beam search has no per-step signal: its tokens can only be sent once known.
+            for c in result["completions"]:
+                yield llem_pb2.TokenChunk(index=c["index"], token_ids=c["token_ids"], text=c["text"])
+            energy_warnings.append(llem_pb2.Warning(
+                code="STREAM_NOT_INCREMENTAL",
+                message="num_beams > 1: beam search picks its sequences at the end, so tokens were sent once done"))
+        if stream:
+            for index, dec in decoders.items():
+                tail = dec.flush()
+                if tail:
+                    yield llem_pb2.TokenChunk(index=index, text=tail)
+        yield self._response(request_id, config_hash, entry, resolved, result, energy, energy_warnings, job,
+                             t_arrival)
+
+    def _note_load(self, entry, data: dict) -> None:
+        if entry.state == READY and entry.info:
+            return
+        self.registry.loaded(entry, data["model"], data.get("tokenizer_json"))
+        for evicted_hash, _freed in data.get("evicted", []):
+            self.registry.remove(evicted_hash)
+
+    def _chunks(self, entry, decoders: dict, items: list) -> list[llem_pb2.TokenChunk]:
+        by_prompt: dict[int, list[int]] = {}
+        for index, token in items:
+            by_prompt.setdefault(index, []).append(token)
+        chunks = []
+        for index, ids in by_prompt.items():
+            dec = decoders.get(index)
+            if dec is None:
+                dec = decoders[index] = IncrementalDecoder(entry.tokenizer)
+            chunks.append(llem_pb2.TokenChunk(index=index, token_ids=ids, text=dec.push(ids)))
+        return chunks
+
+    def _finish_in_background(self, worker, job, entry, window, request_id) -> None:
+        """After a cancel: wait for the worker's partial result, then log its tokens and energy."""
+        async def finish():
+            w = window
+            try:
+                while True:
+                    kind, data = await job.events.get()
+                    if kind == "started":
+                        w = self.meter.open_window(self._meter_indices(worker), data, request_id)
+                    elif kind in ("done", "error"):
+                        break
+                tokens = sum(c["output_tokens"] for c in data.get("completions", [])) if kind == "done" else 0
+                energy = None
+                if w is not None and kind == "done" and data.get("window"):
+                    energy, _ = await self._energy(w, data["window"][1], tokens)
+                if self.metrics is not None:
+                    self.metrics.stopped_tokens(tokens)
+                if self.log is not None:
+                    self.log.info("request_stopped", request_id=request_id, config_hash=entry.config_hash,
+                                  output_tokens=tokens,
+                                  energy_j=energy.total_j if energy is not None and energy.available else None)
+            finally:
+                self.registry.release(entry)
+
+        task = asyncio.ensure_future(finish())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _response(self, request_id, config_hash, entry, resolved, result, energy, energy_warnings, job, t_arrival):
+        resp = llem_pb2.GenerateResponse(request_id=request_id, config_hash=config_hash, cache_hit=result["cache_hit"])
+        in_tok = out_tok = 0
+        for c in result["completions"]:
+            resp.completions.add(index=c["index"], text=c["text"], token_ids=c["token_ids"],
+                                 input_tokens=c["input_tokens"], output_tokens=c["output_tokens"],
+                                 finish_reason=c["finish_reason"])
+            in_tok += c["input_tokens"]
+            out_tok += c["output_tokens"]
+        resp.usage.input_tokens, resp.usage.output_tokens = in_tok, out_tok
+        t = result["timing"]
+        timing = resp.timing
+        timing.queue_wait_ms = ((job.dispatched or t_arrival) - job.enqueued) * 1e3
+        if not result["cache_hit"]:
+            info = result["model"]
+            timing.load_ms = (info.get("load_time_s", 0.0) + info.get("compile_time_s", 0.0)) * 1e3
+        timing.tokenization_ms = t.get("tokenization_ms", 0.0)
+        timing.generate_ms = t.get("generate_ms", 0.0)
+        timing.decode_ms = t.get("decode_ms", 0.0)
+        if "time_to_first_token_ms" in t:
+            timing.time_to_first_token_ms = t["time_to_first_token_ms"]
+        if "inter_token_latency" in t:
+            for k, v in t["inter_token_latency"].items():
+                setattr(timing.inter_token_latency, k, v)
+        timing.total_ms = (time.monotonic() - t_arrival) * 1e3
+        resp.energy.CopyFrom(energy)
+        for code, message in list(resolved.warnings) + list(result["model"].get("warnings", [])):
+            resp.warnings.add(code=code, message=message)
+        resp.warnings.extend(energy_warnings)
+        eff = resp.effective_config
+        eff.model.CopyFrom(resolved.load.to_proto())
+        decoder = resolved.plan.decoder_proto()
+        for k, v in result.get("effective_decoder", {}).items():
+            if not decoder.HasField(k) and k in llem_pb2.DecoderConfig.DESCRIPTOR.fields_by_name:
+                setattr(decoder, k, v)
+        eff.decoder.CopyFrom(decoder)
+        eff.max_input_tokens = resolved.plan.max_input_tokens
+        eff.max_output_tokens = resolved.plan.max_output_tokens
+        eff.random_seed = resolved.plan.random_seed
+        for k, v in _json_map(result["effective_generate_kwargs"]).items():
+            eff.generate_kwargs[k] = v
+        for k, v in _json_map(resolved.load.load_kwargs()).items():
+            eff.load_kwargs[k] = v
+        eff.compiled = bool(result["model"].get("compiled"))
+        eff.device = result["model"].get("device", "")
+        if self.metrics is not None:
+            self.metrics.generated(in_tok, out_tok, result["cache_hit"], energy)
+        if self.log is not None:
+            self.log.info("generate", request_id=request_id, config_hash=config_hash, input_tokens=in_tok,
+                          output_tokens=out_tok, cache_hit=result["cache_hit"],
+                          energy_j=energy.total_j if energy.available else None, total_ms=round(timing.total_ms, 2))
+        return resp
+
+    # -- model cache -----------------------------------------------------------
+    async def LoadModel(self, request, context):
+        try:
+            self._check_open()
+            model = self._resolve_model(request.model.model, "model.model")
+            try:
+                load, warnings = config.resolve_load(request.model, self.capabilities(), model_is_local=model.is_local)
+            except config.ConfigError as err:
+                raise _config_error(err) from None
+            config_hash = load.config_hash()
+            worker = self._route(config_hash)
+            entry = self.registry.reserve(config_hash, load.to_proto(), worker.index)
+            try:
+                job = self._submit(worker, "load", {
+                    "config_hash": config_hash, "source": model.source, "load_kwargs": load.load_kwargs(),
+                    "compile_kwargs": load.compile_kwargs(), "pinned": self.registry.hashes_on(worker.index)})
+                kind, data = await job.events.get()
+                if kind == "error":
+                    if entry.state != READY:
+                        self.registry.failed(entry, data.get("message", ""))
+                    raise error_from_worker(data)
+            finally:
+                self.registry.release(entry)
+            cache_hit = data["cache_hit"]
+            if not cache_hit:
+                self._note_load(entry, data)
+                t0, t1 = data["model"]["load_window"]
+                window = self.meter.open_window(self._meter_indices(worker), t0, request.request_id or "load")
+                entry.load_energy, _ = await self._energy(window, t1, None)
+                if self.metrics is not None:
+                    self.metrics.model_loaded(data["model"].get("load_time_s", 0.0) + data["model"].get("compile_time_s", 0.0))
+            for evicted_hash, _freed in data.get("evicted", []):
+                self.registry.remove(evicted_hash)
+            resp = llem_pb2.LoadModelResponse(config_hash=config_hash, cache_hit=cache_hit, model=entry.to_proto())
+            for code, message in list(warnings) + list(data["model"].get("warnings", [])):
+                resp.warnings.add(code=code, message=message)
+            return resp
+        except ServiceError as err:
+            await abort(context, err)
+
+    async def UnloadModel(self, request, context):
+        try:
+            entry = self.registry.get(request.config_hash)
+            if entry is None:
+                raise ServiceError(_S.NOT_FOUND, f"no cached model has config hash {request.config_hash!r}")
+            if entry.state == FAILED:
+                self.registry.remove(request.config_hash)
+                return llem_pb2.UnloadModelResponse(unloaded=True, freed_bytes=0)
+            worker = self.workers[entry.device_index]
+            job = self._submit(worker, "unload", {"config_hash": request.config_hash})
+            kind, data = await job.events.get()
+            if kind == "error":
+                raise error_from_worker(data)
+            self.registry.remove(request.config_hash)
+            return llem_pb2.UnloadModelResponse(unloaded=True, freed_bytes=int(data["freed_bytes"]))
+        except ServiceError as err:
+            await abort(context, err)
+
+    async def ListModels(self, request, context):
+        return llem_pb2.ListModelsResponse(models=[e.to_proto() for e in self.registry.list()])
+
+    # -- server info and baseline -------------------------------------------------
+    async def GetServerInfo(self, request, context):
+        resp = llem_pb2.GetServerInfoResponse(server_version=__version__)
+        versions = dict(self.front_versions)
+        if self.workers:
+            versions.update(self.workers[0].capabilities.get("versions", {}))
+            resp.compile_backends.extend(self.workers[0].capabilities.get("compile_backends", []))
+            resp.cache_implementations.extend(self.workers[0].capabilities.get("cache_implementations", []))
+        for k, v in versions.items():
+            resp.versions[k] = str(v)
+        sensors = self.meter.sensors()
+        for w in self.workers:
+            caps = w.capabilities
+            d = resp.devices.add(index=w.index, kind="cuda" if caps.get("cuda") else "cpu", name=caps.get("name", ""),
+                                 total_memory_bytes=int(caps.get("total_memory_bytes", 0)),
+                                 worker_state=w.state, queue_depth=w.queue_depth())
+            cc = caps.get("compute_capability")
+            if cc:
+                d.compute_capability = f"{cc[0]}.{cc[1]}"
+            idx = self.meter_devices.get(w.index)
+            if idx is not None and idx in sensors:
+                d.energy_sensor.CopyFrom(energy_proto.sensor(sensors[idx]))
+                static = self.meter.device_static(idx) or {}
+                d.uuid = static.get("uuid", "") or ""
+                base = self.meter.baseline(idx)
+                if base is not None:
+                    d.baseline.CopyFrom(energy_proto.baseline(base))
+            else:
+                d.energy_sensor.CopyFrom(llem_pb2.EnergySensor(available=False, unavailable_reason=self.energy_reason))
+        resp.cpu_energy_sensor.CopyFrom(energy_proto.sensor(self.meter.cpu_sensor()))
+        s = self.settings
+        resp.limits.CopyFrom(llem_pb2.Limits(
+            max_models=s.max_models, max_queue=s.max_queue, max_prompts=s.max_prompts,
+            max_input_tokens=s.max_input_tokens, max_output_tokens=s.max_output_tokens,
+            max_message_bytes=s.max_message_bytes))
+        resp.allow_hub, resp.allow_remote_code = s.allow_hub, s.allow_remote_code
+        return resp
+
+    async def MeasureBaseline(self, request, context):
+        try:
+            self._check_open()
+            duration = request.duration_s if request.HasField("duration_s") else 30.0
+            if not (0 < duration <= 600) or duration != duration:
+                raise ServiceError(_S.INVALID_ARGUMENT, "duration_s must be > 0 and <= 600 seconds",
+                                   violations=[("duration_s", "must be > 0 and <= 600 seconds")])
+            resp = llem_pb2.MeasureBaselineResponse()
+            metered = {self.meter_devices[w.index]: w for w in self.workers if w.index in self.meter_devices}
+            if not metered:
+                for w in self.workers:
+                    resp.devices.add(index=w.index, available=False, unavailable_reason=self.energy_reason)
+                return resp
+            # Idle means idle: wait for running requests, and hold new ones, until done.
+            locks = [w.exclusive for w in sorted(metered.values(), key=lambda w: w.index)]
+            for lock in locks:
+                await lock.acquire()
+            try:
+                results = await asyncio.to_thread(self.meter.measure_baseline, duration)
+            finally:
+                for lock in locks:
+                    lock.release()
+            for _idx, res in sorted(results.items()):
+                resp.devices.append(energy_proto.device_baseline(res))
+            return resp
+        except ServiceError as err:
+            await abort(context, err)
+

@@ -1,0 +1,165 @@
+"""The worker process: one per device, ``generate`` in its main thread.
+
+Protocol over a ``multiprocessing`` pipe (pickled dicts):
+
+front → worker: ``{"op": "generate"|"load"|"unload"|"stop", "job": int, ...}`` one at a time.
+worker → front: ``{"type": "hello", ...}`` once; per job ``{"type": "started", "job", "t"}``
+(generation began; monotonic seconds), ``{"type": "tokens", "job", "items": [(prompt, id), ...]}``
+while streaming, then ``{"type": "done", "job", "result"}`` or ``{"type": "error", "job",
+"status", "message"}``.
+
+Cancellation does not use the pipe: the front writes the job id into a shared
+``RawValue`` that a stopping criterion reads every decode step.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:  # a missing parent package ("optimum" for "optimum.quanto")
+        return False
+
+
+def _capabilities(torch, device: str) -> dict:
+    import transformers
+    from transformers.generation.configuration_utils import ALL_CACHE_IMPLEMENTATIONS
+
+    cuda = device.startswith("cuda") and torch.cuda.is_available()
+    info = {
+        "cuda": cuda,
+        "device_count": torch.cuda.device_count() if cuda else 0,
+        "compute_capability": None,
+        "name": "cpu", "total_memory_bytes": 0,
+        "flash_attn_2": _has_module("flash_attn"),
+        "flash_attn_3": _has_module("flash_attn_interface"),
+        "bitsandbytes": _has_module("bitsandbytes"),
+        "quantized_cache": any(_has_module(m) for m in ("optimum.quanto", "hqq")),
+        "cache_implementations": list(ALL_CACHE_IMPLEMENTATIONS),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "cuda": torch.version.cuda or "", "python": sys.version.split()[0]},
+    }
+    try:
+        import torch._dynamo
+
+        info["compile_backends"] = sorted(torch._dynamo.list_backends(exclude_tags=()))
+    except Exception:  # noqa: BLE001
+        info["compile_backends"] = ["inductor"]
+    if _has_module("bitsandbytes"):
+        try:
+            import bitsandbytes
+
+            info["versions"]["bitsandbytes"] = bitsandbytes.__version__
+        except Exception as exc:  # noqa: BLE001 - report, don't die
+            info["bitsandbytes"] = False
+            info["bitsandbytes_error"] = repr(exc)
+    if cuda:
+        props = torch.cuda.get_device_properties(0)
+        info.update(name=props.name, total_memory_bytes=int(props.total_memory),
+                    compute_capability=(props.major, props.minor))
+    else:
+        try:
+            import psutil
+
+            info["total_memory_bytes"] = int(psutil.virtual_memory().total)
+        except Exception:  # noqa: BLE001
+            pass
+    return info
+
+
+def worker_main(conn, device: str, cuda_index: int | None, cancel_flag, max_models: int) -> None:
+    """Entry point of a worker process (multiprocessing 'spawn')."""
+    if cuda_index is not None:
+        # Each worker sees exactly its own GPU; set before torch initialises CUDA.
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(cuda_index)
+    import torch
+
+    from .generation import run_generate
+    from .models import LoadError, ModelCache, load_model
+
+    cache = ModelCache(max_models)
+    conn.send({"type": "hello", "pid": os.getpid(), "capabilities": _capabilities(torch, device)})
+
+    def send(msg: dict) -> None:
+        conn.send(msg)
+
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        op, job = msg.get("op"), msg.get("job")
+        if op == "stop":
+            return
+        try:
+            if op == "die":  # used by tests to simulate a crashed worker
+                os._exit(3)
+            if op in ("load", "generate"):
+                entry = cache.get(msg["config_hash"])
+                cache_hit = entry is not None
+                evicted: list = []
+                if entry is None:
+                    evicted = cache.make_room(set(msg.get("pinned", ())) | {msg["config_hash"]})
+                    entry = load_model(msg["config_hash"], msg["source"], msg["load_kwargs"],
+                                       msg.get("compile_kwargs"), device_hint="")
+                    cache.add(entry)
+                base = {"cache_hit": cache_hit, "evicted": evicted, "model": entry.info()}
+                if op == "load":
+                    send({"type": "done", "job": job, "result": {**base, "tokenizer_json": entry.tokenizer_json}})
+                    continue
+                if not cache_hit:
+                    # Before generating: the front needs the tokenizer to decode a stream.
+                    send({"type": "loaded", "job": job, "result": {**base, "tokenizer_json": entry.tokenizer_json}})
+                emit = None
+                if msg.get("stream"):
+                    def emit(items, _job=job):
+                        send({"type": "tokens", "job": _job, "items": items})
+                result = run_generate(
+                    entry, msg["prompts"], msg["plan"], job_id=job, cancel_flag=cancel_flag, emit=emit,
+                    on_start=lambda t, _job=job: send({"type": "started", "job": _job, "t": t}),
+                )
+                result.update(base)
+                result["model"] = entry.info()
+                send({"type": "done", "job": job, "result": result})
+            elif op == "unload":
+                freed = cache.unload(msg["config_hash"])
+                send({"type": "done", "job": job, "result": {"freed_bytes": freed}})
+            else:
+                send({"type": "error", "job": job, "status": "INTERNAL", "message": f"unknown op {op!r}"})
+        except LoadError as exc:
+            send({"type": "error", "job": job, "status": exc.status, "message": exc.message})
+        except torch.cuda.OutOfMemoryError as exc:
+            _free_cuda(torch)
+            send({"type": "error", "job": job, "status": "RESOURCE_EXHAUSTED",
+                  "message": f"out of device memory: {str(exc)[:300]}", "retryable": True})
+        except (ValueError, TypeError) as exc:
+            # transformers rejects a combination config.py let through: the client's input.
+            send({"type": "error", "job": job, "status": "INVALID_ARGUMENT",
+                  "message": f"transformers rejected the request: {type(exc).__name__}: {exc}"})
+        except Exception as exc:  # noqa: BLE001 - a server bug: report it, keep serving
+            if "out of memory" in str(exc).lower():
+                _free_cuda(torch)
+                send({"type": "error", "job": job, "status": "RESOURCE_EXHAUSTED",
+                      "message": f"out of device memory: {str(exc)[:300]}", "retryable": True})
+            else:
+                send({"type": "error", "job": job, "status": "INTERNAL",
+                      "message": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
+        finally:
+            if cancel_flag.value == job:
+                cancel_flag.value = 0
+
+
+def _free_cuda(torch) -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    time.sleep(0)
