@@ -65,7 +65,7 @@ def make_meter(settings: Settings, devices: list[tuple[str, int | None]], versio
     return EnergyMeter(gpus, versions=versions), {i: phys for i, (_, phys) in enumerate(devices)}, ""
 
 
-async def serve(settings: Settings, *, port_file: Path | None = None, auth_tokens: list[str] | None = None,
+async def serve(settings: Settings, *, port_file: Path | None = None, auth_token_file: Path | None = None,
                 tls: tuple[Path, Path, Path | None] | None = None, metrics_port: int | None = None,
                 log=None, ready: asyncio.Event | None = None) -> int:
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # CUDA indices in NVML's order
@@ -88,10 +88,14 @@ async def serve(settings: Settings, *, port_file: Path | None = None, auth_token
             metrics.track_queue(w.index, w.queue_depth)
 
     interceptors = []
-    if auth_tokens:
+    if metrics is not None:
+        interceptors.append(metrics.interceptor())  # first: calls refused by auth are counted too
+    auth = None
+    if auth_token_file is not None:
         from .auth import BearerTokenInterceptor
 
-        interceptors.append(BearerTokenInterceptor(auth_tokens))
+        auth = BearerTokenInterceptor.from_file(auth_token_file)
+        interceptors.append(auth)
     options = [("grpc.max_receive_message_length", settings.max_message_bytes),
                ("grpc.max_send_message_length", max(settings.max_message_bytes, 64 * 1024 * 1024))]
     server = grpc.aio.server(interceptors=interceptors, options=options)
@@ -131,6 +135,8 @@ async def serve(settings: Settings, *, port_file: Path | None = None, auth_token
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if auth is not None:
+        loop.add_signal_handler(signal.SIGHUP, auth.reload)  # rotate tokens without a restart
     await stop.wait()
 
     # Drain: probes see NOT_SERVING, new calls get UNAVAILABLE, in-flight calls get the grace period.

@@ -58,18 +58,27 @@ def main(argv: list[str] | None = None) -> int:
     from .logs import configure, get_logger
 
     configure(json=args.log_format == "json", level=args.log_level)
-    tokens = None
     if args.auth_token_file:
         from .auth import load_tokens
 
-        tokens = load_tokens(args.auth_token_file)
-        if not tokens:
-            print(f"llem-server: no tokens in {args.auth_token_file}", file=sys.stderr)
+        try:
+            load_tokens(args.auth_token_file)  # fail at start-up, not on the first call
+        except (OSError, ValueError) as exc:
+            print(f"llem-server: --auth-token-file: {exc}", file=sys.stderr)
             return 2
     tls = (args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    if tls is not None:
+        from .tls import TLSConfigError, server_credentials
+
+        try:
+            server_credentials(*tls)  # unreadable or mismatched files: a clear message, exit 2
+        except TLSConfigError as exc:
+            print(f"llem-server: {exc}", file=sys.stderr)
+            return 2
     from .app import run
 
-    return run(settings, port_file=args.port_file, auth_tokens=tokens, tls=tls, metrics_port=args.metrics_port,
+    return run(settings, port_file=args.port_file, auth_token_file=args.auth_token_file, tls=tls,
+               metrics_port=args.metrics_port,
                log=get_logger())
 
 
