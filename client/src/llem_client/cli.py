@@ -126,7 +126,8 @@ def _server_error(err, display, server: str, *, connecting: bool = False) -> int
         display.error(f"cannot reach llem-server at {server}: {err.details or err.code.name}")
         return EXIT_ERROR
     if isinstance(err, InvalidArgument):
-        display.error(f"the server rejected the configuration: {err.details}")
+        # The violations carry the details already; show the message only without them.
+        display.error("the server rejected the configuration" + ("" if err.field_violations else f": {err.details}"))
         for field, desc in err.field_violations:
             display.line(f"  {_yaml_path(field)}: {desc}")
         return EXIT_CONFIG
@@ -228,7 +229,7 @@ def cmd_run(args: argparse.Namespace, display) -> int:
             code = code or EXIT_ERROR
     if args.json:
         _dump(result)
-    if runner.info is not None:
+    if wrote is not None or args.json:
         display.table("llem-client run summary", summary_rows(result), stream=sys.stderr if args.json else sys.stdout)
     if wrote is not None:
         display.line(f"result: {wrote}")

@@ -176,7 +176,7 @@ class Runner:
             "memory_bytes": m.memory_bytes,
             "load_energy": message_to_dict(m.load_energy) if self.record_energy and m.HasField("load_energy") else None,
             "warnings": [{"code": w.code, "message": w.message} for w in resp.warnings],
-            "model": message_to_dict(m),
+            "model": {k: v for k, v in message_to_dict(m).items() if k != "load_energy"},  # energy is above
         }
         how = "already loaded (cache hit)" if resp.cache_hit else f"loaded in {m.load_time_s:.2f} s"
         if m.compile_time_s or m.compiled:
@@ -267,7 +267,7 @@ class Runner:
         rec["response"] = message_to_dict(resp)
         for d in resp.devices:
             if d.available:
-                self.display.line(f"  device {d.index}: {d.baseline.power_w:.1f} W over {d.baseline.duration_s:g} s")
+                self.display.line(f"  device {d.index}: {d.baseline.power_w:.1f} W over {d.baseline.duration_s:.1f} s")
             else:
                 self.display.line(f"  device {d.index}: unavailable ({d.unavailable_reason})")
         for w in resp.warnings:
