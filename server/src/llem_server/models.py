@@ -8,6 +8,7 @@ the least recently used model that the current job does not use.
 from __future__ import annotations
 
 import gc
+import os
 import time
 import weakref
 from collections import OrderedDict
@@ -90,15 +91,52 @@ def _classify_load_error(exc: BaseException, source: str) -> LoadError:
         return LoadError("FAILED_PRECONDITION", f"a package needed to load {source} is missing: {exc}")
     if isinstance(exc, (OSError, EnvironmentError)):
         low = str(exc).lower()
-        if "does not appear to have" in low or "no such file" in low or "not a valid model identifier" in low:
+        if ("does not appear to have" in low or "no such file" in low or "not a valid model identifier" in low
+                or "no file named" in low):
             return LoadError("NOT_FOUND", f"model {source} has no usable weights or config: {exc}")
         return LoadError("FAILED_PRECONDITION", f"model {source} could not be read (missing or corrupt files?): {exc}")
-    if isinstance(exc, (ValueError, KeyError, RuntimeError)) and ("safetensors" in text.lower() or "header" in text.lower()
-                                                                 or "deserializ" in text.lower() or "corrupt" in text.lower()):
+    # Truncated or garbled weight files: safetensors raises its own SafetensorError (not a
+    # ValueError), torch.load an UnpicklingError or a RuntimeError from its zip reader.
+    low = text.lower()
+    if any(k in low for k in ("safetensor", "header", "deserializ", "corrupt", "unpickl", "invalid load key",
+                              "pytorchstreamreader", "incomplete metadata")):
         return LoadError("FAILED_PRECONDITION", f"model {source} has corrupt weights: {text}")
     if isinstance(exc, ValueError):
         return LoadError("FAILED_PRECONDITION", f"transformers refused to load {source} with this configuration: {exc}")
     return LoadError("INTERNAL", f"unexpected error loading {source}: {text}")
+
+
+# -- test-only fault injection -------------------------------------------------------
+# TEST-ONLY hooks that let the test suite simulate device out-of-memory "at the model edge"
+# on a machine without a GPU. Never set these variables in production. Each holds a
+# substring; a model whose source path contains it fails:
+#   LLEM_FAULT_OOM_LOAD: from_pretrained raises torch.cuda.OutOfMemoryError (OOM during load);
+#   LLEM_FAULT_OOM:      the loaded model's forward raises it (OOM during generation).
+# The errors then take the real paths (classification, worker clean-up, status mapping).
+FAULT_OOM_LOAD_ENV = "LLEM_FAULT_OOM_LOAD"
+FAULT_OOM_ENV = "LLEM_FAULT_OOM"
+
+
+def _fault_matches(env: str, source: str) -> bool:
+    needle = os.environ.get(env, "")
+    return bool(needle) and needle in source
+
+
+def _inject_load_fault(source: str) -> None:
+    if _fault_matches(FAULT_OOM_LOAD_ENV, source):
+        raise torch.cuda.OutOfMemoryError(f"simulated out of memory while loading ({FAULT_OOM_LOAD_ENV}, test-only)")
+
+
+def _inject_generate_fault(model, source: str) -> None:
+    if not _fault_matches(FAULT_OOM_ENV, source):
+        return
+
+    def forward(*_args, **_kwargs):
+        # Allocate first, as a real OOM would leave a half-built activation behind.
+        _scratch = torch.empty(1 << 20)  # noqa: F841
+        raise torch.cuda.OutOfMemoryError(f"simulated out of memory in forward ({FAULT_OOM_ENV}, test-only)")
+
+    model.forward = forward
 
 
 def load_model(config_hash: str, source: str, load_kwargs: dict, compile_kwargs: dict | None,
@@ -112,6 +150,7 @@ def load_model(config_hash: str, source: str, load_kwargs: dict, compile_kwargs:
     t0 = time.monotonic()
     kwargs = to_from_pretrained_kwargs(load_kwargs)
     try:
+        _inject_load_fault(source)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         # The tokenizer gets the same revision and trust_remote_code as the model
         # (upstream forgot the revision for the tokenizer).
@@ -123,6 +162,7 @@ def load_model(config_hash: str, source: str, load_kwargs: dict, compile_kwargs:
             torch.cuda.empty_cache()
         raise _classify_load_error(exc, source) from exc
     model.eval()
+    _inject_generate_fault(model, source)
     # Decoder-only models must be left-padded in a batch; GPT-2-style tokenizers pad
     # right by default and have no pad token, so EOS stands in.
     tokenizer.padding_side = "left"

@@ -134,7 +134,9 @@ def worker_main(conn, device: str, cuda_index: int | None, cancel_flag, max_mode
             else:
                 send({"type": "error", "job": job, "status": "INTERNAL", "message": f"unknown op {op!r}"})
         except LoadError as exc:
-            send({"type": "error", "job": job, "status": exc.status, "message": exc.message})
+            # Out of memory while loading: retrying can help once other models are unloaded.
+            send({"type": "error", "job": job, "status": exc.status, "message": exc.message,
+                  "retryable": exc.status == "RESOURCE_EXHAUSTED"})
         except torch.cuda.OutOfMemoryError as exc:
             _free_cuda(torch)
             send({"type": "error", "job": job, "status": "RESOURCE_EXHAUSTED",
