@@ -96,7 +96,9 @@ async def serve(settings: Settings, *, port_file: Path | None = None, auth_token
 
         auth = BearerTokenInterceptor.from_file(auth_token_file)
         interceptors.append(auth)
-    options = [("grpc.max_receive_message_length", settings.max_message_bytes),
+    # Twice the limit: the servicer answers requests over --max-message-bytes with INVALID_ARGUMENT
+    # naming the limit; beyond this ceiling gRPC refuses them itself (RESOURCE_EXHAUSTED).
+    options = [("grpc.max_receive_message_length", 2 * settings.max_message_bytes),
                ("grpc.max_send_message_length", max(settings.max_message_bytes, 64 * 1024 * 1024))]
     server = grpc.aio.server(interceptors=interceptors, options=options)
     health_servicer = health.aio.HealthServicer()

@@ -116,6 +116,15 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         if self.draining:
             raise ServiceError(_S.UNAVAILABLE, "the server is shutting down; retry on another replica", retry_delay_s=1.0)
 
+    def _check_size(self, request) -> None:
+        # The transport lets messages up to twice --max-message-bytes through (a hard memory
+        # ceiling, answered by gRPC itself with RESOURCE_EXHAUSTED) so that this check can
+        # answer the usual oversize request with INVALID_ARGUMENT naming the limit.
+        size = request.ByteSize()
+        if size > self.settings.max_message_bytes:
+            text = f"the request is {size} bytes, over this server's limit of {self.settings.max_message_bytes} (max_message_bytes)"
+            raise ServiceError(_S.INVALID_ARGUMENT, text)
+
     def _resolve_model(self, name: str, field_path: str):
         if not name:
             raise ServiceError(_S.INVALID_ARGUMENT, f"{field_path}: a model name is required",
@@ -159,6 +168,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                 final = event
             return final
         except ServiceError as err:
+            self._log_failed(request, err)
             await abort(context, err)
 
     async def GenerateStream(self, request, context):
@@ -169,11 +179,18 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                 else:
                     yield llem_pb2.GenerateStreamResponse(chunk=event)
         except ServiceError as err:
+            self._log_failed(request, err)
             await abort(context, err)
+
+    def _log_failed(self, request, err: ServiceError) -> None:
+        if self.log is not None:
+            self.log.info("generate", request_id=request.request_id or None, status=err.code.name,
+                          message=err.message[:300])
 
     async def _generate(self, request: llem_pb2.GenerateRequest, context, *, stream: bool) -> AsyncIterator:
         t_arrival = time.monotonic()
         self._check_open()
+        self._check_size(request)
         request_id = request.request_id or uuid.uuid4().hex
         model = self._resolve_model(request.model.model, "model.model")
         try:
@@ -345,7 +362,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         if self.metrics is not None:
             self.metrics.generated(in_tok, out_tok, result["cache_hit"], energy)
         if self.log is not None:
-            self.log.info("generate", request_id=request_id, config_hash=config_hash, input_tokens=in_tok,
+            self.log.info("generate", request_id=request_id, config_hash=config_hash, status="OK", input_tokens=in_tok,
                           output_tokens=out_tok, cache_hit=result["cache_hit"],
                           energy_j=energy.total_j if energy.available else None, total_ms=round(timing.total_ms, 2))
         return resp
