@@ -77,6 +77,10 @@ async def serve(settings: Settings, *, port_file: Path | None = None, auth_token
     versions = {k: caps["versions"].get(k, "") for k in ("torch", "transformers", "cuda")}
     meter, meter_devices, energy_reason = make_meter(settings, devices, versions)
     meter.start()
+    baseline_s = float(settings.extra.get("baseline_seconds") or 0)
+    if baseline_s > 0 and meter_devices:
+        # Before serving, so nothing runs; the workers already hold their CUDA contexts.
+        await asyncio.to_thread(meter.measure_baseline, baseline_s)
 
     metrics = None
     if metrics_port is not None:
@@ -142,11 +146,17 @@ async def serve(settings: Settings, *, port_file: Path | None = None, auth_token
     await stop.wait()
 
     # Drain: probes see NOT_SERVING, new calls get UNAVAILABLE, in-flight calls get the grace period.
+    # The server keeps accepting calls while work is in flight, so that probes read NOT_SERVING and
+    # new calls get the servicer's UNAVAILABLE (with RetryInfo) rather than a refused connection or a
+    # CANCELLED from a gRPC server that is already stopping; then it stops with the grace left.
     servicer.draining = True
     await health_servicer.enter_graceful_shutdown()
     if log is not None:
         log.info("server_draining", grace_seconds=settings.grace_seconds)
-    await server.stop(settings.grace_seconds)
+    deadline = loop.time() + settings.grace_seconds
+    while loop.time() < deadline and any(w.current is not None or w.queue_depth() for w in workers):
+        await asyncio.sleep(0.05)
+    await server.stop(max(0.0, deadline - loop.time()))
     await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
     meter.close()
     if log is not None:

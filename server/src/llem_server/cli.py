@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--energy-backend", choices=["auto", "nvml", "simulated", "none"], default="auto",
                    help="where GPU energy comes from; 'simulated' is a known-power fake counter for tests")
     p.add_argument("--simulated-power-w", type=float, default=150.0, help="power of the simulated counter")
+    p.add_argument("--baseline-seconds", type=float, default=0.0,
+                   help="measure idle power this long at start-up, before serving (0: only via MeasureBaseline)")
     p.add_argument("--auth-token-file", type=Path, help="bearer tokens, one per line; required on every call")
     p.add_argument("--tls-cert", type=Path, help="server certificate (PEM)")
     p.add_argument("--tls-key", type=Path, help="server private key (PEM)")
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         max_output_tokens=args.max_output_tokens, max_message_bytes=args.max_message_bytes,
         allow_hub=args.allow_hub, allow_remote_code=args.allow_remote_code, grace_seconds=args.grace_seconds,
         energy_backend=args.energy_backend, devices=args.devices,
-        extra={"simulated_power_w": args.simulated_power_w},
+        extra={"simulated_power_w": args.simulated_power_w, "baseline_seconds": args.baseline_seconds},
     )
     from .logs import configure, get_logger
 

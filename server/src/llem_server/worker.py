@@ -61,6 +61,9 @@ def _capabilities(torch, device: str) -> dict:
             info["bitsandbytes"] = False
             info["bitsandbytes_error"] = repr(exc)
     if cuda:
+        # Open the CUDA context now: idle power with a context is the serving state that
+        # baselines must measure (~124 W vs ~81 W without one on an H200, energy.md).
+        torch.zeros(1, device="cuda")
         props = torch.cuda.get_device_properties(0)
         info.update(name=props.name, total_memory_bytes=int(props.total_memory),
                     compute_capability=(props.major, props.minor))
