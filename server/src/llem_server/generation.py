@@ -99,6 +99,26 @@ def _percentile(sorted_vals: list[float], q: float) -> float:
     return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (k - lo)
 
 
+def _check_positions(model, slices, max_new: int) -> None:
+    """Refuse what a model with a learned position table cannot run.
+
+    GPT-2-style models index a table of ``n_positions`` (``max_position_embeddings``) rows:
+    a prompt plus ``max_new_tokens`` beyond it fails deep inside torch with an IndexError
+    (a bare INTERNAL). Say so up front; the worker answers a ValueError with INVALID_ARGUMENT.
+    Rotary (RoPE) and ALiBi models have no table and run on past their nominal length.
+    """
+    cfg = model.config
+    if any(v is not None for k, v in vars(cfg).items() if "rope" in k):
+        return
+    limit = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    if not isinstance(limit, int) or not slices:
+        return
+    longest = max(int(enc["attention_mask"].sum(dim=1).max()) for _, enc in slices)
+    if longest + max_new > limit:
+        raise ValueError(f"the prompt ({longest} tokens) plus max_output_tokens ({max_new}) exceed the model's "
+                         f"{limit} positions; lower max_output_tokens or max_input_tokens")
+
+
 def run_generate(entry: LoadedModel, prompts: list[str], plan: dict, *, job_id: int, cancel_flag,
                  emit: Callable[[list[tuple[int, int]]], None] | None,
                  on_start: Callable[[float], None]) -> dict:
@@ -117,6 +137,7 @@ def run_generate(entry: LoadedModel, prompts: list[str], plan: dict, *, job_id: 
         enc = tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=int(plan["max_input_tokens"]))
         slices.append((start, enc))
     tokenization_ms = (time.monotonic() - t_tok) * 1e3
+    _check_positions(model, slices, max_new)
 
     # The seed is applied once per request, before its first generate call (CPU and CUDA).
     torch.manual_seed(int(plan["random_seed"]))
