@@ -100,13 +100,20 @@ def _percentile(sorted_vals: list[float], q: float) -> float:
 
 
 def _check_positions(model, slices, max_new: int) -> None:
-    """Refuse what a model with a learned position table cannot run.
+    """Refuse empty prompts, and what a model with a learned position table cannot run.
 
     GPT-2-style models index a table of ``n_positions`` (``max_position_embeddings``) rows:
     a prompt plus ``max_new_tokens`` beyond it fails deep inside torch with an IndexError
     (a bare INTERNAL). Say so up front; the worker answers a ValueError with INVALID_ARGUMENT.
     Rotary (RoPE) and ALiBi models have no table and run on past their nominal length.
     """
+    for start, enc in slices:
+        # A prompt with no tokens (an empty string, without a BOS token) would reach the model
+        # as a zero-length sequence: a reshape error, or a crash inside a quantized kernel.
+        for row, n in enumerate(enc["attention_mask"].sum(dim=1).tolist()):
+            if n == 0:
+                raise ValueError(f"prompts[{start + row}] has no tokens after tokenization (an empty prompt?); "
+                                 "send at least one token")
     cfg = model.config
     if any(v is not None for k, v in vars(cfg).items() if "rope" in k):
         return
