@@ -176,8 +176,13 @@ class DeviceWorker:
     def cancel(self, job: Job) -> None:
         """Stop a job: skipped if still queued, stopped within one decode step if running."""
         job.cancelled = True
-        if self.current is job and not job.finished:
+        if job.finished:
+            return
+        if self.current is job:
             self._cancel.value = job.id
+        elif job.dispatched is None:
+            # Still queued: the dispatcher will skip it; end it now so nothing waits for it.
+            job.finish("error", {"status": "CANCELLED", "message": "cancelled before it reached the device"})
 
     def queue_depth(self) -> int:
         return self.queue.qsize()

@@ -172,8 +172,9 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             await abort(context, err)
 
     async def GenerateStream(self, request, context):
+        events = self._generate(request, context, stream=True)
         try:
-            async for event in self._generate(request, context, stream=True):
+            async for event in events:
                 if isinstance(event, llem_pb2.GenerateResponse):
                     yield llem_pb2.GenerateStreamResponse(final=event)
                 else:
@@ -181,6 +182,10 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         except ServiceError as err:
             self._log_failed(request, err)
             await abort(context, err)
+        finally:
+            # A stream cancelled while grpc was writing a message is closed here, not
+            # cancelled: close _generate now so that its stop bookkeeping runs at once.
+            await events.aclose()
 
     def _log_failed(self, request, err: ServiceError) -> None:
         if self.log is not None:
@@ -214,6 +219,9 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         except ServiceError:
             self.registry.release(entry)
             raise
+        # The RPC can end (cancel, disconnect, deadline) while this handler waits anywhere,
+        # a stream typically inside grpc's write: stop the device from the RPC's own end.
+        context.add_done_callback(lambda _ctx: None if job.finished else worker.cancel(job))
         window, decoders, result = None, {}, None
         t_end = None
         try:
@@ -233,8 +241,9 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                     if entry.state != READY:
                         self.registry.failed(entry, data.get("message", ""))
                     raise error_from_worker(data)
-        except asyncio.CancelledError:
-            # Client cancelled, went away or its deadline passed: stop within one decode step.
+        except (asyncio.CancelledError, GeneratorExit):
+            # Client cancelled, went away or its deadline passed (a closed stream sees
+            # GeneratorExit): stop within one decode step, account for the work in the background.
             worker.cancel(job)
             self._finish_in_background(worker, job, entry, window, request_id)
             raise
@@ -302,7 +311,11 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                 if w is not None and kind == "done" and data.get("window"):
                     energy, _ = await self._energy(w, data["window"][1], tokens)
                 if self.metrics is not None:
-                    self.metrics.stopped_tokens(tokens)
+                    device = self.meter_devices.get(worker.index, worker.index)
+                    self.metrics.stopped_tokens(tokens, device=device)
+                    if energy is not None and energy.available:
+                        for d in energy.devices:
+                            self.metrics.record_energy(d.index, d.energy_j)
                 if self.log is not None:
                     self.log.info("request_stopped", request_id=request_id, config_hash=entry.config_hash,
                                   output_tokens=tokens,
@@ -360,7 +373,8 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         eff.compiled = bool(result["model"].get("compiled"))
         eff.device = result["model"].get("device", "")
         if self.metrics is not None:
-            self.metrics.generated(in_tok, out_tok, result["cache_hit"], energy)
+            self.metrics.generated(in_tok, out_tok, result["cache_hit"], energy,
+                                   device=self.meter_devices.get(entry.device_index, entry.device_index))
         if self.log is not None:
             self.log.info("generate", request_id=request_id, config_hash=config_hash, status="OK", input_tokens=in_tok,
                           output_tokens=out_tok, cache_hit=result["cache_hit"],
