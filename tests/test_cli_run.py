@@ -211,32 +211,48 @@ def _sigint_preexec() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _start(args: list[str], cwd: Path, marker: str) -> tuple[subprocess.Popen, list[str], threading.Event]:
-    """Start the CLI; the event is set once a stderr line contains ``marker``."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llem_client.cli", *args], cwd=cwd, env=_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_preexec,
-    )
-    lines: list[str] = []
-    seen = threading.Event()
+class _Cli:
+    """The CLI as a subprocess whose stderr is read line by line while it runs."""
 
-    def pump() -> None:
-        for line in proc.stderr:  # type: ignore[union-attr]
-            lines.append(line)
-            if marker in line:
-                seen.set()
+    def __init__(self, args: list[str], cwd: Path, marker: str):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llem_client.cli", *args], cwd=cwd, env=_env(),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_preexec,
+        )
+        self.lines: list[str] = []
+        self.seen = threading.Event()  # set once a stderr line contains marker
+        self._marker = marker
+        self._pump = threading.Thread(target=self._read, daemon=True)
+        self._pump.start()
 
-    threading.Thread(target=pump, daemon=True).start()
-    return proc, lines, seen
+    def _read(self) -> None:
+        for line in self.proc.stderr:  # type: ignore[union-attr]
+            self.lines.append(line)
+            if self._marker in line:
+                self.seen.set()
+
+    def interrupt_and_wait(self, timeout: float = 60) -> str:
+        """SIGINT, then the exit; returns stdout. Only the pump reads stderr."""
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+        self._pump.join(10)
+        return self.proc.stdout.read()  # type: ignore[union-attr]
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.lines)
 
 
 def test_ctrl_c_during_thermal_floor_keeps_warmup_and_exits_130(server, tmp_path):
     cfg = write_config(tmp_path / "exp.yaml", warmup={"enabled": True, "n_warmup": 1, "thermal_floor_seconds": 60})
-    proc, lines, seen = _start(["run", str(cfg), "--server", server.address], tmp_path, "thermal floor")
-    assert seen.wait(120), "".join(lines)
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130, "".join(lines)
+    cli = _Cli(["run", str(cfg), "--server", server.address], tmp_path, "thermal floor")
+    assert cli.seen.wait(120), cli.stderr
+    out = cli.interrupt_and_wait()
+    assert cli.proc.returncode == 130, cli.stderr
     res = only_result(tmp_path / "out")
     assert res["status"] == "interrupted" and res["stage"] == "warmup"
     assert res["warmup"]["requests"] == 1 and res["requests"] == []
@@ -253,7 +269,7 @@ def test_ctrl_c_mid_run_writes_partial_result_and_exits_130(server, tmp_path):
     def blocker() -> None:
         with Client(server.address) as c:
             limit = c.server_info().limits.max_output_tokens or 256
-            n = min(256, limit)
+            n = min(128, limit)
             while not stop.is_set():
                 try:
                     c.generate(["busy"], model=MODEL, precision="fp32", max_output_tokens=n,
@@ -266,16 +282,15 @@ def test_ctrl_c_mid_run_writes_partial_result_and_exits_130(server, tmp_path):
     try:
         cfg = write_config(tmp_path / "exp.yaml", n=6, pytorch={"batch_size": 1}, warmup={"enabled": False},
                            baseline={"enabled": False})
-        proc, lines, seen = _start(["run", str(cfg), "--server", server.address], tmp_path, "request 1/6")
-        assert seen.wait(180), "".join(lines)
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=60)
+        cli = _Cli(["run", str(cfg), "--server", server.address], tmp_path, "request 1/6")
+        assert cli.seen.wait(180), cli.stderr
+        cli.interrupt_and_wait()
     finally:
         stop.set()
         t.join(timeout=60)
-    assert proc.returncode == 130, "".join(lines)
+    assert cli.proc.returncode == 130, cli.stderr
     res = only_result(tmp_path / "out")
     assert res["status"] == "interrupted" and res["stage"] == "measure"
     assert 1 <= len(res["requests"]) < 6
     assert res["aggregates"]["requests"] == len(res["requests"])
-    assert any("interrupted during measure" in line for line in lines)
+    assert "interrupted during measure" in cli.stderr

@@ -7,6 +7,9 @@ type. Results are the ``llem.v1`` response messages themselves.
 from __future__ import annotations
 
 import os
+import queue
+import signal
+import threading
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any, Union
 
@@ -77,6 +80,35 @@ class _Base:
 # ---------------------------------------------------------------------------
 # Blocking client
 # ---------------------------------------------------------------------------
+
+
+class _DeferredSigint:
+    """Hold back SIGINT (Ctrl-C) for the block; ``pending`` says whether one came.
+
+    Only in the main thread and only where SIGINT has Python's default handler
+    (otherwise the application has its own policy, which is left alone).
+    """
+
+    def __init__(self) -> None:
+        self.pending = False
+        self._old: Any = None
+
+    def _hold(self, signum: int, frame: Any) -> None:
+        self.pending = True
+
+    def __enter__(self) -> _DeferredSigint:
+        if threading.current_thread() is threading.main_thread():
+            try:
+                if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                    self._old = signal.signal(signal.SIGINT, self._hold)
+            except (ValueError, OSError):
+                self._old = None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
 
 
 class GenerateStream(Iterator[llem_pb2.GenerateStreamResponse]):
@@ -167,16 +199,40 @@ class Client(_Base):
     # Calls -----------------------------------------------------------------
 
     def _unary(self, multicallable: Any, request: Any, timeout: Any) -> Any:
-        # .future() instead of a plain call so that an interrupt (Ctrl-C) while
-        # waiting cancels the RPC instead of leaving the server generating.
-        fut = multicallable.future(request, **self._call_kwargs(timeout))
+        # A KeyboardInterrupt raised inside grpc's own Python code (while it creates
+        # the call or holds a call's condition) can leave a lock held, and the
+        # channel then hangs on close. So grpc code runs with Ctrl-C deferred, and
+        # the wait itself happens here, on a SimpleQueue the done-callback feeds:
+        # Ctrl-C lands in this loop, and cancels the call so the server stops.
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        with _DeferredSigint() as guard:
+            fut = multicallable.future(request, **self._call_kwargs(timeout))
+            fut.add_done_callback(done.put)
         try:
-            return fut.result()
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+            if guard.pending:
+                raise KeyboardInterrupt
+            while True:
+                try:
+                    done.get(timeout=0.1)  # a short timeout: a signal taken by another thread still gets seen
+                    break
+                except queue.Empty:
+                    pass
         except BaseException:
-            fut.cancel()
+            with _DeferredSigint():
+                fut.cancel()
             raise
+        with _DeferredSigint() as guard:
+            try:
+                result = fut.result()
+            except grpc.RpcError as e:
+                err: BaseException = from_rpc_error(e)
+            else:
+                err = None  # type: ignore[assignment]
+        if guard.pending:
+            raise KeyboardInterrupt
+        if err is not None:
+            raise err from None
+        return result
 
     def generate(
         self,
@@ -240,7 +296,12 @@ class Client(_Base):
             random_seed=random_seed,
             request_id=request_id,
         )
-        return GenerateStream(self._stub.GenerateStream(req, **self._call_kwargs(timeout)))
+        with _DeferredSigint() as guard:  # see _unary: never interrupt grpc while it creates a call
+            call = self._stub.GenerateStream(req, **self._call_kwargs(timeout))
+        if guard.pending:
+            call.cancel()
+            raise KeyboardInterrupt
+        return GenerateStream(call)
 
     def load_model(
         self,

@@ -181,8 +181,10 @@ class Runner:
         how = "already loaded (cache hit)" if resp.cache_hit else f"loaded in {m.load_time_s:.2f} s"
         if m.compile_time_s or m.compiled:
             how += f", compile {m.compile_time_s:.2f} s"
-        energy = _energy_text(m.load_energy if m.HasField("load_energy") else None) if self.record_energy else "energy not recorded"
-        self.display.line(f"model {self.exp.model}: {how} on {m.device or '?'}, config {resp.config_hash[:12]}, load {energy}")
+        text = f"model {self.exp.model}: {how} on {m.device or '?'}, config {resp.config_hash[:12]}"
+        if self.record_energy and m.HasField("load_energy"):
+            text += f", load {_energy_text(m.load_energy)}"
+        self.display.line(text)
         for w in resp.warnings:
             self.display.line(f"  warning {w.code}: {w.message}")
 
