@@ -294,3 +294,21 @@ def test_ctrl_c_mid_run_writes_partial_result_and_exits_130(server, tmp_path):
     assert 1 <= len(res["requests"]) < 6
     assert res["aggregates"]["requests"] == len(res["requests"])
     assert "interrupted during measure" in cli.stderr
+
+
+def test_run_with_energy_baseline_and_nvml_backend(sim_server, tmp_path):
+    # The simulated counter gives every request an energy figure: sums, baseline and J/token are checked.
+    cfg = write_config(tmp_path / "exp.yaml", energy={"backend": "nvml"}, baseline={"enabled": True, "duration_seconds": 1})
+    p = llem("run", cfg, "--server", sim_server.address, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    res = only_result(tmp_path / "out")
+    check_result(res, requests=2, prompts=4)
+    e = res["aggregates"]["energy"]
+    assert e["requests_with_energy"] == 2 and e["requests_without_energy"] == 0
+    assert e["total_j"] == pytest.approx(sum(r["energy"]["total_j"] for r in res["requests"]))
+    assert e["joules_per_output_token"] == pytest.approx(e["total_j"] / res["aggregates"]["output_tokens"])
+    assert res["baseline"]["measured"] is True
+    assert res["baseline"]["response"]["devices"][0]["baseline"]["power_w"] == pytest.approx(150, rel=0.05)
+    assert e["adjusted_j"] is not None  # a baseline exists, so every request has an adjusted figure
+    assert res["provenance"]["energy_methods"] and res["model_load"]["load_energy"]["available"]
+    assert "total energy" in p.stdout and "J per output token" in p.stdout
