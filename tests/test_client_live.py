@@ -67,6 +67,31 @@ def test_async_client(server):
     asyncio.run(main())
 
 
+def test_mtls_with_the_cli_flags_and_the_library(model_root, tmp_path):
+    sys.path.insert(0, os.path.dirname(__file__))
+    from conftest import start_server, stop_server
+    from pki import make_test_pki
+
+    pki = make_test_pki(tmp_path / "pki")
+    srv = start_server(tmp_path / "srv", model_root, "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
+                       "--tls-client-ca", str(pki.ca_cert))
+    try:
+        with llem_client.Client(srv.address, root_certificates=pki.ca_cert, certificate_chain=pki.client_cert,
+                                private_key=pki.client_key, timeout=30) as c:
+            assert c.server_info().server_version
+        with llem_client.Client(srv.address, root_certificates=pki.ca_cert, timeout=30) as c, \
+                pytest.raises(llem_client.LlemError):  # no client certificate: the handshake fails
+            c.server_info()
+        p = subprocess.run(
+            [sys.executable, "-m", "llem_client.cli", "health", "--server", srv.address, "--ca-cert", str(pki.ca_cert),
+             "--client-cert", str(pki.client_cert), "--client-key", str(pki.client_key)],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert p.returncode == 0 and p.stdout.strip() == "SERVING", p.stderr
+    finally:
+        stop_server(srv)
+
+
 def test_bearer_token_against_an_auth_server(model_root, tmp_path):
     token = "t" * 24
     (tmp_path / "tokens").write_text(token + "\n")
