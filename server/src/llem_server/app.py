@@ -158,6 +158,16 @@ async def serve(settings: Settings, *, port_file: Path | None = None, auth_token
         await asyncio.sleep(0.05)
     await server.stop(max(0.0, deadline - loop.time()))
     await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
+    if log is not None:
+        # Conservation over the server's life (energy.md rule 4), for GPU checks: attributed + idle
+        # should equal the counter's delta within one counter step per GPU.
+        for idx in sorted(set(meter_devices.values())):
+            try:
+                attributed_j, idle_j = meter.ledger(idx)
+                log.info("energy_ledger", device=idx, attributed_j=round(attributed_j, 4), idle_j=round(idle_j, 4),
+                         counter_delta_j=round(meter.counter_delta_j(idx), 4))
+            except Exception as exc:  # noqa: BLE001 - a log line must not stop the shutdown
+                log.warning("energy_ledger_failed", device=idx, error=repr(exc))
     meter.close()
     if log is not None:
         log.info("server_stopped")
