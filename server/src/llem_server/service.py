@@ -240,6 +240,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                 elif kind == "error":
                     if entry.state != READY:
                         self.registry.failed(entry, data.get("message", ""))
+                    self._drop_evicted(entry, data)
                     raise error_from_worker(data)
         except (asyncio.CancelledError, GeneratorExit):
             # Client cancelled, went away or its deadline passed (a closed stream sees
@@ -253,8 +254,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         if not result["cache_hit"]:
             self._note_load(entry, result)
         self.registry.used(entry, result["model"])
-        for evicted_hash, _freed in result.get("evicted", []):
-            self.registry.remove(evicted_hash)
+        self._drop_evicted(entry, result)
         if result.get("window"):
             t_end = result["window"][1]
             if window is None:  # "started" is always sent first; keep a window regardless
@@ -280,8 +280,16 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         if entry.state == READY and entry.info:
             return
         self.registry.loaded(entry, data["model"], data.get("tokenizer_json"))
+        if self.metrics is not None:  # once per load, whether LoadModel or a Generate cache miss loaded it
+            self.metrics.model_loaded(data["model"].get("load_time_s", 0.0) + data["model"].get("compile_time_s", 0.0),
+                                      device=self.meter_devices.get(entry.device_index, entry.device_index))
+        self._drop_evicted(entry, data)
+
+    def _drop_evicted(self, entry, data: dict) -> None:
+        """Forget the models the worker evicted to make room; each counted once (a job reports them twice)."""
         for evicted_hash, _freed in data.get("evicted", []):
-            self.registry.remove(evicted_hash)
+            if self.registry.remove(evicted_hash) is not None and self.metrics is not None:
+                self.metrics.record_eviction(self.meter_devices.get(entry.device_index, entry.device_index))
 
     def _chunks(self, entry, decoders: dict, items: list) -> list[llem_pb2.TokenChunk]:
         by_prompt: dict[int, list[int]] = {}
@@ -401,6 +409,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                 if kind == "error":
                     if entry.state != READY:
                         self.registry.failed(entry, data.get("message", ""))
+                    self._drop_evicted(entry, data)
                     raise error_from_worker(data)
             finally:
                 self.registry.release(entry)
@@ -410,10 +419,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                 t0, t1 = data["model"]["load_window"]
                 window = self.meter.open_window(self._meter_indices(worker), t0, request.request_id or "load")
                 entry.load_energy, _ = await self._energy(window, t1, None)
-                if self.metrics is not None:
-                    self.metrics.model_loaded(data["model"].get("load_time_s", 0.0) + data["model"].get("compile_time_s", 0.0))
-            for evicted_hash, _freed in data.get("evicted", []):
-                self.registry.remove(evicted_hash)
+            self._drop_evicted(entry, data)
             resp = llem_pb2.LoadModelResponse(config_hash=config_hash, cache_hit=cache_hit, model=entry.to_proto())
             for code, message in list(warnings) + list(data["model"].get("warnings", [])):
                 resp.warnings.add(code=code, message=message)

@@ -99,6 +99,7 @@ def worker_main(conn, device: str, cuda_index: int | None, cancel_flag, max_mode
         except (EOFError, OSError):
             return
         op, job = msg.get("op"), msg.get("job")
+        evicted: list = []  # models dropped to make room: reported even when the load then fails
         if op == "stop":
             return
         try:
@@ -107,7 +108,6 @@ def worker_main(conn, device: str, cuda_index: int | None, cancel_flag, max_mode
             if op in ("load", "generate"):
                 entry = cache.get(msg["config_hash"])
                 cache_hit = entry is not None
-                evicted: list = []
                 if entry is None:
                     evicted = cache.make_room(set(msg.get("pinned", ())) | {msg["config_hash"]})
                     entry = load_model(msg["config_hash"], msg["source"], msg["load_kwargs"],
@@ -139,7 +139,7 @@ def worker_main(conn, device: str, cuda_index: int | None, cancel_flag, max_mode
         except LoadError as exc:
             # Out of memory while loading: retrying can help once other models are unloaded.
             send({"type": "error", "job": job, "status": exc.status, "message": exc.message,
-                  "retryable": exc.status == "RESOURCE_EXHAUSTED"})
+                  "retryable": exc.status == "RESOURCE_EXHAUSTED", "evicted": evicted})
         except torch.cuda.OutOfMemoryError as exc:
             _free_cuda(torch)
             send({"type": "error", "job": job, "status": "RESOURCE_EXHAUSTED",
