@@ -1,0 +1,262 @@
+"""Observability and scale-out against real ``llem-server`` processes.
+
+* grpc.health.v1: overall, ``llem.v1.LlemService``, and one service name per cached config
+  hash, with Watch following load (NOT_SERVING while loading, SERVING when ready), eviction
+  and unload (SERVICE_UNKNOWN);
+* Prometheus on ``--metrics-port``: every family named ``llem_*``; requests by status, latency,
+  tokens, cache hits/misses/evictions, queue depth, load seconds after real traffic;
+* structlog JSON lines with request id, config hash, tokens, energy and status;
+* the Python client spreading calls over two replicas (round_robin over a list of targets),
+  and a ``dns:///`` target with the round_robin policy.
+"""
+from __future__ import annotations
+
+import queue
+import re
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from llem.v1 import llem_pb2, llem_pb2_grpc
+from llem_client import Client
+
+from _hardening import free_port, hard_root, json_lines  # noqa: F401
+from conftest import start_server, stop_server
+
+H = health_pb2.HealthCheckResponse
+
+
+@pytest.fixture(scope="module")
+def obs(hard_root, tmp_path_factory):
+    """One model per device (--max-models 1) so that a second load evicts the first; metrics on."""
+    port = free_port()
+    srv = start_server(tmp_path_factory.mktemp("obs-server"), hard_root, "--max-models", "1",
+                       "--metrics-port", str(port))
+    srv.metrics_url = f"http://127.0.0.1:{port}/metrics"
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture(scope="module")
+def ostub(obs):
+    return llem_pb2_grpc.LlemServiceStub(obs.channel())
+
+
+def _model(name: str) -> llem_pb2.ModelConfig:
+    return llem_pb2.ModelConfig(model=name)
+
+
+class Watcher:
+    """A Health.Watch stream read in a thread; statuses land in a queue."""
+
+    def __init__(self, channel, service: str):
+        self.statuses: queue.Queue = queue.Queue()
+        self.seen: list[int] = []
+        self.call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=service),
+                                                              timeout=120)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for msg in self.call:
+                self.statuses.put(msg.status)
+        except grpc.RpcError:
+            pass
+
+    def wait_for(self, status: int, timeout: float = 30) -> list[int]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                s = self.statuses.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            self.seen.append(s)
+            if s == status:
+                return self.seen
+        raise AssertionError(f"no {H.ServingStatus.Name(status)} on the watch; saw "
+                             f"{[H.ServingStatus.Name(s) for s in self.seen]}")
+
+    def close(self) -> None:
+        self.call.cancel()
+
+
+def _check(h, service: str):
+    """The status of a Check, or "NOT_FOUND" for a name the server never had."""
+    try:
+        return h.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+    except grpc.RpcError as err:
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+        return "NOT_FOUND"
+
+
+# -- health --------------------------------------------------------------------------------------------------
+
+def test_health_overall_and_service(obs):
+    h = health_pb2_grpc.HealthStub(obs.channel())
+    for service in ("", "llem.v1.LlemService"):
+        assert h.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status == H.SERVING
+    with pytest.raises(grpc.RpcError) as err:
+        h.Check(health_pb2.HealthCheckRequest(service="no-such-hash"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_health_watch_follows_load_eviction_and_unload(obs, ostub):
+    ch = obs.channel()
+    h = health_pb2_grpc.HealthStub(ch)
+    # The hash of llama's default configuration, then gone again: the watch starts from nothing.
+    a = ostub.LoadModel(llem_pb2.LoadModelRequest(model=_model("llama")), timeout=60).config_hash
+    ostub.UnloadModel(llem_pb2.UnloadModelRequest(config_hash=a), timeout=60)
+    watch_a = Watcher(ch, a)
+    try:
+        watch_a.wait_for(H.SERVICE_UNKNOWN)
+        ostub.LoadModel(llem_pb2.LoadModelRequest(model=_model("llama")), timeout=60)
+        seen = watch_a.wait_for(H.SERVING)
+        assert set(seen) <= {H.SERVICE_UNKNOWN, H.NOT_SERVING, H.SERVING}  # NOT_SERVING while loading
+        assert h.Check(health_pb2.HealthCheckRequest(service=a), timeout=10).status == H.SERVING
+
+        # --max-models 1: loading gpt2 evicts llama, whose service name goes away.
+        b = ostub.LoadModel(llem_pb2.LoadModelRequest(model=_model("gpt2")), timeout=60).config_hash
+        watch_a.wait_for(H.SERVICE_UNKNOWN)
+        assert a not in {m.config_hash for m in ostub.ListModels(llem_pb2.ListModelsRequest(), timeout=10).models}
+        assert h.Check(health_pb2.HealthCheckRequest(service=b), timeout=10).status == H.SERVING
+
+        watch_b = Watcher(ch, b)
+        try:
+            watch_b.wait_for(H.SERVING)
+            ostub.UnloadModel(llem_pb2.UnloadModelRequest(config_hash=b), timeout=60)
+            watch_b.wait_for(H.SERVICE_UNKNOWN)
+        finally:
+            watch_b.close()
+    finally:
+        watch_a.close()
+
+
+def test_failed_load_is_not_serving(obs, ostub):
+    h = health_pb2_grpc.HealthStub(obs.channel())
+    ready = ostub.LoadModel(llem_pb2.LoadModelRequest(model=_model("llama")), timeout=60).config_hash
+    code = None
+    try:
+        ostub.LoadModel(llem_pb2.LoadModelRequest(model=_model("corrupt")), timeout=60)
+    except grpc.RpcError as err:
+        code = err.code()
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    models = {m.config_hash: m for m in ostub.ListModels(llem_pb2.ListModelsRequest(), timeout=10).models}
+    failed = [m for m in models.values() if m.state == llem_pb2.MODEL_STATE_FAILED]
+    assert len(failed) == 1 and "corrupt weights" in failed[0].error
+    assert h.Check(health_pb2.HealthCheckRequest(service=failed[0].config_hash), timeout=10).status == H.NOT_SERVING
+    # --max-models 1: the worker evicted llama to make room before the load failed; the front
+    # must not go on listing it (or reporting it SERVING).
+    assert ready not in models
+    assert _check(h, ready) in ("NOT_FOUND", H.SERVICE_UNKNOWN)
+    assert h.Check(health_pb2.HealthCheckRequest(), timeout=10).status == H.SERVING  # the server itself is fine
+
+
+# -- metrics -------------------------------------------------------------------------------------------------
+
+def _scrape(obs) -> str:
+    with urllib.request.urlopen(obs.metrics_url, timeout=10) as resp:
+        assert resp.status == 200
+        return resp.read().decode()
+
+
+def _samples(text: str, name: str) -> dict[str, float]:
+    """{label string: value} of one metric's samples."""
+    out = {}
+    for line in text.splitlines():
+        m = re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", line)
+        if m:
+            out[m.group(1) or ""] = float(m.group(2))
+    return out
+
+
+def _total(text: str, name: str, **labels: str) -> float:
+    return sum(v for k, v in _samples(text, name).items()
+               if all(f'{lk}="{lv}"' in k for lk, lv in labels.items()))
+
+
+def test_metrics_scraped_over_http(obs, ostub):
+    before = _scrape(obs)
+    ostub.LoadModel(llem_pb2.LoadModelRequest(model=_model("llama")), timeout=60)
+    r1 = ostub.Generate(llem_pb2.GenerateRequest(model=_model("llama"), prompts=["a", "b"], max_output_tokens=5,
+                                                 decoder=llem_pb2.DecoderConfig(min_new_tokens=5)), timeout=60)
+    assert r1.cache_hit
+    r2 = ostub.Generate(llem_pb2.GenerateRequest(model=_model("gpt2"), prompts=["c"], max_output_tokens=3,
+                                                 decoder=llem_pb2.DecoderConfig(min_new_tokens=3)), timeout=60)
+    assert not r2.cache_hit  # a miss that evicts llama (--max-models 1)
+    with pytest.raises(grpc.RpcError):
+        ostub.Generate(llem_pb2.GenerateRequest(model=_model("../x"), prompts=["a"]), timeout=10)
+    text = _scrape(obs)
+
+    families = {m.group(1) for m in re.finditer(r"^# TYPE (\S+) ", text, re.M)}
+    assert families and all(f.startswith("llem_") for f in families), families
+
+    def delta(name, **labels):
+        return _total(text, name, **labels) - _total(before, name, **labels)
+
+    assert delta("llem_requests_total", method="Generate", status="OK") == 2
+    assert delta("llem_requests_total", method="Generate", status="PERMISSION_DENIED") == 1
+    assert delta("llem_requests_total", method="LoadModel", status="OK") == 1
+    assert delta("llem_request_duration_seconds_count", method="Generate") == 3
+    assert delta("llem_input_tokens_total") == r1.usage.input_tokens + r2.usage.input_tokens
+    assert delta("llem_output_tokens_total") == 13
+    assert delta("llem_model_cache_hits_total") == 1
+    assert delta("llem_model_cache_misses_total") == 1
+    assert delta("llem_model_cache_evictions_total") >= 1
+    assert delta("llem_model_load_seconds_count") >= 1
+    assert "llem_queue_depth{" in text and _total(text, "llem_queue_depth") == 0
+    # No GPU here: energy is counted as unavailable, never as 0 J.
+    assert delta("llem_energy_unavailable_total") == 2
+    assert _total(text, "llem_energy_joules_total") == 0
+    assert _total(text, "llem_server_info") == 1
+
+
+# -- logs ----------------------------------------------------------------------------------------------------
+
+def test_json_logs_carry_request_fields(obs, ostub):
+    r = ostub.Generate(llem_pb2.GenerateRequest(model=_model("llama"), prompts=["log me"], max_output_tokens=4,
+                                                decoder=llem_pb2.DecoderConfig(min_new_tokens=4),
+                                                request_id="log-ok-1"), timeout=60)
+    with pytest.raises(grpc.RpcError):
+        ostub.Generate(llem_pb2.GenerateRequest(model=_model("llama"), prompts=["a"], max_output_tokens=-1,
+                                                request_id="log-bad-1"), timeout=10)
+    time.sleep(0.2)  # the lines are written after the response
+    lines = json_lines(obs)
+    ok = [l for l in lines if l.get("request_id") == "log-ok-1"]
+    assert len(ok) == 1, ok
+    line = ok[0]
+    assert line["event"] == "generate" and line["status"] == "OK"
+    assert line["config_hash"] == r.config_hash
+    assert line["input_tokens"] == r.usage.input_tokens and line["output_tokens"] == 4
+    assert "energy_j" in line  # null here: no GPU energy on this machine
+    assert line["level"] == "info" and "timestamp" in line
+    bad = [l for l in lines if l.get("request_id") == "log-bad-1"]
+    assert len(bad) == 1 and bad[0]["status"] == "INVALID_ARGUMENT" and "max_output_tokens" in bad[0]["message"]
+
+
+# -- replicas --------------------------------------------------------------------------------------------------
+
+def test_client_round_robin_over_two_replicas(server, obs):
+    """Calls from one Client(targets=[a, b]) reach both servers (seen in each server's own log)."""
+    with Client(targets=[server.address, obs.address], timeout=60) as c:
+        for i in range(12):
+            c.generate("spread", model="llama", max_output_tokens=2, request_id=f"rr-{i}")
+    time.sleep(0.2)
+    served = {}
+    for name, srv in (("a", server), ("b", obs)):
+        served[name] = {l["request_id"] for l in json_lines(srv)
+                        if l.get("event") == "generate" and str(l.get("request_id", "")).startswith("rr-")}
+    assert served["a"] and served["b"], served
+    assert served["a"] | served["b"] == {f"rr-{i}" for i in range(12)}
+    assert not served["a"] & served["b"]
+    assert abs(len(served["a"]) - len(served["b"])) <= 2  # round robin, not pick-first
+
+
+def test_dns_target_uses_round_robin(obs):
+    port = obs.address.rsplit(":", 1)[1]
+    with Client(f"dns:///localhost:{port}", timeout=60) as c:
+        assert c.health().status == H.SERVING
+        assert c.generate("dns", model="llama", max_output_tokens=2).usage.output_tokens == 2
