@@ -304,9 +304,6 @@ def test_stopped_tokens_reach_the_metrics(own_server):
     assert metric(port, "llem_stopped_output_tokens_total", device="0") == ev["output_tokens"]
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "metrics._final_code counts a stream that grpc closed (GeneratorExit: cancelled while grpc was "
-    "writing) as UNKNOWN; fix there: treat GeneratorExit like asyncio.CancelledError"))
 def test_cancelled_streams_are_counted_as_cancelled(own_server):
     stub = own_server.stub()
     stub.Generate(request("llama", ["Hi"], 2), timeout=120)

@@ -224,7 +224,9 @@ class Metrics:
 
 
 def _final_code(context: grpc.aio.ServicerContext, exc: BaseException | None) -> grpc.StatusCode:
-    if isinstance(exc, asyncio.CancelledError):
+    # GeneratorExit: grpc closed a streaming handler's generator because the call ended
+    # (the client cancelled or its deadline passed while a message was being written).
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
         remaining = context.time_remaining()
         return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
     code = context.code()  # set by abort()/abort_with_status()/set_code()
