@@ -157,7 +157,12 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         if window is None:
             return llem_pb2.Energy(available=False, unavailable_reason="no generation ran for this request"), []
         self.meter.close_window(window, t_end, output_tokens)
-        report = await asyncio.to_thread(self.meter.report, window)
+        if not window.devices and not self.meter.cpu_sensor().available:
+            # Nothing to wait for (no metered GPU, no RAPL): the report is immediate, so skip the
+            # thread-pool hop (two context switches on every unmetered request's path).
+            report = self.meter.report(window)
+        else:
+            report = await asyncio.to_thread(self.meter.report, window)
         return energy_proto.energy(report), energy_proto.warnings(report)
 
     # -- Generate / GenerateStream ------------------------------------------
