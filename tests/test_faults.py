@@ -92,7 +92,7 @@ def test_oom_during_load_leaves_a_failed_entry_not_a_ready_one(hstub):
     ("garbled", grpc.StatusCode.FAILED_PRECONDITION, "corrupt weights"),
 ])
 @pytest.mark.parametrize("rpc", ["Generate", "LoadModel"])
-def test_broken_weights_get_a_clear_status(hard_server, hstub, model, code, reason, rpc):
+def test_broken_weights_get_a_clear_status(hard_server, hard_root, hstub, model, code, reason, rpc):
     if rpc == "Generate":
         got, err = code_of(hstub.Generate, _req(model), timeout=60)
     else:
@@ -100,6 +100,7 @@ def test_broken_weights_get_a_clear_status(hard_server, hstub, model, code, reas
                            timeout=60)
     assert got == code, err
     assert reason in err.details() and model in err.details()
+    assert str(hard_root) not in err.details()  # the server's directory layout stays private
     entry = {m.config.model: m for m in hstub.ListModels(llem_pb2.ListModelsRequest(), timeout=10).models}.get(model)
     assert entry is None or (entry.state == llem_pb2.MODEL_STATE_FAILED and reason in entry.error)
     assert _serving(hard_server) == health_pb2.HealthCheckResponse.SERVING

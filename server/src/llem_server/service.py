@@ -61,6 +61,13 @@ def _json_map(d: dict) -> dict[str, str]:
     return {k: json.dumps(v, sort_keys=True) for k, v in d.items()}
 
 
+def _hide_root(data: dict, model) -> dict:
+    """Worker messages name a local model by its real path; clients see its name under the root."""
+    if model.is_local and model.source != model.display:
+        data = {**data, "message": str(data.get("message", "")).replace(model.source, model.display)}
+    return data
+
+
 class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
     def __init__(self, settings: Settings, workers: list[DeviceWorker], meter, *, meter_devices: dict[int, int],
                  energy_reason: str = "", log=None, metrics=None, health=None,
@@ -243,6 +250,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                     result = data
                     break
                 elif kind == "error":
+                    data = _hide_root(data, model)
                     if entry.state != READY:
                         self.registry.failed(entry, data.get("message", ""))
                     self._drop_evicted(entry, data)
@@ -412,6 +420,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                     "compile_kwargs": load.compile_kwargs(), "pinned": self.registry.hashes_on(worker.index)})
                 kind, data = await job.events.get()
                 if kind == "error":
+                    data = _hide_root(data, model)
                     if entry.state != READY:
                         self.registry.failed(entry, data.get("message", ""))
                     self._drop_evicted(entry, data)
