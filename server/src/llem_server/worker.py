@@ -100,6 +100,7 @@ def worker_main(conn, device: str, cuda_index: int | None, cancel_flag, max_mode
             return
         op, job = msg.get("op"), msg.get("job")
         evicted: list = []  # models dropped to make room: reported even when the load then fails
+        oom = False
         if op == "stop":
             return
         try:
@@ -141,7 +142,7 @@ def worker_main(conn, device: str, cuda_index: int | None, cancel_flag, max_mode
             send({"type": "error", "job": job, "status": exc.status, "message": exc.message,
                   "retryable": exc.status == "RESOURCE_EXHAUSTED", "evicted": evicted})
         except torch.cuda.OutOfMemoryError as exc:
-            _free_cuda(torch)
+            oom = True
             send({"type": "error", "job": job, "status": "RESOURCE_EXHAUSTED",
                   "message": f"out of device memory: {str(exc)[:300]}", "retryable": True})
         except (ValueError, TypeError) as exc:
@@ -150,7 +151,7 @@ def worker_main(conn, device: str, cuda_index: int | None, cancel_flag, max_mode
                   "message": f"transformers rejected the request: {type(exc).__name__}: {exc}"})
         except Exception as exc:  # noqa: BLE001 - a server bug: report it, keep serving
             if "out of memory" in str(exc).lower():
-                _free_cuda(torch)
+                oom = True
                 send({"type": "error", "job": job, "status": "RESOURCE_EXHAUSTED",
                       "message": f"out of device memory: {str(exc)[:300]}", "retryable": True})
             else:
@@ -159,6 +160,10 @@ def worker_main(conn, device: str, cuda_index: int | None, cancel_flag, max_mode
         finally:
             if cancel_flag.value == job:
                 cancel_flag.value = 0
+        if oom:
+            # Only now: inside the except clause the traceback still holds the failed forward's
+            # frames, and with them its activations, so nothing could go back to the device.
+            _free_cuda(torch)
 
 
 def _free_cuda(torch) -> None:
