@@ -214,6 +214,23 @@ def test_metrics_scraped_over_http(obs, ostub):
     assert _total(text, "llem_server_info") == 1
 
 
+def test_worker_restart_is_counted(obs, ostub):
+    import psutil
+
+    before = _total(_scrape(obs), "llem_worker_restarts_total")
+    workers = [p for p in psutil.Process(obs.proc.pid).children(recursive=True)
+               if "spawn_main" in " ".join(p.cmdline())]
+    assert len(workers) == 1
+    workers[0].kill()
+    deadline = time.monotonic() + 60
+    while _total(_scrape(obs), "llem_worker_restarts_total") == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _total(_scrape(obs), "llem_worker_restarts_total") == before + 1
+    r = ostub.Generate(llem_pb2.GenerateRequest(model=_model("llama"), prompts=["back"], max_output_tokens=2),
+                       timeout=120)  # served by the new worker (after a fresh load)
+    assert r.usage.output_tokens == 2 and not r.cache_hit
+
+
 # -- logs ----------------------------------------------------------------------------------------------------
 
 def test_json_logs_carry_request_fields(obs, ostub):

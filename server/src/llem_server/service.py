@@ -86,7 +86,12 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         self.draining = False
         self._background: set[asyncio.Task] = set()
         for w in workers:
-            w.on_restart = self.registry.drop_device
+            w.on_restart = self._on_worker_restart
+
+    def _on_worker_restart(self, index: int) -> None:
+        self.registry.drop_device(index)
+        if self.metrics is not None:
+            self.metrics.record_worker_restart(self.meter_devices.get(index, index))
 
     # -- helpers -------------------------------------------------------------
     def capabilities(self) -> config.Capabilities:
