@@ -426,7 +426,7 @@ class Check:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model, simulated counter, no anchor: the code path")
-    p.add_argument("--budget-s", type=float, default=None, help="wall-time budget (default 345 s; smoke 60 s)")
+    p.add_argument("--budget-s", type=float, default=None, help="wall-time budget (default 330 s; smoke 60 s)")
     p.add_argument("--anchor-timeout", type=float, default=170.0, help="kill anchor.py after this long")
     p.add_argument("--skip-anchor", action="store_true")
     p.add_argument("--reserve-s", type=float, default=25.0, help="time kept for conservation and writing")
@@ -440,7 +440,7 @@ def main(argv=None) -> int:
     p.add_argument("--pipelined-s", type=float, default=5.0, help="seconds per side for the pipelined check (0: skip)")
     args = p.parse_args(argv)
     if args.budget_s is None:
-        args.budget_s = 60.0 if args.smoke else 345.0
+        args.budget_s = 60.0 if args.smoke else 330.0
     args.new = args.new or (16 if args.smoke else 128)
     args.input_tokens = args.input_tokens or (32 if args.smoke else 128)
     args.model = args.model or ("tiny-llama" if args.smoke else "llama-1b")
