@@ -48,7 +48,7 @@ def make_meter(settings: Settings, devices: list[tuple[str, int | None]], versio
     backend = settings.energy_backend
     if backend == "none":
         reason = "energy metering is switched off on this server (--energy-backend none)"
-        return EnergyMeter.unavailable(reason, versions=versions), {}, reason
+        return EnergyMeter.unavailable(reason, versions=versions, rapl_root=None), {}, reason
     if backend == "simulated":
         # A simulated NVML counter whose true energy is known (tests, CPU benchmarks): the
         # real sampler and attribution run on it, metering worker 0.

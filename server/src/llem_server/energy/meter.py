@@ -146,7 +146,7 @@ def _nearest(ts: list[float], vals: list, t: float):
 
 class EnergyMeter:
     def __init__(self, devices: list[int], *, nvml: Any = None, period_s: float = 0.1,
-                 rapl_root: str = "/sys/class/powercap", versions: dict[str, str] | None = None,
+                 rapl_root: str | None = "/sys/class/powercap", versions: dict[str, str] | None = None,
                  clock: Callable[[], float] = time.monotonic, split: str = "time",
                  min_period_s: float = MIN_PERIOD_S, registration_grace_s: float = 2.0,
                  capacity: int = 72_000, unavailable_reason: str = ""):
@@ -174,6 +174,10 @@ class EnergyMeter:
         self._cpu_state = SensorState(False, "", "")
         self._cpu_sampler: Sampler | None = None
         self._cpu_domains: list[str] = []
+        if rapl_root is None:
+            # Metering switched off: no CPU sampler either, so no report waits for one.
+            self._cpu_state = SensorState(False, "CPU energy metering is switched off on this server", "")
+            return
         try:
             rapl = RaplReader(rapl_root)
             self._cpu_sampler = Sampler(rapl.read, mode="cumulative", period_s=self._period, clock=clock,
