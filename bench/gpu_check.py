@@ -151,6 +151,7 @@ class Check:
     def setup(self) -> None:
         a = self.args
         self.model_root = Path(a.model_root)
+        self.model_root.mkdir(parents=True, exist_ok=True)  # the servers check it at start
         tmp = Path(tempfile.mkdtemp(prefix="llem-gpu-check-"))
         self.tmp = tmp
         dev = ["--devices", "cpu"] if a.smoke else []
@@ -429,6 +430,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=None, help="wall-time budget (default 330 s; smoke 60 s)")
     p.add_argument("--anchor-timeout", type=float, default=170.0, help="kill anchor.py after this long")
     p.add_argument("--skip-anchor", action="store_true")
+    p.add_argument("--anchor-json", help="with --skip-anchor: anchor.json from an earlier run on the same machine")
     p.add_argument("--reserve-s", type=float, default=25.0, help="time kept for conservation and writing")
     p.add_argument("--compile-estimate-s", type=float, default=45.0, help="assumed first static-cache compile")
     p.add_argument("--reps", type=int, default=3)
@@ -470,6 +472,9 @@ def main(argv=None) -> int:
     say("header:", json.dumps(ck.hdr))
     if args.smoke or args.skip_anchor:
         ck.res["skipped"].append("anchor.py: " + ("--smoke (no GPU)" if args.smoke else "--skip-anchor"))
+        if args.anchor_json:
+            ck.res["anchor"] = json.loads(Path(args.anchor_json).read_text())
+            ck.res["skipped"][-1] += f" (anchor numbers from {args.anchor_json}, an earlier run on this kind of GPU)"
     else:
         ck.phase("anchor", 60, ck.anchor)
     ck.phase("setup", 40 if not args.smoke else 10, ck.setup)
