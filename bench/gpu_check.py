@@ -239,8 +239,37 @@ class Check:
                 "counter_updates": d.counter_updates if d is not None else None,
                 "cache_hit": r.cache_hit}
 
+    def run_stream(self, k: int, req) -> dict:
+        """GenerateStream on server k, read to the end; same fields as run_service."""
+        import grpc
+        from llem.v1 import llem_pb2_grpc
+
+        if not hasattr(self, "_stream_stubs"):
+            self._stream_stubs = {}
+        stub = self._stream_stubs.get(k)
+        if stub is None:
+            stub = self._stream_stubs[k] = llem_pb2_grpc.LlemServiceStub(grpc.insecure_channel(self.servers[k].address))
+        t = time.perf_counter()
+        chunks, final = 0, None
+        for m in stub.GenerateStream(req, timeout=600):
+            if m.WhichOneof("event") == "chunk":
+                chunks += 1
+            else:
+                final = m.final
+        dt = time.perf_counter() - t
+        return {"s": dt, "tokens": final.usage.output_tokens, "J": None, "chunks": chunks,
+                "generate_s": final.timing.generate_ms / 1e3,
+                "outside_generate_ms": final.timing.total_ms - final.timing.generate_ms - final.timing.tokenization_ms,
+                "cache_hit": final.cache_hit}
+
+    def run_side(self, side: str, req) -> dict:
+        if side == "stream":  # unmetered server: compares with 'off'
+            return self.run_stream(1, req)
+        return self.run_service(0 if side == "on" else 1, req)
+
     def measure(self, label: str, bs: int, cache: str | None, sides: list[str], reps: int) -> None:
-        """sides: 'in' (in-process), 'on' (metered service), 'off' (unmetered service)."""
+        """sides: 'in' (in-process), 'on' (metered service), 'off' (unmetered service),
+        'stream' (GenerateStream on the unmetered service)."""
         cfg = self.cfg(bs, cache)
         req = cfg.request()
         runs = {s: [] for s in sides}
@@ -251,7 +280,7 @@ class Check:
             if s == "in":
                 self.run_inproc(plain)
             else:
-                self.run_service(0 if s == "on" else 1, req)
+                self.run_side(s, req)
             warm[s] = round(now() - t, 2)
             say(f"  {label} warm-up {s}: {warm[s]}s")
         per_round = 0.0
@@ -262,12 +291,25 @@ class Check:
             t_round = now()
             order = sides[i % len(sides):] + sides[:i % len(sides)]
             for s in order:
-                r = self.run_inproc(plain) if s == "in" else self.run_service(0 if s == "on" else 1, req)
+                r = self.run_inproc(plain) if s == "in" else self.run_side(s, req)
                 runs[s].append(r)
             per_round = max(per_round, now() - t_round)
             say(f"  {label} round {i + 1}: " + ", ".join(
                 f"{s} {bs * self.args.new / runs[s][-1]['s']:.1f} tok/s" for s in sides))
         self.res["rows"][label] = {"bs": bs, "cache": cache or "dynamic", "warmup_s": warm, "runs": runs}
+
+    def streamed(self, label: str, cache: str | None) -> None:
+        """Batch 1: in-process vs unmetered Generate vs unmetered GenerateStream, interleaved."""
+        self.measure("stream " + label, 1, cache, ["in", "off", "stream"], self.args.reps)
+        runs = self.res["rows"]["stream " + label]["runs"]
+        tok_s = {k: B.med([r["tokens"] / r["s"] for r in v]) for k, v in runs.items() if v}
+        gen = {k: B.med([r["tokens"] / r["generate_s"] for r in v]) for k, v in runs.items() if v and k != "in"}
+        line = (f"{label} (tokens/s, medians of {self.args.reps}): in-process {tok_s.get('in', 0):.1f}, "
+                f"Generate unmetered {tok_s.get('off', 0):.1f} ({tok_s.get('off', 0) / tok_s['in']:.3f} of in-process), "
+                f"GenerateStream unmetered {tok_s.get('stream', 0):.1f} ({tok_s.get('stream', 0) / tok_s['off']:.3f} of "
+                f"Generate); generate-only: Generate {gen.get('off', 0):.1f}, stream {gen.get('stream', 0):.1f}")
+        say("  " + line)
+        self.res["notes"].append(line)
 
     def eager(self, bs: int) -> None:
         self.measure(f"eager b{bs}", bs, None, ["in", "on", "off"], self.args.reps)
@@ -409,6 +451,8 @@ class Check:
                 return
             self._written = True
         name = "gpu_check-smoke" if self.args.smoke else "gpu_check"
+        if self.args.focus != "all":
+            name += "-" + self.args.focus
         self.res["total_s"] = round(now(), 1)
         notes = [f"Total wall time of gpu_check.py: {now():.0f}s (budget {self.budget:.0f}s)."]
         notes += [f"Skipped: {s}" for s in self.res["skipped"]]
@@ -430,6 +474,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=None, help="wall-time budget (default 330 s; smoke 60 s)")
     p.add_argument("--anchor-timeout", type=float, default=170.0, help="kill anchor.py after this long")
     p.add_argument("--skip-anchor", action="store_true")
+    p.add_argument("--focus", choices=["all", "stream"], default="all",
+                   help="stream: only batch 1, eager and static, in-process vs unmetered Generate vs GenerateStream")
     p.add_argument("--anchor-json", help="with --skip-anchor: anchor.json from an earlier run on the same machine")
     p.add_argument("--reserve-s", type=float, default=25.0, help="time kept for conservation and writing")
     p.add_argument("--compile-estimate-s", type=float, default=45.0, help="assumed first static-cache compile")
@@ -478,7 +524,10 @@ def main(argv=None) -> int:
     else:
         ck.phase("anchor", 60, ck.anchor)
     ck.phase("setup", 40 if not args.smoke else 10, ck.setup)
-    if ck.res["phases"].get("setup", {}).get("ok"):
+    if ck.res["phases"].get("setup", {}).get("ok") and args.focus == "stream":
+        ck.phase("stream eager b1", 25, ck.streamed, "eager b1", None)
+        ck.phase("stream static b1", args.compile_estimate_s + 10, ck.streamed, "static b1", "static")
+    elif ck.res["phases"].get("setup", {}).get("ok"):
         # b1 first: the 98 % target is set at batch 1, eager and compiled
         ck.phase("eager b1", 25 if not args.smoke else 3, ck.eager, 1)
         ck.phase("static b1", args.compile_estimate_s + 10, ck.static, 1)
