@@ -189,7 +189,15 @@ def test_metrics_scraped_over_http(obs, ostub):
     assert not r2.cache_hit  # a miss that evicts llama (--max-models 1)
     with pytest.raises(grpc.RpcError):
         ostub.Generate(llem_pb2.GenerateRequest(model=_model("../x"), prompts=["a"]), timeout=10)
-    text = _scrape(obs)
+    # An aborted call's status can reach the client before the interceptor has counted it.
+    deadline = time.monotonic() + 5
+    while True:
+        text = _scrape(obs)
+        if (_total(text, "llem_requests_total", method="Generate", status="PERMISSION_DENIED")
+                > _total(before, "llem_requests_total", method="Generate", status="PERMISSION_DENIED")
+                or time.monotonic() > deadline):
+            break
+        time.sleep(0.05)
 
     families = {m.group(1) for m in re.finditer(r"^# TYPE (\S+) ", text, re.M)}
     assert families and all(f.startswith("llem_") for f in families), families

@@ -442,8 +442,17 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             resp = llem_pb2.LoadModelResponse(config_hash=config_hash, cache_hit=cache_hit, model=entry.to_proto())
             for code, message in list(warnings) + list(data["model"].get("warnings", [])):
                 resp.warnings.add(code=code, message=message)
+            if self.log is not None:
+                e = entry.load_energy
+                self.log.info("load_model", request_id=request.request_id or None, config_hash=config_hash,
+                              cache_hit=cache_hit, status="OK", load_time_s=resp.model.load_time_s,
+                              compile_time_s=resp.model.compile_time_s,
+                              energy_j=e.total_j if e is not None and e.available else None)
             return resp
         except ServiceError as err:
+            if self.log is not None:
+                self.log.info("load_model", request_id=request.request_id or None, status=err.code.name,
+                              message=err.message[:300])
             await abort(context, err)
 
     async def UnloadModel(self, request, context):
@@ -460,8 +469,13 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             if kind == "error":
                 raise error_from_worker(data)
             self.registry.remove(request.config_hash)
+            if self.log is not None:
+                self.log.info("unload_model", config_hash=request.config_hash, status="OK",
+                              freed_bytes=int(data["freed_bytes"]))
             return llem_pb2.UnloadModelResponse(unloaded=True, freed_bytes=int(data["freed_bytes"]))
         except ServiceError as err:
+            if self.log is not None:
+                self.log.info("unload_model", config_hash=request.config_hash, status=err.code.name)
             await abort(context, err)
 
     async def ListModels(self, request, context):
