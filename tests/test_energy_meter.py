@@ -341,3 +341,21 @@ def test_energy_package_imports_only_the_stdlib():
             "print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_samplers_read_faster_only_while_a_request_needs_them():
+    """Open windows (and reports waiting for their end point) switch the sampler to the fast
+    period; reported or discarded windows switch it back, so an idle server reads slowly."""
+    sim = SimulatedNvml([SimGpu(power=100.0)])
+    m = EnergyMeter([0], nvml=sim, rapl_root="/x", period_s=0.1)
+    sampler = m._devs[0].sampler
+    assert sampler._current_period() == pytest.approx(0.1)
+    a = m.open_window([0], time.monotonic(), "a")
+    b = m.open_window([0], time.monotonic(), "b")
+    assert sampler._current_period() == pytest.approx(0.05)  # the 50 ms floor, never faster
+    m.discard(a)
+    assert sampler._current_period() == pytest.approx(0.05)  # b still open
+    m.close_window(b, time.monotonic(), 1)
+    m.report(b, timeout_s=0.01)  # samplers not started: unavailable, but it must still relax
+    assert sampler._current_period() == pytest.approx(0.1)
+    m.close()

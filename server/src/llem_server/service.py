@@ -255,6 +255,8 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                     result = data
                     break
                 elif kind == "error":
+                    if window is not None:
+                        self.meter.discard(window)
                     data = _hide_root(data, model)
                     if entry.state != READY:
                         self.registry.failed(entry, data.get("message", ""))
@@ -336,6 +338,8 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                 energy = None
                 if w is not None and kind == "done" and data.get("window"):
                     energy, _ = await self._energy(w, data["window"][1], tokens)
+                elif w is not None:
+                    self.meter.discard(w)
                 if self.metrics is not None:
                     device = self.meter_devices.get(worker.index, worker.index)
                     self.metrics.stopped_tokens(tokens, device=device)

@@ -68,6 +68,7 @@ class Window:
     id: int = field(default_factory=lambda: next(_ids))
     reported: bool = False
     closed_at: float | None = None
+    hurried: list = field(default_factory=list)  # samplers reading fast for this window
 
 
 @dataclass
@@ -155,6 +156,7 @@ class EnergyMeter:
         # before the ledger has already settled that time.
         self._clock = clock
         self._period = max(period_s, min_period_s)
+        self._fast_period = max(period_s / 2, min_period_s)
         self._split = split
         self._grace = registration_grace_s
         self._versions = dict(versions or {})
@@ -181,7 +183,7 @@ class EnergyMeter:
         try:
             rapl = RaplReader(rapl_root)
             self._cpu_sampler = Sampler(rapl.read, mode="cumulative", period_s=self._period, clock=clock,
-                                        capacity=capacity, name="rapl")
+                                        capacity=capacity, name="rapl", fast_period_s=self._fast_period)
             self._cpu_domains = rapl.domains
             self._cpu_state = SensorState(True, "", METHOD_RAPL)
         except RaplUnavailable as exc:
@@ -239,6 +241,7 @@ class EnergyMeter:
             return Reading(v, temp, reasons)
 
         sampler = Sampler(read, mode=mode, period_s=self._period, clock=self._clock, capacity=capacity,
+                          fast_period_s=self._fast_period,
                           name=f"gpu{idx}")
         return _Dev(idx, SensorState(True, "", method), static, sampler)
 
@@ -304,6 +307,12 @@ class EnergyMeter:
                 d = self._devs.get(i)
                 if d is not None and d.state.available:
                     d.windows.append(w)
+                    if d.sampler is not None:
+                        w.hurried.append(d.sampler)
+            if self._cpu_sampler is not None:
+                w.hurried.append(self._cpu_sampler)
+        for sampler in w.hurried:
+            sampler.hurry()
         return w
 
     def close_window(self, window: Window, t_end: float, output_tokens: int | None) -> None:
@@ -311,6 +320,18 @@ class EnergyMeter:
             window.t_end = max(t_end, window.t_start)
             window.output_tokens = output_tokens
             window.closed_at = self._clock()
+
+    def discard(self, window: Window) -> None:
+        """Forget a window whose request failed: no energy is attributed to it (its time
+        goes to idle) and its samplers return to the normal period."""
+        with self._lock:
+            if window.t_end is None:
+                window.t_end = window.t_start
+                window.closed_at = self._clock()
+            window.reported = True
+            hurried, window.hurried = window.hurried, []
+        for sampler in hurried:
+            sampler.relax()
 
     # -- report ----------------------------------------------------------------------
     def _unavailable(self, window: Window, reason: str, **kw: Any) -> EnergyReport:
@@ -326,6 +347,9 @@ class EnergyMeter:
         finally:
             with self._lock:
                 window.reported = True
+                hurried, window.hurried = window.hurried, []
+            for sampler in hurried:
+                sampler.relax()
             for i in window.devices:
                 d = self._devs.get(i)
                 if d is not None and d.sampler is not None:

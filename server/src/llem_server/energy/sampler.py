@@ -71,12 +71,19 @@ class _Buf:
 
 class Sampler:
     def __init__(self, read: Callable[[], Reading], *, mode: str = "counter", period_s: float = 0.1,
-                 clock: Callable[[], float] = time.monotonic, capacity: int = 72_000, name: str = "sensor"):
+                 clock: Callable[[], float] = time.monotonic, capacity: int = 72_000, name: str = "sensor",
+                 fast_period_s: float | None = None):
         if mode not in ("counter", "power", "cumulative"):
             raise ValueError(mode)
         self._read = read
         self.mode = mode
         self.period_s = period_s
+        # While a request's window is open or awaits its end point, reads come at this
+        # (shorter, never under the 50 ms floor) period: a counter update is then seen
+        # sooner (less time before the response can be sent) and timed more tightly.
+        self.fast_period_s = fast_period_s
+        self._hurry = 0
+        self._wake = threading.Event()
         self._clock = clock
         self._cap = capacity  # 72 000 samples = 2 h at 100 ms
         self.name = name
@@ -103,8 +110,22 @@ class Sampler:
             self._thread = threading.Thread(target=self._run, name=f"llem-energy-{self.name}", daemon=True)
             self._thread.start()
 
+    def hurry(self) -> None:
+        """Read at the fast period until the matching ``relax``."""
+        with self._lock:
+            self._hurry += 1
+        self._wake.set()
+
+    def relax(self) -> None:
+        with self._lock:
+            self._hurry = max(0, self._hurry - 1)
+
+    def _current_period(self) -> float:
+        return self.fast_period_s if self._hurry > 0 and self.fast_period_s else self.period_s
+
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=2.0)
         with self._cond:
@@ -113,15 +134,20 @@ class Sampler:
     def _run(self) -> None:
         nxt = self._clock()
         while not self._stop.is_set():
+            last = self._clock()
             self.sample_once()
             # Absolute schedule: read time does not accumulate as drift.
-            nxt += self.period_s
-            delay = nxt - self._clock()
-            if delay < 0:
+            nxt += self._current_period()
+            if nxt < self._clock():
                 nxt = self._clock()
-                delay = 0
-            if self._stop.wait(delay):
-                break
+            while not self._stop.is_set():
+                delay = nxt - self._clock()
+                if delay <= 0:
+                    break
+                if self._wake.wait(delay):
+                    self._wake.clear()
+                    # Asked to hurry: the next read comes one fast period after the last.
+                    nxt = min(nxt, last + self._current_period())
 
     def sample_once(self) -> None:
         t0 = self._clock()
