@@ -474,7 +474,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=None, help="wall-time budget (default 330 s; smoke 60 s)")
     p.add_argument("--anchor-timeout", type=float, default=170.0, help="kill anchor.py after this long")
     p.add_argument("--skip-anchor", action="store_true")
-    p.add_argument("--focus", choices=["all", "stream"], default="all",
+    p.add_argument("--focus", choices=["all", "stream", "metering"], default="all",
                    help="stream: only batch 1, eager and static, in-process vs unmetered Generate vs GenerateStream")
     p.add_argument("--anchor-json", help="with --skip-anchor: anchor.json from an earlier run on the same machine")
     p.add_argument("--reserve-s", type=float, default=25.0, help="time kept for conservation and writing")
@@ -527,6 +527,10 @@ def main(argv=None) -> int:
     if ck.res["phases"].get("setup", {}).get("ok") and args.focus == "stream":
         ck.phase("stream eager b1", 25, ck.streamed, "eager b1", None)
         ck.phase("stream static b1", args.compile_estimate_s + 10, ck.streamed, "static b1", "static")
+    elif ck.res["phases"].get("setup", {}).get("ok") and args.focus == "metering":
+        ck.phase("metering eager b1", 25, ck.measure, "eager b1", 1, None, ["on", "off"], args.reps)
+        ck.phase("metering static b1", args.compile_estimate_s + 10, ck.measure, "static b1", 1, "static",
+                 ["on", "off"], args.reps)
     elif ck.res["phases"].get("setup", {}).get("ok"):
         # b1 first: the 98 % target is set at batch 1, eager and compiled
         ck.phase("eager b1", 25 if not args.smoke else 3, ck.eager, 1)
