@@ -434,8 +434,7 @@ class Reference:
         h = resolved.load.config_hash()
         if h not in self._models:
             log(f"in-process: loading {cfg.model} ...")
-            self._models[h] = load_model(h, src.source, resolved.load.load_kwargs(), resolved.load.compile_kwargs(),
-                                         device_hint="")
+            self._models[h] = load_model(h, src.source, resolved.load.load_kwargs(), resolved.load.compile_kwargs())
             self.loads += 1
         return self._models[h], resolved
 

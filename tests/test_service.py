@@ -5,7 +5,6 @@ import concurrent.futures as cf
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import grpc
 import pytest

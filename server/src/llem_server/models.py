@@ -139,8 +139,7 @@ def _inject_generate_fault(model, source: str) -> None:
     model.forward = forward
 
 
-def load_model(config_hash: str, source: str, load_kwargs: dict, compile_kwargs: dict | None,
-               *, device_hint: str) -> LoadedModel:
+def load_model(config_hash: str, source: str, load_kwargs: dict, compile_kwargs: dict | None) -> LoadedModel:
     """from_pretrained the model and tokenizer, optionally compile, and warm the compiled graph.
 
     A compile failure is not fatal: the model is served uncompiled with a warning.
@@ -187,7 +186,7 @@ def load_model(config_hash: str, source: str, load_kwargs: dict, compile_kwargs:
         tokenizer_json = backend.to_str()
     return LoadedModel(
         config_hash=config_hash, model=model, tokenizer=tokenizer, eos_ids=eos_ids,
-        pad_id=int(tokenizer.pad_token_id), device=_model_device(model) if device_hint == "" else _model_device(model),
+        pad_id=int(tokenizer.pad_token_id), device=_model_device(model),
         memory_bytes=int(model.get_memory_footprint()), load_time_s=load_time, compile_time_s=compile_time,
         compiled=compiled, load_window=(t0, t1), warnings=warnings, tokenizer_json=tokenizer_json,
     )

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 import traceback
 
 
@@ -112,7 +111,7 @@ def worker_main(conn, device: str, cuda_index: int | None, cancel_flag, max_mode
                 if entry is None:
                     evicted = cache.make_room(set(msg.get("pinned", ())) | {msg["config_hash"]})
                     entry = load_model(msg["config_hash"], msg["source"], msg["load_kwargs"],
-                                       msg.get("compile_kwargs"), device_hint="")
+                                       msg.get("compile_kwargs"))
                     cache.add(entry)
                 base = {"cache_hit": cache_hit, "evicted": evicted, "model": entry.info()}
                 if op == "load":
@@ -172,4 +171,3 @@ def _free_cuda(torch) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    time.sleep(0)
