@@ -144,7 +144,7 @@ FIELD_CASES = {
                           lambda r: kwargs_of(r)["cache_implementation"] == "static"
                           and kwargs_of(r)["no_repeat_ngram_size"] == 2),
     "no_cache": ({"use_cache": False}, GREEDY, {}, lambda r: kwargs_of(r)["use_cache"] is False),
-    "beams": ({"num_beams": 2, "early_stopping": True, "length_penalty": 0.5}, GREEDY, {},
+    "beams": ({"num_beams": 2, "early_stopping": True, "length_penalty": 0.5, "batch_size": 2}, GREEDY, {},
               lambda r: kwargs_of(r)["num_beams"] == 2 and kwargs_of(r)["length_penalty"] == 0.5),
     "prompt_lookup": ({"prompt_lookup_num_tokens": 2, "batch_size": 1}, GREEDY, {},
                       lambda r: kwargs_of(r)["prompt_lookup_num_tokens"] == 2),

@@ -340,3 +340,18 @@ def test_worker_killed_mid_stream_ends_it_with_unavailable_and_recovers(own_serv
     (new_pid,) = worker_pids(own_server)
     assert new_pid != pid
     assert own_server.proc.poll() is None
+
+
+def test_beam_search_streams_its_sequences_once_chosen(stub):
+    """Beam search has no per-step signal (transformers refuses a streamer with beams): the
+    stream still carries the same text as Generate, sent once known, and says so."""
+    req = request("llama", ["Hello world", "Energy"], 6, batch_size=2)
+    req.model.pytorch.num_beams = 2
+    unary = stub.Generate(req, timeout=120)
+    chunks, final = split(list(stub.GenerateStream(req, timeout=120)))
+    for c in unary.completions:
+        mine = [ch for ch in chunks if ch.index == c.index]
+        assert "".join(ch.text for ch in mine) == c.text
+        assert [t for ch in mine for t in ch.token_ids] == list(c.token_ids)
+    assert any(w.code == "STREAM_NOT_INCREMENTAL" for w in final.warnings)
+    assert not final.timing.HasField("time_to_first_token_ms")  # no per-step signal to time it by

@@ -30,17 +30,21 @@ class CancelCriterion(StoppingCriteria):
     """Stops every sequence once the front process writes this job's id into the flag."""
 
     def __init__(self, flag, job_id: int, batch: int, device):
-        self.flag, self.job_id = flag, job_id
-        # Pre-built answers: no tensor is made on the device per step.
-        self._no = torch.zeros(batch, dtype=torch.bool, device=device)
-        self._yes = torch.ones(batch, dtype=torch.bool, device=device)
+        self.flag, self.job_id, self.device = flag, job_id, device
+        # Answers are built once per row count (beam search and assisted decoding change
+        # it from the batch size), so no tensor is made on the device per step.
+        self._answers: dict[tuple[int, bool], torch.Tensor] = {}
         self.fired = False
 
     def __call__(self, input_ids, scores, **kwargs):
-        if self.flag.value == self.job_id:
-            self.fired = True
-            return self._yes
-        return self._no
+        stop = self.flag.value == self.job_id
+        self.fired |= stop
+        key = (input_ids.shape[0], stop)
+        answer = self._answers.get(key)
+        if answer is None:
+            maker = torch.ones if stop else torch.zeros
+            answer = self._answers[key] = maker(key[0], dtype=torch.bool, device=self.device)
+        return answer
 
 
 class StepHook(BaseStreamer):
