@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -28,6 +27,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
+for _src in ("client/src", "server/src"):  # the repo's sources, installed or not (the GPU machine)
+    if str(ROOT / _src) not in sys.path:
+        sys.path.insert(0, str(ROOT / _src))
+
+from llem_server.launch import ServerProcess  # noqa: E402
+from llem_server.launch import ServerStarting as _Starting  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results"
 DEFAULT_MODEL_ROOT = Path(os.environ.get("LLEM_BENCH_MODELS", "/tmp/llem-bench-models"))
 
@@ -262,7 +268,7 @@ def ensure_model(root: Path, name: str, kind: str = "llama", **kw: Any) -> Path:
 
 
 # ---------------------------------------------------------------------------
-# server subprocess (the logic of tests/conftest.py start_server / stop_server)
+# server subprocess (llem_server.launch, with the repo's sources on PYTHONPATH)
 # ---------------------------------------------------------------------------
 
 def server_env() -> dict[str, str]:
@@ -276,54 +282,14 @@ def server_env() -> dict[str, str]:
     return env
 
 
-@dataclass
-class Server:
-    address: str
-    proc: subprocess.Popen
-    log_path: Path
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        return self.proc.returncode
+Server = ServerProcess
 
 
-class ServerStarting:
-    """A server started in the background; ``wait()`` returns the serving ``Server``."""
+class ServerStarting(_Starting):
+    """A server started in the background with the repo's sources importable."""
 
     def __init__(self, tmp: Path, model_root: Path, *extra: str):
-        tmp.mkdir(parents=True, exist_ok=True)
-        self.port_file = tmp / "port"
-        if self.port_file.exists():
-            self.port_file.unlink()
-        self.log_path = tmp / "server.log"
-        cmd = [sys.executable, "-m", "llem_server", "--host", "127.0.0.1", "--port", "0", "--port-file",
-               str(self.port_file), "--model-root", str(model_root), "--log-format", "json", *extra]
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=server_env(),
-                                     start_new_session=True)
-
-    def wait(self, timeout: float = 180.0) -> Server:
-        deadline = time.monotonic() + timeout
-        while not self.port_file.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llem-server exited with {self.proc.returncode}:\n{self.log_path.read_text()[-4000:]}")
-            if time.monotonic() > deadline:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                raise RuntimeError(f"llem-server did not start in {timeout}s:\n{self.log_path.read_text()[-4000:]}")
-            time.sleep(0.05)
-        return Server(f"127.0.0.1:{self.port_file.read_text().strip()}", self.proc, self.log_path)
+        super().__init__(tmp, model_root, *extra, env=server_env())
 
 
 def start_server(tmp: Path, model_root: Path, *extra: str, timeout: float = 180.0) -> Server:

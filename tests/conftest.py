@@ -1,16 +1,11 @@
 """Shared fixtures: tiny models built on the spot and real llem-server processes on loopback."""
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
+from llem_server.launch import ServerProcess
+from llem_server.launch import start_server as launch_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,54 +21,14 @@ def model_root(tmp_path_factory) -> Path:
     return root
 
 
-@dataclass
-class ServerProcess:
-    address: str
-    proc: subprocess.Popen
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(self.address)
-
-    def stub(self):
-        from llem.v1 import llem_pb2_grpc
-
-        return llem_pb2_grpc.LlemServiceStub(self.channel())
-
-
-def start_server(tmp: Path, model_root: Path, *extra: str, timeout: float = 120.0, env: dict | None = None) -> ServerProcess:
+def start_server(tmp: Path, model_root: Path, *extra: str, timeout: float = 120.0,
+                 env: dict | None = None) -> ServerProcess:
     """Start ``llem-server`` on a free loopback port and wait until it serves."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    port_file = tmp / "port"
-    log_path = tmp / "server.log"
-    cmd = [sys.executable, "-m", "llem_server", "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
-           "--model-root", str(model_root), "--log-format", "json", *extra]
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                            start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while not port_file.exists():
-        if proc.poll() is not None:
-            raise RuntimeError(f"llem-server exited with {proc.returncode}:\n{log_path.read_text()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"llem-server did not start in {timeout}s:\n{log_path.read_text()}")
-        time.sleep(0.1)
-    return ServerProcess(f"127.0.0.1:{port_file.read_text().strip()}", proc, log_path)
+    return launch_server(tmp, model_root, *extra, timeout=timeout, env=env)
 
 
 def stop_server(server: ServerProcess, timeout: float = 30.0) -> int:
-    if server.proc.poll() is None:
-        server.proc.send_signal(signal.SIGTERM)
-        try:
-            server.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.proc.pid, signal.SIGKILL)
-            server.proc.wait()
-    return server.proc.returncode
+    return server.stop(timeout)
 
 
 @pytest.fixture(scope="session")
