@@ -271,10 +271,8 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         finally:
             if result is not None or not job.cancelled:
                 self.registry.release(entry)
-        if not result["cache_hit"]:
-            self._note_load(entry, result)
+        # A load (and its evictions) was reported by the "loaded" event before generation began.
         self.registry.used(entry, result["model"])
-        self._drop_evicted(entry, result)
         if result.get("window"):
             t_end = result["window"][1]
             if window is None:  # "started" is always sent first; keep a window regardless
@@ -306,7 +304,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         self._drop_evicted(entry, data)
 
     def _drop_evicted(self, entry, data: dict) -> None:
-        """Forget the models the worker evicted to make room; each counted once (a job reports them twice)."""
+        """Forget the models the worker evicted to make room (reported with the load, or with its error)."""
         for evicted_hash, _freed in data.get("evicted", []):
             if self.registry.remove(evicted_hash) is not None and self.metrics is not None:
                 self.metrics.record_eviction(self.meter_devices.get(entry.device_index, entry.device_index))
@@ -442,7 +440,6 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                 t0, t1 = data["model"]["load_window"]
                 window = self.meter.open_window(self._meter_indices(worker), t0, request.request_id or "load")
                 entry.load_energy, _ = await self._energy(window, t1, None)
-            self._drop_evicted(entry, data)
             resp = llem_pb2.LoadModelResponse(config_hash=config_hash, cache_hit=cache_hit, model=entry.to_proto())
             for code, message in list(warnings) + list(data["model"].get("warnings", [])):
                 resp.warnings.add(code=code, message=message)

@@ -128,8 +128,8 @@ def worker_main(conn, device: str, cuda_index: int | None, cancel_flag, max_mode
                     entry, msg["prompts"], msg["plan"], job_id=job, cancel_flag=cancel_flag, emit=emit,
                     on_start=lambda t, _job=job: send({"type": "started", "job": _job, "t": t}),
                 )
-                result.update(base)
-                result["model"] = entry.info()
+                # Evictions went out with "loaded"; the model's info is refreshed after use.
+                result.update(cache_hit=cache_hit, model=entry.info())
                 send({"type": "done", "job": job, "result": result})
             elif op == "unload":
                 freed = cache.unload(msg["config_hash"])
