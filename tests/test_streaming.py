@@ -355,3 +355,23 @@ def test_beam_search_streams_its_sequences_once_chosen(stub):
         assert [t for ch in mine for t in ch.token_ids] == list(c.token_ids)
     assert any(w.code == "STREAM_NOT_INCREMENTAL" for w in final.warnings)
     assert not final.timing.HasField("time_to_first_token_ms")  # no per-step signal to time it by
+
+
+def test_a_load_cancelled_before_it_finished_still_lands_in_the_cache(stub):
+    """The client gives up while the model is still loading: the load completes in the worker,
+    and the front's view of the cache must say READY (not LOADING forever)."""
+    req = request("llama", ["Hello"], 4)
+    req.model.pytorch.max_memory["cpu"] = "3GiB"  # a load config no other test uses
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(req, timeout=0.05)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 60
+    while True:
+        states = {m.config.pytorch.max_memory.get("cpu"): m.state
+                  for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models}
+        if states.get(str(3 * 1024**3)) == pb.MODEL_STATE_READY or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert states.get(str(3 * 1024**3)) == pb.MODEL_STATE_READY, states
+    again = stub.Generate(req, timeout=120)
+    assert again.cache_hit

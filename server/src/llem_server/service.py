@@ -330,8 +330,14 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                     kind, data = await job.events.get()
                     if kind == "started":
                         w = self.meter.open_window(self._meter_indices(worker), data, request_id)
+                    elif kind == "loaded":  # the load finished although nobody waits: the cache has it
+                        self._note_load(entry, data)
                     elif kind in ("done", "error"):
                         break
+                if kind == "error":
+                    if entry.state != READY:
+                        self.registry.failed(entry, data.get("message", ""))
+                    self._drop_evicted(entry, data)
                 tokens = sum(c["output_tokens"] for c in data.get("completions", [])) if kind == "done" else 0
                 energy = None
                 if w is not None and kind == "done" and data.get("window"):
