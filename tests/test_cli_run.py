@@ -132,6 +132,51 @@ def test_run_txt_dataset_flag_output_flag_and_convergence(server, tmp_path):
     assert w["mode"] == "convergence" and w["converged"] is True and w["requests"] == 2  # CV < 10 at the first check
 
 
+def _greedy_run(server, tmp_path: Path, in_flight: int) -> dict:
+    cfg = write_config(tmp_path / f"exp{in_flight}.yaml", n=6, pytorch={"batch_size": 1}, warmup={"enabled": False},
+                       baseline={"enabled": False}, output_dir=str(tmp_path / f"out{in_flight}"))
+    p = llem("run", cfg, "--server", server.address, "--in-flight", str(in_flight), cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    res = only_result(tmp_path / f"out{in_flight}")
+    check_result(res, requests=6, prompts=6)
+    assert res["measurement"]["in_flight"] == in_flight and res["measurement"]["requests_sent"] == 6
+    assert [r["index"] for r in res["requests"]] == list(range(6))  # kept in request order
+    assert [line.split(":")[0] for line in p.stderr.splitlines() if line.startswith("request ")] == \
+        [f"request {i}/6" for i in range(1, 7)]
+    a = res["aggregates"]
+    # throughput over the phase's elapsed time, first send to last response
+    assert a["wall_time_s"] == pytest.approx(res["measurement"]["elapsed_s"])
+    assert a["wall_time_s"] == pytest.approx(max(r["received_at_s"] for r in res["requests"]) - res["requests"][0]["sent_at_s"])
+    assert a["output_tokens_per_s"] == pytest.approx(a["output_tokens"] / a["wall_time_s"])
+    assert a["server_latency_ms"]["count"] == a["server_queue_wait_ms"]["count"] == 6
+    assert "requests in flight" in p.stdout and "server latency p50" in p.stdout
+    return res
+
+
+def test_in_flight_2_matches_sequential_and_overlaps(server, tmp_path):
+    one, two = _greedy_run(server, tmp_path, 1), _greedy_run(server, tmp_path, 2)
+
+    def outputs(res: dict) -> list:
+        return [(r["prompt_indices"], r["input_tokens"], r["output_tokens"], [c["text"] for c in r["completions"]])
+                for r in res["requests"]]
+
+    assert outputs(one) == outputs(two)  # greedy decoding: the same completions, in the same order
+    seq, par = one["requests"], two["requests"]
+    # one in flight: each request is sent after the previous response came back
+    assert all(seq[k + 1]["sent_at_s"] >= seq[k]["received_at_s"] for k in range(5))
+    # two in flight: some request was sent while the one before it was still outstanding
+    assert any(par[k + 1]["sent_at_s"] < par[k]["received_at_s"] for k in range(5))
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_in_flight_must_be_a_positive_integer(tmp_path, value):
+    cfg = write_config(tmp_path / "exp.yaml")
+    p = llem("run", cfg, "--server", UNREACHABLE, "--in-flight", value, cwd=tmp_path)
+    assert p.returncode == 2
+    assert "argument --in-flight" in p.stderr, p.stderr
+    assert "cannot reach" not in p.stderr and not (tmp_path / "out").exists()
+
+
 def test_energy_null_is_recorded_as_disabled(server, tmp_path):
     cfg = write_config(tmp_path / "exp.yaml", energy={"backend": None}, n=2, warmup={"enabled": False})
     p = llem("run", cfg, "--server", server.address, cwd=tmp_path)

@@ -39,6 +39,16 @@ def _connection_parent() -> argparse.ArgumentParser:
     return p
 
 
+def _in_flight(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of requests, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (1 sends strictly one request after another), got {n}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     conn = _connection_parent()
     parser = argparse.ArgumentParser(
@@ -62,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--precision", help="override precision (fp32, fp16, bf16)")
     run.add_argument("--dataset", help="override dataset (a .jsonl or .txt file)")
     run.add_argument("--output", "-o", help="override output_dir")
+    run.add_argument("--in-flight", type=_in_flight, default=2, metavar="N",
+                     help="measured Generate requests kept outstanding (default: %(default)s). The server runs one at a time "
+                          "per device, but answers each only after the energy counter's next update (~100 ms); with the "
+                          "next request already queued the device never idles during that wait. 1: strictly sequential")
     run.add_argument("--json", action="store_true", help="print the result JSON to stdout (the summary goes to stderr)")
     run.add_argument("--dry-run", action="store_true", help="validate the config and print the effective configuration; send nothing")
 
@@ -197,7 +211,7 @@ def cmd_run(args: argparse.Namespace, display) -> int:
     except ConfigurationError as e:
         return _config_problems(e, display)
 
-    runner = Runner(client, exp, prompts, dataset_info, display, args.server)
+    runner = Runner(client, exp, prompts, dataset_info, display, args.server, in_flight=args.in_flight)
     code = EXIT_OK
     status, error = "completed", None
     try:

@@ -1,8 +1,13 @@
 """Run results: per-request records, aggregates, the JSON file and the summary.
 
 Rules the aggregates keep:
-  * throughput counts output tokens only, over the sum of the client-measured
-    wall times of the measured requests (input tokens are reported apart);
+  * throughput counts output tokens only, over the measured phase's elapsed wall
+    time, from the first request sent to the last response received (input tokens
+    are reported apart). With several requests in flight, per-request wall times
+    overlap, so their sum would undercount throughput;
+  * latency is reported twice: the client's (send to response; with more than one
+    request in flight it includes the time a request waits behind the previous
+    one) and the server's own (arrival to response less its device-queue wait);
   * energy sums add only ``available`` energies and say how many requests had
     none: an absent energy is never 0 J;
   * time to first token is summarised over the requests that report it.
@@ -23,7 +28,10 @@ from .convert import message_to_dict
 
 SCHEMA = "llem-client/result"
 SCHEMA_VERSION = "1.0"
-THROUGHPUT_BASIS = "output_tokens / sum of client-measured wall time of the measured Generate calls"
+THROUGHPUT_BASIS = "output_tokens / elapsed wall time of the measured phase (first request sent to last response received)"
+LATENCY_BASIS = ("latency_ms: client, request sent to response received (with in_flight > 1 it includes waiting "
+                 "behind the previous requests); server_latency_ms: server, arrival to response less the "
+                 "device-queue wait (server_queue_wait_ms)")
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -58,8 +66,14 @@ def request_record(
     wall_s: float,
     *,
     record_energy: bool,
+    sent_at_s: float | None = None,
+    received_at_s: float | None = None,
 ) -> dict[str, Any]:
-    """One measured request, as stored in the result file."""
+    """One measured request, as stored in the result file.
+
+    ``sent_at_s`` / ``received_at_s``: when the client sent the request and got the
+    response, in seconds from the start of the measured phase (monotonic clock).
+    """
     timing = resp.timing
     return {
         "index": index,
@@ -71,7 +85,10 @@ def request_record(
         "input_tokens": resp.usage.input_tokens,
         "output_tokens": resp.usage.output_tokens,
         "wall_s": wall_s,
+        "sent_at_s": sent_at_s,
+        "received_at_s": received_at_s,
         "server_total_ms": timing.total_ms,
+        "server_queue_wait_ms": timing.queue_wait_ms,
         "time_to_first_token_ms": timing.time_to_first_token_ms if timing.HasField("time_to_first_token_ms") else None,
         "timing": message_to_dict(timing),
         "energy": message_to_dict(resp.energy) if record_energy else None,
@@ -89,11 +106,24 @@ def request_record(
     }
 
 
+def measured_elapsed_s(records: list[dict[str, Any]]) -> float | None:
+    """Wall time from the first request sent to the last response received.
+
+    Records without send/receive times (written by hand, or by an older client)
+    fall back to the sum of their wall times, as with one request in flight.
+    """
+    if not records:
+        return None
+    if all(r.get("sent_at_s") is not None and r.get("received_at_s") is not None for r in records):
+        return max(r["received_at_s"] for r in records) - min(r["sent_at_s"] for r in records)
+    return sum(r["wall_s"] for r in records)
+
+
 def aggregate(records: list[dict[str, Any]], *, energy_recorded: bool) -> dict[str, Any]:
     """Totals, throughput, energy, latency and TTFT over the measured requests."""
     in_tok = sum(r["input_tokens"] for r in records)
     out_tok = sum(r["output_tokens"] for r in records)
-    wall = sum(r["wall_s"] for r in records)
+    wall = measured_elapsed_s(records) or 0.0
     gen_s = sum(r["timing"].get("generate_ms", 0.0) for r in records) / 1000.0
     agg: dict[str, Any] = {
         "requests": len(records),
@@ -101,6 +131,7 @@ def aggregate(records: list[dict[str, Any]], *, energy_recorded: bool) -> dict[s
         "input_tokens": in_tok,
         "output_tokens": out_tok,
         "wall_time_s": wall,
+        "request_wall_time_sum_s": sum(r["wall_s"] for r in records),
         "output_tokens_per_s": (out_tok / wall) if wall > 0 else None,
         "throughput_basis": THROUGHPUT_BASIS,
         # Model speed alone: the wall time also holds queueing, the network and the
@@ -108,7 +139,11 @@ def aggregate(records: list[dict[str, Any]], *, energy_recorded: bool) -> dict[s
         "output_tokens_per_generate_s": (out_tok / gen_s) if gen_s > 0 else None,
         "generate_basis": "output_tokens / sum of server timing.generate_ms",
         "latency_ms": _stats([r["wall_s"] * 1000.0 for r in records]),
+        "latency_basis": LATENCY_BASIS,
         "server_total_ms": _stats([r["server_total_ms"] for r in records]),
+        "server_queue_wait_ms": _stats([r["server_queue_wait_ms"] for r in records if r.get("server_queue_wait_ms") is not None]),
+        "server_latency_ms": _stats([r["server_total_ms"] - r["server_queue_wait_ms"] for r in records
+                                     if r.get("server_queue_wait_ms") is not None]),
         "time_to_first_token_ms": _stats([r["time_to_first_token_ms"] for r in records if r["time_to_first_token_ms"] is not None]),
     }
     warnings: Counter[str] = Counter(w["code"] for r in records for w in r["warnings"])
@@ -203,9 +238,17 @@ def summary_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
             rows.append(("J per output token", _fmt(e["joules_per_output_token"], " J", 4)))
             if missing:
                 rows.append(("requests without energy", f"{missing}: " + "; ".join(e["unavailable_reasons"])))
+    in_flight = (result.get("measurement") or {}).get("in_flight")
+    if in_flight is not None:
+        rows.append(("requests in flight", f"{in_flight}; throughput over the measured phase's {_fmt(a['wall_time_s'], ' s', 3)}"))
     lat = a["latency_ms"]
     if lat["count"]:
-        rows.append(("latency p50 / p90 / p99", f"{_fmt(lat['p50'])} / {_fmt(lat['p90'])} / {_fmt(lat['p99'])} ms"))
+        how = "client: sent to response" + (", incl. waiting behind earlier in-flight requests" if (in_flight or 1) > 1 else "")
+        rows.append(("latency p50 / p90 / p99", f"{_fmt(lat['p50'])} / {_fmt(lat['p90'])} / {_fmt(lat['p99'])} ms ({how})"))
+    slat, q = a.get("server_latency_ms", {"count": 0}), a.get("server_queue_wait_ms", {"count": 0})
+    if slat["count"]:
+        rows.append(("server latency p50 / p90 / p99", f"{_fmt(slat['p50'])} / {_fmt(slat['p90'])} / {_fmt(slat['p99'])} ms "
+                     f"(arrival to response less device-queue wait; queue wait p50 {_fmt(q.get('p50'))} ms)"))
     t = a["time_to_first_token_ms"]
     if t["count"]:
         rows.append(("time to first token p50 / p95", f"{_fmt(t['p50'])} / {_fmt(t['p95'])} ms ({t['count']} requests)"))

@@ -2,6 +2,14 @@
 
 The runner fills a result dict as it goes, so that whatever finished before an
 interrupt or an error is kept; the CLI decides what to write and which exit code.
+
+The measured phase keeps up to ``in_flight`` Generate calls outstanding (default
+2): the server runs one generation at a time per device, so windows stay
+exclusive, but it answers a request only once the energy counter has updated after
+its window (~100 ms), while the device starts the next queued request at once. A
+strictly sequential client would leave the device idle for that wait. Results are
+consumed in request order. Warm-up stays sequential: its latency-CV convergence
+needs latencies that hold no queueing.
 """
 from __future__ import annotations
 
@@ -9,23 +17,30 @@ import platform
 import socket
 import statistics
 import sys
+import threading
 import time
 import uuid
+from collections import deque
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from datetime import datetime, timezone
 from typing import Any
+
+import grpc
 
 from llem.v1 import llem_pb2
 
 from . import __version__
-from .client import Client
+from .client import Client, _DeferredSigint
 from .convert import message_to_dict
 from .datasets import Prompt
 from .display import Display
-from .errors import LlemError
+from .errors import LlemError, from_rpc_error
 from .experiment import Experiment
-from .results import SCHEMA, SCHEMA_VERSION, aggregate, request_record
+from .results import SCHEMA, SCHEMA_VERSION, aggregate, measured_elapsed_s, request_record
 
 SERVER_INFO_TIMEOUT_S = 30.0
+DEFAULT_IN_FLIGHT = 2
 
 
 class EnergyRequirementError(Exception):
@@ -57,11 +72,78 @@ def _energy_text(e: llem_pb2.Energy | dict | None) -> str:
     return f"{e.total_j:.3f} J"
 
 
+class _InFlight:
+    """Generate calls on up to ``depth`` worker threads; ``close(cancel=True)`` cancels them.
+
+    The main thread waits only on ``concurrent.futures`` (pure Python, with a short
+    timeout so that a Ctrl-C taken by another thread is still seen); gRPC's own waits
+    happen on the workers, where no KeyboardInterrupt can land (see ``Client._unary``).
+    Each result is ``(response, sent, received)`` in ``time.perf_counter()`` seconds.
+    """
+
+    def __init__(self, client: Client, depth: int):
+        self._client = client
+        self._pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="llem-run")
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._calls: set[Any] = set()  # gRPC calls started and not yet finished
+
+    def submit(self, request: llem_pb2.GenerateRequest) -> Future:
+        return self._pool.submit(self._call, request)
+
+    def _call(self, request: llem_pb2.GenerateRequest) -> tuple[llem_pb2.GenerateResponse, float, float]:
+        if self._stop.is_set():
+            raise CancelledError()
+        c = self._client
+        sent = time.perf_counter()
+        call = c._stub.Generate.future(request, **c._call_kwargs(None))  # no deadline for generation
+        with self._lock:
+            self._calls.add(call)
+            stopped = self._stop.is_set()
+        try:
+            if stopped:  # close() ran between the check above and the registration
+                call.cancel()
+            try:
+                resp = call.result()
+            except grpc.FutureCancelledError:
+                raise CancelledError() from None
+            except grpc.RpcError as e:
+                raise from_rpc_error(e) from None
+            return resp, sent, time.perf_counter()
+        finally:
+            with self._lock:
+                self._calls.discard(call)
+
+    @staticmethod
+    def result(fut: Future) -> tuple[llem_pb2.GenerateResponse, float, float]:
+        while not wait_futures([fut], timeout=0.1).done:
+            pass
+        return fut.result()
+
+    def close(self, *, cancel: bool) -> None:
+        """Stop the workers; with ``cancel``, cancel queued and running calls first."""
+        if not cancel:
+            self._pool.shutdown(wait=True)
+            return
+        with _DeferredSigint():  # a second Ctrl-C must not break the clean-up
+            self._stop.set()
+            with self._lock:
+                calls = list(self._calls)
+            for call in calls:
+                call.cancel()
+            # Cancelled calls return at once, so joining the workers cannot hang.
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 class Runner:
     """One experiment against one server. ``result`` is valid at every point."""
 
-    def __init__(self, client: Client, exp: Experiment, prompts: list[Prompt], dataset_info: dict[str, Any], display: Display, address: str):
+    def __init__(self, client: Client, exp: Experiment, prompts: list[Prompt], dataset_info: dict[str, Any], display: Display, address: str,
+                 *, in_flight: int = DEFAULT_IN_FLIGHT):
+        if in_flight < 1:
+            raise ValueError(f"in_flight must be at least 1, not {in_flight}")
         self.client = client
+        self.in_flight = in_flight
         self.exp = exp
         self.prompts = prompts
         self.display = display
@@ -96,6 +178,7 @@ class Runner:
             "warmup": {"enabled": exp.warmup["enabled"], "requests": 0},
             "baseline": {"enabled": exp.baseline["enabled"], "measured": False},
             "energy": {"backend": exp.energy_backend, "recorded": self.record_energy},
+            "measurement": {"in_flight": in_flight, "requests_sent": 0, "elapsed_s": None},
             "requests": self.records,
             "aggregates": None,
             "provenance": None,
@@ -125,6 +208,7 @@ class Runner:
                 err["field_violations"] = [list(v) for v in error.field_violations]
             self.result["error"] = err
         self.result["finished_at"] = _now()
+        self.result["measurement"]["elapsed_s"] = measured_elapsed_s(self.records)
         self.result["aggregates"] = aggregate(self.records, energy_recorded=self.record_energy)
         self.result["provenance"] = self._provenance()
         return self.result
@@ -279,27 +363,66 @@ class Runner:
         self.stage = "measure"
         size = self.exp.batch_size
         batches = [list(range(i, min(i + size, len(self.prompts)))) for i in range(0, len(self.prompts), size)]
-        total_tokens = 0
-        joules = 0.0
-        missing = 0
-        self.display.line(f"measuring: {len(self.prompts)} prompt(s) in {len(batches)} request(s) of up to {size}")
+        meas = self.result["measurement"]
+        depth = max(1, min(self.in_flight, len(batches)))
+        self._totals = {"tokens": 0, "joules": 0.0, "missing": 0}
+        self.display.line(
+            f"measuring: {len(self.prompts)} prompt(s) in {len(batches)} request(s) of up to {size}"
+            + (f", up to {depth} in flight" if depth > 1 else "")
+        )
+        pending: deque[tuple[int, list[int], Future]] = deque()
+        pool = _InFlight(self.client, depth)
+        t0 = time.perf_counter()  # the phase's clock: records hold offsets from here
+
+        def top_up(finished: int = 0) -> None:
+            while meas["requests_sent"] < len(batches) and len(pending) - finished < depth:
+                i = meas["requests_sent"]
+                req = self.exp.request([self.prompts[j].text for j in batches[i]], f"{self.run_id}-{i}")
+                pending.append((i, batches[i], pool.submit(req)))
+                meas["requests_sent"] += 1
+
         with self.display.progress(len(batches)) as bar:
-            for i, idx in enumerate(batches):
-                resp, wall = self._timed([self.prompts[j].text for j in idx], f"{self.run_id}-{i}")
-                if self.result["effective_config"] is None:
-                    self.result["effective_config"] = message_to_dict(resp.effective_config)
-                rec = request_record(i, idx, resp, wall, record_energy=self.record_energy)
-                self.records.append(rec)
-                total_tokens += rec["output_tokens"]
-                if self.record_energy:
-                    if resp.energy.available:
-                        joules += resp.energy.total_j
-                    else:
-                        missing += 1
-                energy_text = _energy_text(rec["energy"]) if self.record_energy else "energy not recorded"
-                bar.advance(
-                    output_tokens=total_tokens,
-                    joules=joules if self.record_energy and missing < len(self.records) else None,
-                    missing=missing,
-                    line=f"request {i + 1}/{len(batches)}: {rec['output_tokens']} output tokens, {wall:.3f} s, {energy_text}",
-                )
+            try:
+                top_up()
+                while pending:
+                    i, idx, fut = pending[0]
+                    resp, sent, received = pool.result(fut)
+                    # The head is done, so it is no longer in flight: queue the next request
+                    # before the bookkeeping, and drop the head only once it is recorded.
+                    top_up(finished=1)
+                    self._keep(bar, len(batches), i, idx, resp, sent - t0, received - t0)
+                    pending.popleft()
+            except BaseException:
+                # Keep whatever finished (the request waited on, and any after it), then
+                # cancel the rest. Nothing here waits on the server.
+                kept = {r["index"] for r in self.records}
+                for i, idx, fut in list(pending):
+                    if i not in kept and fut.done() and not fut.cancelled() and fut.exception() is None:
+                        resp, sent, received = fut.result()
+                        self._keep(bar, len(batches), i, idx, resp, sent - t0, received - t0)
+                pool.close(cancel=True)
+                raise
+            pool.close(cancel=False)
+
+    def _keep(self, bar: Any, total: int, i: int, idx: list[int], resp: llem_pb2.GenerateResponse,
+              sent_s: float, received_s: float) -> None:
+        """Record one measured response and report it."""
+        if self.result["effective_config"] is None:
+            self.result["effective_config"] = message_to_dict(resp.effective_config)
+        rec = request_record(i, idx, resp, received_s - sent_s, record_energy=self.record_energy,
+                             sent_at_s=sent_s, received_at_s=received_s)
+        self.records.append(rec)
+        t = self._totals
+        t["tokens"] += rec["output_tokens"]
+        if self.record_energy:
+            if resp.energy.available:
+                t["joules"] += resp.energy.total_j
+            else:
+                t["missing"] += 1
+        energy_text = _energy_text(rec["energy"]) if self.record_energy else "energy not recorded"
+        bar.advance(
+            output_tokens=t["tokens"],
+            joules=t["joules"] if self.record_energy and t["missing"] < len(self.records) else None,
+            missing=t["missing"],
+            line=f"request {i + 1}/{total}: {rec['output_tokens']} output tokens, {rec['wall_s']:.3f} s, {energy_text}",
+        )
