@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import os
 import shutil
 import sys
 import tempfile
@@ -24,6 +25,9 @@ GENERATED = ["llem_pb2.py", "llem_pb2.pyi", "llem_pb2_grpc.py", "llem_pb2_grpc.p
 def generate(out: Path) -> None:
     from grpc_tools import protoc
 
+    # protoc finds the mypy plugins on PATH: use the ones beside this interpreter, so a
+    # venv's python works without the venv being activated.
+    os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
     args = [
         "protoc",
         f"-I{PROTO_ROOT}",

@@ -145,6 +145,9 @@ def aggregate(records: list[dict[str, Any]], *, energy_recorded: bool) -> dict[s
         "server_latency_ms": _stats([r["server_total_ms"] - r["server_queue_wait_ms"] for r in records
                                      if r.get("server_queue_wait_ms") is not None]),
         "time_to_first_token_ms": _stats([r["time_to_first_token_ms"] for r in records if r["time_to_first_token_ms"] is not None]),
+        # Part of server_total_ms spent waiting for the energy counter's next update.
+        "server_energy_wait_ms": _stats([r["timing"].get("energy_wait_ms", 0.0) for r in records
+                                         if isinstance(r.get("timing"), dict)]),
     }
     warnings: Counter[str] = Counter(w["code"] for r in records for w in r["warnings"])
     if not energy_recorded:

@@ -278,12 +278,14 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             if window is None:  # "started" is always sent first; keep a window regardless
                 window = self.meter.open_window(self._meter_indices(worker), result["window"][0], request_id)
         out_tokens = sum(c["output_tokens"] for c in result["completions"])
-        energy, energy_warnings = await self._energy(window, t_end, out_tokens)
+        stream_warnings = []
+        # Every token goes out before the energy wait (the counter's next update, up to
+        # ~100 ms): a stream's last token is not delayed by metering, only its totals.
         if stream and not decoders and out_tokens:
             # Beam search has no per-step signal: its tokens can only be sent once known.
             for c in result["completions"]:
                 yield llem_pb2.TokenChunk(index=c["index"], token_ids=c["token_ids"], text=c["text"])
-            energy_warnings.append(llem_pb2.Warning(
+            stream_warnings.append(llem_pb2.Warning(
                 code="STREAM_NOT_INCREMENTAL",
                 message="num_beams > 1: beam search picks its sequences at the end, so tokens were sent once done"))
         if stream:
@@ -291,8 +293,11 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                 tail = dec.flush()
                 if tail:
                     yield llem_pb2.TokenChunk(index=index, text=tail)
+        t_wait = time.monotonic()
+        energy, energy_warnings = await self._energy(window, t_end, out_tokens)
+        energy_warnings.extend(stream_warnings)
         yield self._response(request_id, config_hash, entry, resolved, result, energy, energy_warnings, job,
-                             t_arrival)
+                             t_arrival, energy_wait_ms=(time.monotonic() - t_wait) * 1e3)
 
     def _note_load(self, entry, data: dict) -> None:
         if entry.state == READY and entry.info:
@@ -361,7 +366,8 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _response(self, request_id, config_hash, entry, resolved, result, energy, energy_warnings, job, t_arrival):
+    def _response(self, request_id, config_hash, entry, resolved, result, energy, energy_warnings, job, t_arrival,
+                  energy_wait_ms: float = 0.0):
         resp = llem_pb2.GenerateResponse(request_id=request_id, config_hash=config_hash, cache_hit=result["cache_hit"])
         in_tok = out_tok = 0
         for c in result["completions"]:
@@ -386,6 +392,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             for k, v in t["inter_token_latency"].items():
                 setattr(timing.inter_token_latency, k, v)
         timing.total_ms = (time.monotonic() - t_arrival) * 1e3
+        timing.energy_wait_ms = energy_wait_ms
         resp.energy.CopyFrom(energy)
         for code, message in list(resolved.warnings) + list(result["model"].get("warnings", [])):
             resp.warnings.add(code=code, message=message)
@@ -412,7 +419,8 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         if self.log is not None:
             self.log.info("generate", request_id=request_id, config_hash=config_hash, status="OK", input_tokens=in_tok,
                           output_tokens=out_tok, cache_hit=result["cache_hit"],
-                          energy_j=energy.total_j if energy.available else None, total_ms=round(timing.total_ms, 2))
+                          energy_j=energy.total_j if energy.available else None, total_ms=round(timing.total_ms, 2),
+                          energy_wait_ms=round(energy_wait_ms, 2))
         return resp
 
     # -- model cache -----------------------------------------------------------

@@ -794,6 +794,7 @@ class Timing(_message.Message):
     DECODE_MS_FIELD_NUMBER: _builtins.int
     GENERATE_MS_FIELD_NUMBER: _builtins.int
     TOTAL_MS_FIELD_NUMBER: _builtins.int
+    ENERGY_WAIT_MS_FIELD_NUMBER: _builtins.int
     queue_wait_ms: _builtins.float
     """Time waiting in the device queue, ms."""
     load_ms: _builtins.float
@@ -810,6 +811,12 @@ class Timing(_message.Message):
     """Time in generate() summed over slices, ms."""
     total_ms: _builtins.float
     """From arrival at the server to the response, ms."""
+    energy_wait_ms: _builtins.float
+    """Part of total_ms spent after generation waiting for the GPU energy counter's next
+    update (it updates every ~100 ms; the window's end is interpolated between
+    updates), ms. The device is free during it: the next request is already running.
+    0 when nothing is metered.
+    """
     @_builtins.property
     def inter_token_latency(self) -> Global___LatencyStats:
         """Latency between consecutive new tokens. Absent with beam search."""
@@ -825,10 +832,11 @@ class Timing(_message.Message):
         decode_ms: _builtins.float = ...,
         generate_ms: _builtins.float = ...,
         total_ms: _builtins.float = ...,
+        energy_wait_ms: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_time_to_first_token_ms", b"_time_to_first_token_ms", "inter_token_latency", b"inter_token_latency", "time_to_first_token_ms", b"time_to_first_token_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_time_to_first_token_ms", b"_time_to_first_token_ms", "decode_ms", b"decode_ms", "generate_ms", b"generate_ms", "inter_token_latency", b"inter_token_latency", "load_ms", b"load_ms", "queue_wait_ms", b"queue_wait_ms", "time_to_first_token_ms", b"time_to_first_token_ms", "tokenization_ms", b"tokenization_ms", "total_ms", b"total_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_time_to_first_token_ms", b"_time_to_first_token_ms", "decode_ms", b"decode_ms", "energy_wait_ms", b"energy_wait_ms", "generate_ms", b"generate_ms", "inter_token_latency", b"inter_token_latency", "load_ms", b"load_ms", "queue_wait_ms", b"queue_wait_ms", "time_to_first_token_ms", b"time_to_first_token_ms", "tokenization_ms", b"tokenization_ms", "total_ms", b"total_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__time_to_first_token_ms: _TypeAlias = _typing.Literal["time_to_first_token_ms"]  # noqa: Y015
     _WhichOneofArgType__time_to_first_token_ms: _TypeAlias = _typing.Literal["_time_to_first_token_ms", b"_time_to_first_token_ms"]  # noqa: Y015

@@ -5,10 +5,14 @@ The thread reads its sensor every ``period_s`` and keeps raw samples
 ``(t, cumulative_energy_mj)`` that the attribution interpolates between:
 
 * ``counter`` mode (NVML total energy counter): the counter only changes at its own
-  updates (~100 ms), so a point is made where the value changed, timed at the midpoint
-  of the two samples around the change (the update happened between them). A counter
-  that goes backwards (driver reload, GPU reset) opens a *gap*: the energy across it is
-  unknown, and windows touching it are reported unavailable.
+  updates (~100 ms), so a point is made where the value changed. The update fell
+  between the two reads around the change; a ``PhaseTracker`` (phase.py) fits one
+  periodic update clock to those brackets and times the point at its estimate (the
+  bracket's midpoint until a phase is known). With a phase, reads are scheduled just
+  after the predicted updates while a request waits for its energy, and at varied
+  offsets otherwise, so the brackets keep the phase narrow. A counter that goes
+  backwards (driver reload, GPU reset) opens a *gap*: the energy across it is unknown,
+  and windows touching it are reported unavailable.
 * ``power`` mode (no counter): NVML's ~1 s average power is integrated (trapezoids);
   every sample is a point. Approximate.
 * ``cumulative`` mode (RAPL): an exact, finely updated cumulative value; every sample
@@ -19,6 +23,7 @@ Requests never call the sensor: they read this buffer (``view``) under a lock.
 from __future__ import annotations
 
 import bisect
+import random
 import statistics
 import threading
 import time
@@ -26,7 +31,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .phase import PhaseTracker
+
 MIN_PERIOD_S = 0.05  # energy.md rule 2: never faster than 50 ms on real hardware
+READ_GUARD_S = 0.002  # a phase-locked read aims this far past the latest possible update
+PROBE_EVERY = 8       # while hurrying on a known phase: every 8th update, read just before it
 
 
 class ReadError(Exception):
@@ -72,7 +81,7 @@ class _Buf:
 class Sampler:
     def __init__(self, read: Callable[[], Reading], *, mode: str = "counter", period_s: float = 0.1,
                  clock: Callable[[], float] = time.monotonic, capacity: int = 72_000, name: str = "sensor",
-                 fast_period_s: float | None = None):
+                 fast_period_s: float | None = None, floor_s: float = MIN_PERIOD_S):
         if mode not in ("counter", "power", "cumulative"):
             raise ValueError(mode)
         self._read = read
@@ -82,6 +91,12 @@ class Sampler:
         # (shorter, never under the 50 ms floor) period: a counter update is then seen
         # sooner (less time before the response can be sent) and timed more tightly.
         self.fast_period_s = fast_period_s
+        self.floor_s = min(floor_s, period_s, fast_period_s or period_s)  # never two reads closer than this
+        self.phase = PhaseTracker()
+        self._rng = random.Random(0x11E)
+        self._probe = 0
+        self._last_start: float | None = None  # when the latest read began
+        self._last_changed = True  # whether it saw a counter update
         self._hurry = 0
         self._wake = threading.Event()
         self._clock = clock
@@ -131,13 +146,45 @@ class Sampler:
         with self._cond:
             self._cond.notify_all()
 
+    def _next_read(self, last: float, nxt: float) -> float:
+        """When to read next, given the last read's start and the plain schedule ``nxt``."""
+        if self.mode != "counter":
+            return nxt
+        ph = self.phase.phase
+        floor = last + self.floor_s
+        if self._hurry > 0 and ph is not None and ph.confident:
+            # Just after the first predicted update that the floor allows: a window's
+            # end point is then seen a few ms after the counter has it. Now and then,
+            # just before one instead, so the brackets keep a tight lower side.
+            if not self._last_changed:
+                return floor  # a probe (or a late update) missed: catch it as soon as allowed
+            self._probe = (self._probe + 1) % PROBE_EVERY
+            # The interval [lo, hi] is a hard bound, far wider than the estimate's usual
+            # error: aim halfway to its edge (a rare miss costs one floor period).
+            late = (ph.hi - ph.at) / 2 + READ_GUARD_S
+            if self._probe == 0:
+                return ph.next_after(floor + READ_GUARD_S) - READ_GUARD_S
+            return ph.next_after(floor - late) + late
+        period = ph.period if ph is not None else self._update_period()
+        if period is None:
+            return nxt
+        # Varied offsets from the updates (brackets at every phase narrow the estimate),
+        # spacing under one update period (so a bracket never holds two updates).
+        hi = max(period * 0.95, self.floor_s)
+        lo = max(period * (0.5 if self._hurry > 0 else 0.6), self.floor_s)
+        return last + self._rng.uniform(lo, max(lo, hi))
+
+    def schedule(self, last: float, nxt: float) -> float:
+        """The next read's time after a read that began at ``last``; ``nxt`` is the
+        previous planned time (an absolute schedule: read time does not add up as drift)."""
+        return max(self._next_read(last, nxt + self._current_period()), last + self.floor_s)
+
     def _run(self) -> None:
         nxt = self._clock()
         while not self._stop.is_set():
             last = self._clock()
             self.sample_once()
-            # Absolute schedule: read time does not accumulate as drift.
-            nxt += self._current_period()
+            nxt = self.schedule(last, nxt)
             if nxt < self._clock():
                 nxt = self._clock()
             while not self._stop.is_set():
@@ -146,8 +193,8 @@ class Sampler:
                     break
                 if self._wake.wait(delay):
                     self._wake.clear()
-                    # Asked to hurry: the next read comes one fast period after the last.
-                    nxt = min(nxt, last + self._current_period())
+                    # Asked to hurry: reschedule for the hurried mode, never under the floor.
+                    nxt = max(min(nxt, self._next_read(last, last + self._current_period())), last + self.floor_s)
 
     def sample_once(self) -> None:
         t0 = self._clock()
@@ -158,9 +205,10 @@ class Sampler:
                 self.last_error, self.errors = exc.reason, self.errors + 1
                 self._cond.notify_all()
             return
-        t = (t0 + self._clock()) / 2  # a read takes ms on NVML; its value is from inside the call
+        t1 = self._clock()
+        t = (t0 + t1) / 2  # a read takes ms on NVML; its value is from inside the call
         with self._cond:
-            self._add(t, r)
+            self._add(t, r, t0, t1)
             self.last_error = ""
             self._cond.notify_all()
 
@@ -174,7 +222,9 @@ class Sampler:
         b.pt_t.append(t)
         b.pt_e.append(e)
 
-    def _add(self, t: float, r: Reading) -> None:
+    def _add(self, t: float, r: Reading, start: float | None = None, end: float | None = None) -> None:
+        start = t if start is None else start
+        end = t if end is None else end
         b = self._buf
         b.s_t.append(t)
         b.s_temp.append(r.temperature_c)
@@ -191,7 +241,7 @@ class Sampler:
         elif v > prev:
             step = v - prev
             self._min_step = step if self._min_step is None else min(self._min_step, step)
-            self._point((prev_t + t) / 2, v + self._offset)  # the update fell between the two reads
+            self._point(self._update_time(prev_t, t, end), v + self._offset)
         elif v < prev:
             # Counter went backwards: energy since the last update before it is unknown.
             last = b.pt_t[-1] if b.pt_t else prev_t
@@ -200,8 +250,34 @@ class Sampler:
             self._offset += prev - v
             b.pt_t.append(t)
             b.pt_e.append(v + self._offset)
+        self._last_changed = prev is None or v != prev
         self._prev_raw, self._prev_t = v, t
+        self._last_start = start
         self._trim()
+
+    def _update_time(self, prev_t: float, t: float, end: float) -> float:
+        """When the (latest) update between the previous read and this one happened."""
+        lo = self._last_start if self._last_start is not None else prev_t  # the previous read's start
+        ph = self.phase.phase
+        period = ph.period if ph is not None else self._update_period()
+        est = (prev_t + t) / 2  # no period known yet: the midpoint
+        if period is not None:
+            single = end - lo < 0.98 * period
+            if not single and ph is not None and ph.confident:
+                # A longer bracket holds one update if the known phase puts exactly one in
+                # it, clear of its ends (phase-locked reads make such brackets).
+                u = ph.next_after(end - period)
+                single = (u - (ph.at - ph.lo) > lo and u + (ph.hi - ph.at) <= end
+                          and u - period + (ph.hi - ph.at) <= lo)
+            if single:
+                est = self.phase.add(lo, end, period)
+            elif ph is not None and ph.confident:
+                # Maybe two updates: the value is the counter at the later one.
+                u = ph.next_after(end - period)
+                if lo < u <= end:
+                    est = u
+        b = self._buf
+        return max(est, b.pt_t[-1] + 1e-6) if b.pt_t else est
 
     def _trim(self) -> None:
         b = self._buf
@@ -240,6 +316,8 @@ class Sampler:
     def _update_period(self) -> float | None:
         # Mean of recent intervals between points, outliers (stalls) left out: midpoint
         # timing makes single intervals jitter by a sample period, the mean does not.
+        if self.phase.phase is not None:
+            return self.phase.phase.period
         if not self._intervals:
             return None
         med = statistics.median(self._intervals)

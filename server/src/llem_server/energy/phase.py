@@ -1,0 +1,154 @@
+"""When does the GPU energy counter update? A phase estimate from bracketing reads.
+
+NVML's total energy counter changes about every 100 ms, at instants we cannot see: a
+read only tells whether an update happened since the previous read. Each observed
+change therefore *brackets* one update: it fell after the previous read began (that read
+still returned the old value) and before this read ended. Timing the update at the
+bracket's midpoint (the simple way) errs by up to half the read spacing (±25–50 ms), and
+a window's end can then only be settled one whole update later when the midpoint falls
+before it.
+
+The updates are periodic (H200: 100.0 ms idle, 100.3 ms busy; energy.md), so one
+update instant ``u_k = phase + k * period`` explains every bracket. Intersecting the
+brackets of the last few seconds, for each candidate period on a small grid, narrows
+the phase to a few milliseconds once the reads have fallen at varied offsets from the
+updates. The sampler uses the estimate twice:
+
+* to time each counter point (interpolation is then right at the window edges), and
+* to read just after the next predicted update while a request waits for its energy
+  (the wait after a window's end drops from ~1.5 update periods to ~0.5 of one).
+
+Nothing here is trusted blindly: a bracket always bounds its own update (an estimate is
+clamped into it), an estimate with no consistent phase falls back to the midpoint, and a
+phase jump (brackets that no period fits) restarts the history. Pure and stdlib-only.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+HISTORY = 48           # brackets kept: ~5 s at 100 ms
+MIN_BRACKETS = 8       # before this many, no phase estimate
+PERIOD_GRID = 41       # candidate periods tried around the nominal one
+PERIOD_SPAN = 0.01     # ± this fraction of the nominal period
+CONFIDENT_S = 0.03     # an estimate this narrow (30 ms) is used for read scheduling
+ANCHOR_EVERY_S = 1.0   # one phase estimate kept per second ...
+ANCHORS = 600          # ... for 10 minutes: the period from estimates far apart
+ANCHOR_MIN_AGE_S = 10.0
+MIN_SPAN = 2e-4        # the narrowest period range tried: ±0.02 %
+
+
+@dataclass(frozen=True)
+class Phase:
+    """The latest update is in ``[lo, hi]`` (best guess ``at``); updates recur every ``period``."""
+
+    at: float
+    lo: float
+    hi: float
+    period: float
+
+    @property
+    def width(self) -> float:
+        return self.hi - self.lo
+
+    @property
+    def confident(self) -> bool:
+        return self.width <= CONFIDENT_S
+
+    def next_after(self, t: float) -> float:
+        """The first predicted update instant (best guess) after ``t``."""
+        n = max(0, int((t - self.at) // self.period) + 1)
+        return self.at + n * self.period
+
+
+class PhaseTracker:
+    def __init__(self, history: int = HISTORY):
+        self._brackets: deque[tuple[float, float]] = deque(maxlen=history)
+        self.phase: Phase | None = None
+        self.restarts = 0
+        self._anchors: deque[tuple[float, float]] = deque(maxlen=ANCHORS)  # (at, half width)
+
+    def add(self, lo: float, hi: float, period_hint: float) -> float:
+        """Record that one update fell in ``(lo, hi]``; return the time to give it.
+        ``period_hint``: the update period to within 1 % (the sampler's mean spacing of
+        counter changes; periods within ±1 % of it are tried)."""
+        mid = (lo + hi) / 2
+        self._brackets.append((lo, hi))
+        if len(self._brackets) < MIN_BRACKETS:
+            self.phase = None
+            return mid
+        p0, span = self._period_range(period_hint)
+        ph = self._fit(p0, span)
+        if ph is None and span < PERIOD_SPAN:
+            # The period moved off its long-run value: try the wide range, forget the anchors.
+            ph = self._fit(period_hint, PERIOD_SPAN)
+            self._anchors.clear()
+        if ph is None:
+            # No periodic phase fits (a stall, a jump, a driver change): start over from here.
+            self.restarts += 1
+            last = self._brackets[-1]
+            self._brackets.clear()
+            self._brackets.append(last)
+            self._anchors.clear()
+            self.phase = None
+            return mid
+        self.phase = ph
+        if not self._anchors or ph.at - self._anchors[-1][0] >= ANCHOR_EVERY_S:
+            self._anchors.append((ph.at, ph.width / 2))
+        return min(max(ph.at, lo), hi)
+
+    def _period_range(self, hint: float) -> tuple[float, float]:
+        """(period, relative span) to try. Two phase estimates minutes apart pin the period
+        far better than a few seconds of brackets: (error of both) / (updates between)."""
+        ph = self.phase
+        if ph is not None and self._anchors:
+            at0, hw0 = self._anchors[0]
+            dt = ph.at - at0
+            n = round(dt / ph.period)
+            if dt >= ANCHOR_MIN_AGE_S and n > 0:
+                p = dt / n
+                return p, max(3 * (hw0 + ph.width / 2) / n / p, MIN_SPAN)
+        return hint, PERIOD_SPAN
+
+    def _fit(self, p0: float, span: float) -> Phase | None:
+        if not p0 or p0 <= 0:
+            return None
+        lows, highs, ats, periods = [], [], [], []
+        for g in range(PERIOD_GRID):
+            p = p0 * (1 - span + 2 * span * g / (PERIOD_GRID - 1))
+            got = _intersect(self._brackets, p)
+            if got is not None:
+                lows.append(got[0])
+                highs.append(got[1])
+                ats.append((got[0] + got[1]) / 2)
+                periods.append(p)
+        if not ats:
+            return None
+        return Phase(at=sum(ats) / len(ats), lo=min(lows), hi=max(highs), period=sum(periods) / len(periods))
+
+
+def _intersect(brackets, p: float) -> tuple[float, float] | None:
+    """The latest update's interval if one period-``p`` clock fits every bracket, else None.
+
+    Narrowest bracket first: each further bracket is shifted by the whole number of
+    periods that puts it on the interval so far (of the two nearest, the one overlapping
+    it more); narrow intervals make that choice unambiguous.
+    """
+    order = sorted(range(len(brackets)), key=lambda i: brackets[i][1] - brackets[i][0])
+    ref = order[0]
+    lo, hi = brackets[ref]
+    k_newest = 0
+    for i in order[1:]:
+        b_lo, b_hi = brackets[i]
+        x = ((b_lo + b_hi) / 2 - (lo + hi) / 2) / p
+        best = None
+        for k in {int(x // 1), int(x // 1) + 1}:
+            n_lo, n_hi = max(lo, b_lo - k * p), min(hi, b_hi - k * p)
+            if k != 0 and n_hi >= n_lo and (best is None or n_hi - n_lo > best[2] - best[1]):
+                best = (k, n_lo, n_hi)
+        if best is None:
+            return None
+        k, lo, hi = best
+        if i == len(brackets) - 1:
+            k_newest = k
+    return lo + k_newest * p, hi + k_newest * p
