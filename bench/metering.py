@@ -32,14 +32,15 @@ def pipelined(address: str, req, seconds: float, clients: int = 2) -> tuple[int,
     """(output tokens, wall s, generate s per request) with ``clients`` back-to-back clients."""
     toks, gens = [0], []
     lock = threading.Lock()
-    stop = time.perf_counter() + seconds
+    stop = [0.0]  # set once every client has warmed up: the block measures only steady state
     bar = threading.Barrier(clients + 1)
 
     def worker():
         with B.client(address) as c:
             c.generate_request(req)
             bar.wait()
-            while time.perf_counter() < stop:
+            bar.wait()
+            while time.perf_counter() < stop[0]:
                 r = c.generate_request(req)
                 with lock:
                     toks[0] += r.usage.output_tokens
@@ -50,6 +51,8 @@ def pipelined(address: str, req, seconds: float, clients: int = 2) -> tuple[int,
         t.start()
     bar.wait()
     t0 = time.perf_counter()
+    stop[0] = t0 + seconds
+    bar.wait()
     for t in ts:
         t.join()
     return toks[0], time.perf_counter() - t0, gens

@@ -165,7 +165,7 @@ async def serve(settings: Settings, *, port_file: Path | None = None, auth_token
             try:
                 attributed_j, idle_j = meter.ledger(idx)
                 log.info("energy_ledger", device=idx, attributed_j=round(attributed_j, 4), idle_j=round(idle_j, 4),
-                         counter_delta_j=round(meter.counter_delta_j(idx), 4))
+                         counter_delta_j=round(meter.counter_delta_j(idx), 4), sampler=meter.sampler_stats(idx))
             except Exception as exc:  # noqa: BLE001 - a log line must not stop the shutdown
                 log.warning("energy_ledger_failed", device=idx, error=repr(exc))
     meter.close()

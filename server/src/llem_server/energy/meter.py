@@ -547,6 +547,10 @@ class EnergyMeter:
             a, i = self._account(d, d.acct_t, lp[0], commit=False)
             return (d.attr_mj + a) / 1000.0, (d.idle_mj + i) / 1000.0
 
+    def sampler_stats(self, index: int) -> dict | None:
+        d = self._devs.get(index)
+        return d.sampler.stats() if d is not None and d.sampler is not None else None
+
     def counter_delta_j(self, index: int) -> float:
         """Counter energy from the first reading to the latest update (gaps excluded)."""
         d = self._devs.get(index)

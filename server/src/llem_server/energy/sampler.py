@@ -97,6 +97,12 @@ class Sampler:
         self._probe = 0
         self._last_start: float | None = None  # when the latest read began
         self._last_changed = True  # whether it saw a counter update
+        self._n_reads = 0
+        self._read_s = 0.0
+        self._misses = 0  # phase-locked reads (not probes) that found no update yet
+        self._locked_read = False
+        self._waiting = 0  # callers blocked in wait_for_point: no probe while they wait
+        self._planned_probe = False
         self._hurry = 0
         self._wake = threading.Event()
         self._clock = clock
@@ -162,9 +168,12 @@ class Sampler:
             # The interval [lo, hi] is a hard bound, far wider than the estimate's usual
             # error: aim halfway to its edge (a rare miss costs one floor period).
             late = (ph.hi - ph.at) / 2 + READ_GUARD_S
-            if self._probe == 0:
+            self._planned_probe = self._probe == 0 and self._waiting == 0
+            self._locked_read = not self._planned_probe
+            if self._planned_probe:
                 return ph.next_after(floor + READ_GUARD_S) - READ_GUARD_S
             return ph.next_after(floor - late) + late
+        self._locked_read = False
         period = ph.period if ph is not None else self._update_period()
         if period is None:
             return nxt
@@ -193,8 +202,13 @@ class Sampler:
                     break
                 if self._wake.wait(delay):
                     self._wake.clear()
-                    # Asked to hurry: reschedule for the hurried mode, never under the floor.
-                    nxt = max(min(nxt, self._next_read(last, last + self._current_period())), last + self.floor_s)
+                    if self._planned_probe and self._waiting:
+                        # Someone waits for the next update: catch it instead of probing.
+                        nxt = max(self._next_read(last, last + self._current_period()), last + self.floor_s)
+                    else:
+                        # Asked to hurry: reschedule for the hurried mode, never under the floor.
+                        nxt = max(min(nxt, self._next_read(last, last + self._current_period())),
+                                  last + self.floor_s)
 
     def sample_once(self) -> None:
         t0 = self._clock()
@@ -206,6 +220,8 @@ class Sampler:
                 self._cond.notify_all()
             return
         t1 = self._clock()
+        self._n_reads += 1
+        self._read_s += t1 - t0
         t = (t0 + t1) / 2  # a read takes ms on NVML; its value is from inside the call
         with self._cond:
             self._add(t, r, t0, t1)
@@ -251,6 +267,8 @@ class Sampler:
             b.pt_t.append(t)
             b.pt_e.append(v + self._offset)
         self._last_changed = prev is None or v != prev
+        if self._locked_read and not self._last_changed:
+            self._misses += 1
         self._prev_raw, self._prev_t = v, t
         self._last_start = start
         self._trim()
@@ -288,6 +306,16 @@ class Sampler:
                 for o in others:
                     del o[:cut]
 
+    def stats(self) -> dict:
+        """How the sampler has been doing (for the shutdown log and benchmarks)."""
+        with self._lock:
+            ph = self.phase.phase
+            return {"reads": self._n_reads, "points": len(self._buf.pt_t),
+                    "mean_read_ms": round(self._read_s / self._n_reads * 1e3, 3) if self._n_reads else None,
+                    "phase_period_ms": round(ph.period * 1e3, 4) if ph else None,
+                    "phase_width_ms": round(ph.width * 1e3, 3) if ph else None,
+                    "phase_restarts": self.phase.restarts, "locked_read_misses": self._misses}
+
     # -- readers (request path: no sensor call) -----------------------------------
     @property
     def running(self) -> bool:
@@ -297,12 +325,19 @@ class Sampler:
         """Block until a point at/after ``t`` exists (the next counter update), or until
         ``deadline`` (real ``time.monotonic()`` seconds: how long a caller may block)."""
         with self._cond:
-            while not self._buf.pt_t or self._buf.pt_t[-1] < t:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._stop.is_set() or not self.running:
-                    return False
-                self._cond.wait(min(left, 0.05))
-            return True
+            if self._buf.pt_t and self._buf.pt_t[-1] >= t:
+                return True
+            self._waiting += 1
+            self._wake.set()  # a probe planned for the next read becomes a catch
+            try:
+                while not self._buf.pt_t or self._buf.pt_t[-1] < t:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or self._stop.is_set() or not self.running:
+                        return False
+                    self._cond.wait(min(left, 0.05))
+                return True
+            finally:
+                self._waiting -= 1
 
     def last_point(self) -> tuple[float, float] | None:
         with self._lock:
