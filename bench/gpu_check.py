@@ -24,8 +24,15 @@ and say so):
    anchor's in-process rows are the reference).
 5. Conservation: the metered server is stopped and its ``energy_ledger`` log line
    (attributed + idle vs the counter's delta) is checked against one counter update.
-6. Optional, last: two pipelined clients per server (metering cost with the device never
-   waiting for an energy report).
+6. Optional, last: two pipelined clients per server, blocks alternating between the
+   servers (metering cost when the next request is already queued; the share of wall
+   time the device spent in ``generate()`` shows whether it ever waited).
+
+``--focus metering``: batch 1, eager and static cache, metered vs unmetered ``Generate``
+and ``GenerateStream`` (latency added, ``timing.energy_wait_ms``, time to the last token),
+then the pipelined blocks and conservation. ``--focus pipelined``: only the pipelined
+blocks. ``--focus stream``: in-process vs ``Generate`` vs ``GenerateStream``, unmetered.
+``bench/nvml_interference.py`` measures separately whether reading NVML slows generation.
 
 Writes ``bench/results/gpu_check.md`` and ``.json`` (``gpu_check-smoke.*`` with
 ``--smoke``), copies them, ``anchor.json``, the anchor's output and the server logs to
@@ -337,17 +344,26 @@ class Check:
 
         cfg = self.cfg(1, None)
         req = cfg.request()
-        out = {"off": {"tokens": 0, "wall_s": 0.0, "blocks": []}, "on": {"tokens": 0, "wall_s": 0.0, "blocks": []}}
+        out = {name: {"tokens": 0, "wall_s": 0.0, "blocks": [], "requests": []} for name in ("off", "on")}
         for blk in range(self.args.blocks):
             for k, name in ((1, "off"), (0, "on")) if blk % 2 == 0 else ((0, "on"), (1, "off")):
-                n, wall, gens = pipelined(self.servers[k].address, req, self.args.pipelined_s)
+                recs: list = []
+                n, wall, gens = pipelined(self.servers[k].address, req, self.args.pipelined_s, records=recs)
                 o = out[name]
                 o["tokens"] += n
                 o["wall_s"] += wall
                 o["blocks"].append(n / wall)
-                say(f"  pipelined block {blk + 1} {name}: {n / wall:.1f} tok/s")
+                o["requests"] += recs
+                busy = sum(r["generate_ms"] for r in recs) / 1e3 / wall
+                say(f"  pipelined block {blk + 1} {name}: {n / wall:.1f} tok/s, {len(recs)} requests, "
+                    f"generate() busy {busy:.3f} of the wall, generate p50 {B.med([r['generate_ms'] for r in recs]):.1f} ms, "
+                    f"queue p50 {B.med([r['queue_wait_ms'] for r in recs]):.1f} ms, "
+                    f"energy wait p50 {B.med([r['energy_wait_ms'] for r in recs]):.1f} ms")
         for o in out.values():
             o["tok_s"] = o["tokens"] / o["wall_s"] if o["wall_s"] else None
+            rs = o["requests"]
+            o["generate_busy"] = sum(r["generate_ms"] for r in rs) / 1e3 / o["wall_s"] if o["wall_s"] else None
+            o["generate_ms_p50"] = B.med([r["generate_ms"] for r in rs]) if rs else None
         self.res["pipelined"]["eager b1"] = out
 
     def conservation(self) -> None:
@@ -464,9 +480,12 @@ class Check:
         if p and p["off"].get("tok_s") and p["on"].get("tok_s"):
             blocks = " / ".join(f"{a:.1f}:{b:.1f}" for a, b in zip(p["off"]["blocks"], p["on"]["blocks"]))
             tables.append(B.Table("Metering on vs off, two pipelined clients per server, eager b1 (device tokens/s)",
-                                  ["blocks per side", "off tok/s", "on tok/s", "on / off", "per block off:on"],
+                                  ["blocks per side", "off tok/s", "on tok/s", "on / off", "per block off:on",
+                                   "generate() share of wall off / on", "generate() p50 ms off / on"],
                                   [[len(p["off"]["blocks"]), p["off"]["tok_s"], p["on"]["tok_s"],
-                                    p["on"]["tok_s"] / p["off"]["tok_s"], blocks]],
+                                    p["on"]["tok_s"] / p["off"]["tok_s"], blocks,
+                                    f"{p['off'].get('generate_busy') or 0:.3f} / {p['on'].get('generate_busy') or 0:.3f}",
+                                    f"{p['off'].get('generate_ms_p50') or 0:.1f} / {p['on'].get('generate_ms_p50') or 0:.1f}"]],
                                   "Each client sends its next request when its previous answer is back "
                                   "(llem-client run --in-flight 2): the next generation starts while the previous "
                                   "answer waits for its energy."))
@@ -514,7 +533,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=None, help="wall-time budget (default 330 s; smoke 60 s)")
     p.add_argument("--anchor-timeout", type=float, default=170.0, help="kill anchor.py after this long")
     p.add_argument("--skip-anchor", action="store_true")
-    p.add_argument("--focus", choices=["all", "stream", "metering"], default="all",
+    p.add_argument("--focus", choices=["all", "stream", "metering", "pipelined"], default="all",
                    help="stream: only batch 1, eager and static, in-process vs unmetered Generate vs GenerateStream")
     p.add_argument("--anchor-json", help="with --skip-anchor: anchor.json from an earlier run on the same machine")
     p.add_argument("--reserve-s", type=float, default=25.0, help="time kept for conservation and writing")
@@ -575,6 +594,9 @@ def main(argv=None) -> int:
             ck.phase("pipelined", 2 * args.blocks * args.pipelined_s + 5, ck.pipelined)
         ck.phase("metering static b1", args.compile_estimate_s + 10, ck.measure, "static b1", 1, "static",
                  sides, args.reps)
+        ck.phase("conservation", 3, ck.conservation)
+    elif ck.res["phases"].get("setup", {}).get("ok") and args.focus == "pipelined":
+        ck.phase("pipelined", 2 * args.blocks * (args.pipelined_s + 4) + 5, ck.pipelined)
         ck.phase("conservation", 3, ck.conservation)
     elif ck.res["phases"].get("setup", {}).get("ok"):
         # b1 first: the 98 % target is set at batch 1, eager and compiled

@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as B  # noqa: E402
 
 
-def pipelined(address: str, req, seconds: float, clients: int = 2) -> tuple[int, float, list[float]]:
-    """(output tokens, wall s, generate s per request) with ``clients`` back-to-back clients."""
+def pipelined(address: str, req, seconds: float, clients: int = 2, records: list | None = None) -> tuple[int, float, list[float]]:
+    """(output tokens, wall s, generate s per request) with ``clients`` back-to-back clients.
+    ``records``, if given, gets one dict of server timings per measured request."""
     toks, gens = [0], []
     lock = threading.Lock()
     stop = [0.0]  # set once every client has warmed up: the block measures only steady state
@@ -42,9 +43,14 @@ def pipelined(address: str, req, seconds: float, clients: int = 2) -> tuple[int,
             bar.wait()
             while time.perf_counter() < stop[0]:
                 r = c.generate_request(req)
+                tm = r.timing
                 with lock:
                     toks[0] += r.usage.output_tokens
-                    gens.append(r.timing.generate_ms / 1e3)
+                    gens.append(tm.generate_ms / 1e3)
+                    if records is not None:
+                        records.append({"generate_ms": tm.generate_ms, "queue_wait_ms": tm.queue_wait_ms,
+                                        "energy_wait_ms": tm.energy_wait_ms, "total_ms": tm.total_ms,
+                                        "tokenization_ms": tm.tokenization_ms})
 
     ts = [threading.Thread(target=worker) for _ in range(clients)]
     for t in ts:
