@@ -230,11 +230,21 @@ class Check:
         e1 = self.energy_mj()
         return {"s": dt, "tokens": n, "J": None if e0 is None else (e1 - e0) / 1e3}
 
-    def run_service(self, k: int, req) -> dict:
+    def run_service(self, k: int, req, deferred: bool = False) -> dict:
+        if deferred:  # energy_delivery = DEFERRED: answered at once, energy fetched after the timing
+            from llem.v1 import llem_pb2
+
+            req2 = llem_pb2.GenerateRequest()
+            req2.CopyFrom(req)
+            req2.energy_delivery = llem_pb2.ENERGY_DELIVERY_DEFERRED
+            req2.request_id = f"gpu-check-{time.monotonic_ns()}"
+            req = req2
         t = time.perf_counter()
         r = self.clients[k].generate_request(req)
         dt = time.perf_counter() - t
         e = r.energy
+        if deferred:
+            e = self.clients[k].get_energy(req.request_id, wait_seconds=5).results[0].energy
         d = e.devices[0] if e.available and e.devices else None
         return {"s": dt, "tokens": r.usage.output_tokens, "J": e.total_j if e.available else None,
                 "generate_s": r.timing.generate_ms / 1e3,
@@ -278,6 +288,8 @@ class Check:
             return self.run_stream(1, req)
         if side == "son":  # GenerateStream on the metered server
             return self.run_stream(0, req)
+        if side == "don":  # Generate on the metered server, energy deferred
+            return self.run_service(0, req, deferred=True)
         return self.run_service(0 if side == "on" else 1, req)
 
     def measure(self, label: str, bs: int, cache: str | None, sides: list[str], reps: int) -> None:
@@ -450,9 +462,11 @@ class Check:
                 lat_on, lat_off = p50("on", "s", 1e3), p50("off", "s", 1e3)
                 gen_on, gen_off = p50("on", "generate_s", 1e3), p50("off", "generate_s", 1e3)
                 last_on, last_off = p50("son", "last_chunk_s", 1e3), p50("stream", "last_chunk_s", 1e3)
+                t_don = tps("don")
                 meter.append([label, len(runs.get("on") or []), t_off, t_on, ratio(t_on, t_off), diff(lat_on, lat_off),
                               p50("on", "energy_wait_ms"), diff(gen_on, gen_off), diff(last_on, last_off),
-                              p50("son", "energy_wait_ms")])
+                              p50("son", "energy_wait_ms"), ratio(t_don, t_off),
+                              diff(p50("don", "s", 1e3), lat_off), jpt("don")])
         tables = [
             B.Table("Service vs in-process, 128 in / 128 out, greedy, min_new_tokens=128 (medians)",
                     ["run", "n", "in-process tok/s", "service tok/s", "service / in-process",
@@ -471,7 +485,8 @@ class Check:
                 "Metering on vs off (second server, --energy-backend none), one client back to back (p50s)",
                 ["run", "n", "off tok/s", "on tok/s", "on / off", "Generate latency added ms",
                  "of which energy wait ms", "generate() time added ms", "stream last token added ms",
-                 "stream: final message's energy wait ms"], meter,
+                 "stream: final message's energy wait ms", "deferred: on / off", "deferred: latency added ms",
+                 "deferred: J/tok (GetEnergy)"], meter,
                 "energy.md rule 9: tokens/s at most 1 % lower, p50 latency at most 1 ms higher. 'energy wait' = "
                 "timing.energy_wait_ms: after generation, the metered answer waits for the counter's next update "
                 "(~100 ms period) so the window's end is measured, not guessed; the device is already free. "
@@ -588,7 +603,7 @@ def main(argv=None) -> int:
         ck.phase("stream eager b1", 25, ck.streamed, "eager b1", None)
         ck.phase("stream static b1", args.compile_estimate_s + 10, ck.streamed, "static b1", "static")
     elif ck.res["phases"].get("setup", {}).get("ok") and args.focus == "metering":
-        sides = ["on", "off", "son", "stream"]
+        sides = ["on", "off", "son", "stream", "don"]
         ck.phase("metering eager b1", 25, ck.measure, "eager b1", 1, None, sides, args.reps)
         if args.pipelined_s > 0:
             ck.phase("pipelined", 2 * args.blocks * args.pipelined_s + 5, ck.pipelined)

@@ -74,3 +74,50 @@ def test_bad_baseline_duration_is_invalid(client):
 
     with pytest.raises(InvalidArgument):
         client.measure_baseline(duration_s=0)
+
+
+def test_in_response_energy_reports_its_wait(client):
+    r = client.generate(["wait"], model="llama", decoder=GREEDY, max_output_tokens=4)
+    assert r.energy.available
+    # the answer waited for the counter's update after the window (100 ms period)
+    assert 0 < r.timing.energy_wait_ms <= r.timing.total_ms
+
+
+def test_deferred_energy_answers_at_once_and_is_fetched_later(client):
+    r = client.generate(["later"], model="llama", decoder=GREEDY, max_output_tokens=4, request_id="deferred-1",
+                        energy_delivery="deferred")
+    assert r.request_id == "deferred-1" and r.usage.output_tokens == 4
+    assert not r.energy.available and "GetEnergy" in r.energy.unavailable_reason
+    assert r.timing.energy_wait_ms < 1.0  # no wait for the counter
+    got = client.get_energy(["deferred-1", "never-sent"], wait_seconds=5)
+    assert [x.request_id for x in got.results] == ["deferred-1", "never-sent"]
+    e = got.results[0].energy
+    assert e.available, e.unavailable_reason
+    # the same measurement as in the response: true energy of the window within the bound
+    assert abs(e.total_j - POWER_W * e.duration_s) <= e.uncertainty_j + 1e-6
+    assert e.duration_s * 1e3 <= r.timing.generate_ms + 1.0
+    assert any(w.code == "ENERGY_SHORT_WINDOW" for w in got.results[0].warnings)
+    assert not got.results[1].energy.available
+    assert "no deferred energy" in got.results[1].energy.unavailable_reason
+    # asking again gives the same figure
+    again = client.get_energy("deferred-1").results[0].energy
+    assert again.total_j == e.total_j
+
+
+def test_deferred_energy_in_a_stream(client):
+    msgs = list(client.generate_stream(["streamed"], model="llama", decoder=GREEDY, max_output_tokens=4,
+                                       request_id="deferred-stream", energy_delivery="deferred"))
+    final = msgs[-1].final
+    assert not final.energy.available and final.timing.energy_wait_ms < 1.0
+    e = client.get_energy("deferred-stream", wait_seconds=5).results[0].energy
+    assert e.available and abs(e.total_j - POWER_W * e.duration_s) <= e.uncertainty_j + 1e-6
+
+
+def test_get_energy_rejects_bad_arguments(client):
+    from llem_client import InvalidArgument
+
+    with pytest.raises(InvalidArgument) as err:
+        client.get_energy([], wait_seconds=31)
+    fields = {f for f, _ in err.value.field_violations}
+    assert fields == {"request_ids", "wait_seconds"}
+    assert client.health().status == 1  # SERVING: a bad call loses nothing

@@ -222,6 +222,7 @@ def generate_request(
     max_input_tokens: int | None = None,
     random_seed: int | None = None,
     request_id: str | None = None,
+    energy_delivery: str | int | None = None,
 ) -> llem_pb2.GenerateRequest:
     """A GenerateRequest; every problem in the arguments is reported at once."""
     if isinstance(prompts, str):
@@ -247,6 +248,7 @@ def generate_request(
                     "max_input_tokens": max_input_tokens,
                     "random_seed": random_seed,
                     "request_id": request_id,
+                    "energy_delivery": energy_delivery,
                 },
             )
         )

@@ -246,6 +246,7 @@ class Client(_Base):
         max_input_tokens: int | None = None,
         random_seed: int | None = None,
         request_id: str | None = None,
+        energy_delivery: str | int | None = None,
         timeout: float | None = UNSET,
     ) -> llem_pb2.GenerateResponse:
         """Run the prompts; returns completions, usage, timing and energy.
@@ -263,6 +264,7 @@ class Client(_Base):
             max_input_tokens=max_input_tokens,
             random_seed=random_seed,
             request_id=request_id,
+            energy_delivery=energy_delivery,
         )
         return self.generate_request(req, timeout=timeout)
 
@@ -282,6 +284,7 @@ class Client(_Base):
         max_input_tokens: int | None = None,
         random_seed: int | None = None,
         request_id: str | None = None,
+        energy_delivery: str | int | None = None,
         timeout: float | None = UNSET,
     ) -> GenerateStream:
         """Like :meth:`generate`, yielding token chunks and, last, the totals (``final``)."""
@@ -295,6 +298,7 @@ class Client(_Base):
             max_input_tokens=max_input_tokens,
             random_seed=random_seed,
             request_id=request_id,
+            energy_delivery=energy_delivery,
         )
         with _DeferredSigint() as guard:  # see _unary: never interrupt grpc while it creates a call
             call = self._stub.GenerateStream(req, **self._call_kwargs(timeout))
@@ -343,6 +347,15 @@ class Client(_Base):
         """Measure idle power per device (server default: 30 s)."""
         req = _core.to_message(llem_pb2.MeasureBaselineRequest, {"duration_s": duration_s})
         return self._unary(self._stub.MeasureBaseline, req, timeout)
+
+    def get_energy(
+        self, request_ids: str | Sequence[str], *, wait_seconds: float | None = None, timeout: float | None = UNSET
+    ) -> llem_pb2.GetEnergyResponse:
+        """Energies of requests sent with ``energy_delivery="deferred"``, in the order asked;
+        waits up to ``wait_seconds`` (server default 2 s) for ones still settling."""
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        req = _core.to_message(llem_pb2.GetEnergyRequest, {"request_ids": ids, "wait_seconds": wait_seconds})
+        return self._unary(self._stub.GetEnergy, req, timeout)
 
     def health(self, service: str = "", *, timeout: float | None = UNSET) -> health_pb2.HealthCheckResponse:
         """``grpc.health.v1.Health/Check``; ``.status`` is SERVING when ready."""
@@ -430,6 +443,7 @@ class AsyncClient(_Base):
         max_input_tokens: int | None = None,
         random_seed: int | None = None,
         request_id: str | None = None,
+        energy_delivery: str | int | None = None,
         timeout: float | None = UNSET,
     ) -> llem_pb2.GenerateResponse:
         """See :meth:`Client.generate`."""
@@ -443,6 +457,7 @@ class AsyncClient(_Base):
             max_input_tokens=max_input_tokens,
             random_seed=random_seed,
             request_id=request_id,
+            energy_delivery=energy_delivery,
         )
         return await self.generate_request(req, timeout=timeout)
 
@@ -464,6 +479,7 @@ class AsyncClient(_Base):
         max_input_tokens: int | None = None,
         random_seed: int | None = None,
         request_id: str | None = None,
+        energy_delivery: str | int | None = None,
         timeout: float | None = UNSET,
     ) -> AsyncGenerateStream:
         """See :meth:`Client.generate_stream`; iterate with ``async for``."""
@@ -477,6 +493,7 @@ class AsyncClient(_Base):
             max_input_tokens=max_input_tokens,
             random_seed=random_seed,
             request_id=request_id,
+            energy_delivery=energy_delivery,
         )
         return AsyncGenerateStream(self._stub.GenerateStream(req, **self._call_kwargs(timeout)))
 
@@ -515,6 +532,14 @@ class AsyncClient(_Base):
         """See :meth:`Client.measure_baseline`."""
         req = _core.to_message(llem_pb2.MeasureBaselineRequest, {"duration_s": duration_s})
         return await self._unary(self._stub.MeasureBaseline, req, timeout)
+
+    async def get_energy(
+        self, request_ids: str | Sequence[str], *, wait_seconds: float | None = None, timeout: float | None = UNSET
+    ) -> llem_pb2.GetEnergyResponse:
+        """See :meth:`Client.get_energy`."""
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        req = _core.to_message(llem_pb2.GetEnergyRequest, {"request_ids": ids, "wait_seconds": wait_seconds})
+        return await self._unary(self._stub.GetEnergy, req, timeout)
 
     async def health(self, service: str = "", *, timeout: float | None = UNSET) -> health_pb2.HealthCheckResponse:
         """See :meth:`Client.health`."""

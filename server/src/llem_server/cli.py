@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--simulated-power-w", type=float, default=150.0, help="power of the simulated counter")
     p.add_argument("--baseline-seconds", type=float, default=0.0,
                    help="measure idle power this long at start-up, before serving (0: only via MeasureBaseline)")
+    p.add_argument("--deferred-energy-keep", type=int, default=10_000,
+                   help="energies of ENERGY_DELIVERY_DEFERRED requests kept for GetEnergy (most recent)")
     p.add_argument("--auth-token-file", type=Path, help="bearer tokens, one per line; required on every call")
     p.add_argument("--tls-cert", type=Path, help="server certificate (PEM)")
     p.add_argument("--tls-key", type=Path, help="server private key (PEM)")
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         max_queue=args.max_queue, max_prompts=args.max_prompts, max_input_tokens=args.max_input_tokens,
         max_output_tokens=args.max_output_tokens, max_message_bytes=args.max_message_bytes,
         allow_hub=args.allow_hub, allow_remote_code=args.allow_remote_code, grace_seconds=args.grace_seconds,
-        energy_backend=args.energy_backend, devices=args.devices,
+        energy_backend=args.energy_backend, devices=args.devices, deferred_energy_keep=args.deferred_energy_keep,
         extra={"simulated_power_w": args.simulated_power_w, "baseline_seconds": args.baseline_seconds},
     )
     from .logs import configure, get_logger

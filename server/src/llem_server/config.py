@@ -168,6 +168,10 @@ _BNB_QUANT = {
     llem_pb2.BNB4BIT_QUANT_TYPE_NF4: "nf4",
     llem_pb2.BNB4BIT_QUANT_TYPE_FP4: "fp4",
 }
+_ENERGY_DELIVERY = {
+    llem_pb2.ENERGY_DELIVERY_IN_RESPONSE: "in_response",
+    llem_pb2.ENERGY_DELIVERY_DEFERRED: "deferred",
+}
 _CACHE = {
     llem_pb2.CACHE_IMPLEMENTATION_STATIC: "static",
     llem_pb2.CACHE_IMPLEMENTATION_OFFLOADED_STATIC: "offloaded_static",
@@ -398,6 +402,7 @@ class GenerationPlan:
     greedy: bool
     generate_kwargs: dict[str, Any]  # excludes max_new_tokens: the worker adds it
     decoder: dict[str, Any]  # DecoderConfig field names; "preset" as its lower-case name
+    energy_delivery: str = "in_response"  # or "deferred": the service answers before the energy settles
 
     def decoder_proto(self) -> llem_pb2.DecoderConfig:
         d = llem_pb2.DecoderConfig(**{k: v for k, v in self.decoder.items() if k != "preset"})
@@ -738,6 +743,7 @@ def _resolve_plan(col: _Collector, req: llem_pb2.GenerateRequest, caps: Capabili
         col.bad("request_id", f"is {len(req.request_id)} characters; at most {_MAX_REQUEST_ID_CHARS}")
     elif any(unicodedata.category(c) == "Cc" for c in req.request_id):
         col.bad("request_id", "contains control characters (it goes into logs)")
+    delivery = _enum(col, "energy_delivery", req.energy_delivery, _ENERGY_DELIVERY, "energy_delivery") or "in_response"
 
     # --- pytorch generation fields (section 2)
     gen: dict[str, Any] = {}
@@ -857,6 +863,7 @@ def _resolve_plan(col: _Collector, req: llem_pb2.GenerateRequest, caps: Capabili
         greedy=greedy,
         generate_kwargs=generate_kwargs,
         decoder=decoder,
+        energy_delivery=delivery,
     )
 
 

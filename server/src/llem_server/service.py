@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator
@@ -45,6 +47,7 @@ class Settings:
     grace_seconds: float = 30.0
     energy_backend: str = "auto"  # auto | nvml | simulated | none
     devices: str = "auto"  # auto | cpu | comma-separated CUDA indices
+    deferred_energy_keep: int = 10_000  # deferred energies kept for GetEnergy, most recent first
     extra: dict = field(default_factory=dict)
 
 
@@ -85,6 +88,8 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         self.registry = Registry(on_change=self._on_model_change)
         self.draining = False
         self._background: set[asyncio.Task] = set()
+        # request_id -> future of (Energy, [Warning]) for ENERGY_DELIVERY_DEFERRED requests
+        self._deferred: OrderedDict[str, asyncio.Future] = OrderedDict()
         for w in workers:
             w.on_restart = self._on_worker_restart
 
@@ -294,10 +299,80 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                 if tail:
                     yield llem_pb2.TokenChunk(index=index, text=tail)
         t_wait = time.monotonic()
-        energy, energy_warnings = await self._energy(window, t_end, out_tokens)
+        if resolved.plan.energy_delivery == "deferred":
+            self._defer_energy(request_id, config_hash, window, t_end, out_tokens)
+            energy, energy_warnings = llem_pb2.Energy(available=False, unavailable_reason=(
+                "deferred (energy_delivery = ENERGY_DELIVERY_DEFERRED): fetch it with GetEnergy(request_id) once "
+                "the energy counter has passed this request's end (~100 ms)")), []
+        else:
+            energy, energy_warnings = await self._energy(window, t_end, out_tokens)
         energy_warnings.extend(stream_warnings)
         yield self._response(request_id, config_hash, entry, resolved, result, energy, energy_warnings, job,
                              t_arrival, energy_wait_ms=(time.monotonic() - t_wait) * 1e3)
+
+    def _defer_energy(self, request_id: str, config_hash: str, window, t_end, out_tokens) -> None:
+        """Settle a deferred request's energy in the background, kept for GetEnergy."""
+        fut = asyncio.get_running_loop().create_future()
+        self._deferred.pop(request_id, None)  # a reused id: the latest request wins
+        self._deferred[request_id] = fut
+        while len(self._deferred) > max(self.settings.deferred_energy_keep, 1):
+            self._deferred.popitem(last=False)
+
+        async def settle():
+            try:
+                energy, warnings = await self._energy(window, t_end, out_tokens)
+            except Exception as exc:  # noqa: BLE001 - a reason, never a lost future
+                energy, warnings = llem_pb2.Energy(available=False, unavailable_reason=f"energy failed: {exc!r}"), []
+            fut.set_result((energy, warnings))
+            if self.metrics is not None and energy.available:
+                for d in energy.devices:
+                    self.metrics.record_energy(d.index, d.energy_j)
+            if self.log is not None:
+                self.log.info("deferred_energy", request_id=request_id, config_hash=config_hash,
+                              energy_j=energy.total_j if energy.available else None,
+                              reason=None if energy.available else energy.unavailable_reason[:200])
+
+        task = asyncio.ensure_future(settle())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def GetEnergy(self, request, context):
+        try:
+            ids = list(request.request_ids)
+            wait = request.wait_seconds if request.HasField("wait_seconds") else 2.0
+            problems = []
+            if not ids:
+                problems.append(("request_ids", "name at least one request id"))
+            elif len(ids) > 1000:
+                problems.append(("request_ids", f"{len(ids)} ids; at most 1000 per call"))
+            if not (0 <= wait <= 30) or math.isnan(wait):
+                problems.append(("wait_seconds", "must be between 0 and 30 seconds"))
+            if problems:
+                raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(f"{f}: {m}" for f, m in problems),
+                                   violations=problems)
+            deadline = time.monotonic() + wait
+            resp = llem_pb2.GetEnergyResponse()
+            for rid in ids:
+                fut = self._deferred.get(rid)
+                item = resp.results.add(request_id=rid)
+                if fut is None:
+                    item.energy.CopyFrom(llem_pb2.Energy(available=False, unavailable_reason=(
+                        "no deferred energy for this request id on this server: it was not sent with "
+                        "ENERGY_DELIVERY_DEFERRED, is older than the last "
+                        f"{self.settings.deferred_energy_keep} deferred requests, or went to another server")))
+                    continue
+                try:
+                    energy, warnings = await asyncio.wait_for(asyncio.shield(fut),
+                                                              max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    item.energy.CopyFrom(llem_pb2.Energy(available=False, unavailable_reason=(
+                        f"not settled within wait_seconds={wait:g}: ask again")))
+                    continue
+                item.energy.CopyFrom(energy)
+                item.warnings.extend(warnings)
+            return resp
+        except ServiceError as err:
+            await abort(context, err)
 
     def _note_load(self, entry, data: dict) -> None:
         if entry.state == READY and entry.info:

@@ -218,6 +218,40 @@ DECODER_PRESET_FACTUAL: DecoderPreset.ValueType  # 4
 """temperature 0.3, do_sample true."""
 Global___DecoderPreset: _TypeAlias = DecoderPreset  # noqa: Y015
 
+class _EnergyDelivery:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EnergyDeliveryEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EnergyDelivery.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ENERGY_DELIVERY_UNSPECIFIED: _EnergyDelivery.ValueType  # 0
+    """In the response (ENERGY_DELIVERY_IN_RESPONSE)."""
+    ENERGY_DELIVERY_IN_RESPONSE: _EnergyDelivery.ValueType  # 1
+    """The response (or a stream's final message) carries the energy."""
+    ENERGY_DELIVERY_DEFERRED: _EnergyDelivery.ValueType  # 2
+    """The response is sent as soon as the tokens are ready; its energy is absent with
+    reason "deferred" and is fetched with GetEnergy(request_id) (kept for the
+    server's --deferred-energy-keep most recent requests).
+    """
+
+class EnergyDelivery(_EnergyDelivery, metaclass=_EnergyDeliveryEnumTypeWrapper):
+    """EnergyDelivery says when a request's energy reaches the caller. The GPU energy
+    counter updates every ~100 ms: a window's end is measured only once the next update
+    is read, so an answer that carries its energy waits for it (Timing.energy_wait_ms,
+    ~60 ms p50 on an H200). Deferred delivery answers without waiting.
+    """
+
+ENERGY_DELIVERY_UNSPECIFIED: EnergyDelivery.ValueType  # 0
+"""In the response (ENERGY_DELIVERY_IN_RESPONSE)."""
+ENERGY_DELIVERY_IN_RESPONSE: EnergyDelivery.ValueType  # 1
+"""The response (or a stream's final message) carries the energy."""
+ENERGY_DELIVERY_DEFERRED: EnergyDelivery.ValueType  # 2
+"""The response is sent as soon as the tokens are ready; its energy is absent with
+reason "deferred" and is fetched with GetEnergy(request_id) (kept for the
+server's --deferred-energy-keep most recent requests).
+"""
+Global___EnergyDelivery: _TypeAlias = EnergyDelivery  # noqa: Y015
+
 class _FinishReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -622,6 +656,7 @@ class GenerateRequest(_message.Message):
     MAX_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     RANDOM_SEED_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ENERGY_DELIVERY_FIELD_NUMBER: _builtins.int
     max_input_tokens: _builtins.int
     """Tokenizer truncation (truncation=True, max_length=), in tokens. Default: 512."""
     max_output_tokens: _builtins.int
@@ -630,6 +665,8 @@ class GenerateRequest(_message.Message):
     """Seed applied to torch (CPU and CUDA) before generation. Default: 42. Echoed."""
     request_id: _builtins.str
     """Caller's id for logs and metrics; the server makes one when empty."""
+    energy_delivery: Global___EnergyDelivery.ValueType
+    """Where this request's energy is delivered. Default: in the response."""
     @_builtins.property
     def model(self) -> Global___ModelConfig:
         """Which model and how it is loaded."""
@@ -652,10 +689,11 @@ class GenerateRequest(_message.Message):
         max_output_tokens: _builtins.int | None = ...,
         random_seed: _builtins.int | None = ...,
         request_id: _builtins.str = ...,
+        energy_delivery: Global___EnergyDelivery.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_input_tokens", b"_max_input_tokens", "_max_output_tokens", b"_max_output_tokens", "_random_seed", b"_random_seed", "decoder", b"decoder", "max_input_tokens", b"max_input_tokens", "max_output_tokens", b"max_output_tokens", "model", b"model", "random_seed", b"random_seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_input_tokens", b"_max_input_tokens", "_max_output_tokens", b"_max_output_tokens", "_random_seed", b"_random_seed", "decoder", b"decoder", "max_input_tokens", b"max_input_tokens", "max_output_tokens", b"max_output_tokens", "model", b"model", "prompts", b"prompts", "random_seed", b"random_seed", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_input_tokens", b"_max_input_tokens", "_max_output_tokens", b"_max_output_tokens", "_random_seed", b"_random_seed", "decoder", b"decoder", "energy_delivery", b"energy_delivery", "max_input_tokens", b"max_input_tokens", "max_output_tokens", b"max_output_tokens", "model", b"model", "prompts", b"prompts", "random_seed", b"random_seed", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_input_tokens: _TypeAlias = _typing.Literal["max_input_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_input_tokens: _TypeAlias = _typing.Literal["_max_input_tokens", b"_max_input_tokens"]  # noqa: Y015
@@ -1982,3 +2020,98 @@ class MeasureBaselineResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MeasureBaselineResponse: _TypeAlias = MeasureBaselineResponse  # noqa: Y015
+
+@_typing.final
+class GetEnergyRequest(_message.Message):
+    """---------------------------------------------------------------------------
+    Deferred energy
+    ---------------------------------------------------------------------------
+
+    GetEnergyRequest names requests sent with ENERGY_DELIVERY_DEFERRED.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_IDS_FIELD_NUMBER: _builtins.int
+    WAIT_SECONDS_FIELD_NUMBER: _builtins.int
+    wait_seconds: _builtins.float
+    """Wait at most this long for energies still settling, seconds (default 2, at most 30)."""
+    @_builtins.property
+    def request_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """GenerateResponse.request_id values, at most 1000."""
+
+    def __init__(
+        self,
+        *,
+        request_ids: _abc.Iterable[_builtins.str] | None = ...,
+        wait_seconds: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_wait_seconds", b"_wait_seconds", "wait_seconds", b"wait_seconds"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_wait_seconds", b"_wait_seconds", "request_ids", b"request_ids", "wait_seconds", b"wait_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__wait_seconds: _TypeAlias = _typing.Literal["wait_seconds"]  # noqa: Y015
+    _WhichOneofArgType__wait_seconds: _TypeAlias = _typing.Literal["_wait_seconds", b"_wait_seconds"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__wait_seconds) -> _WhichOneofReturnType__wait_seconds | None: ...
+
+Global___GetEnergyRequest: _TypeAlias = GetEnergyRequest  # noqa: Y015
+
+@_typing.final
+class RequestEnergy(_message.Message):
+    """RequestEnergy is one request's deferred energy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ENERGY_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """The request's id."""
+    @_builtins.property
+    def energy(self) -> Global___Energy:
+        """Its energy; absent with a reason when unknown here (never deferred, expired,
+        another server) or not settled within wait_seconds.
+        """
+
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Warning]:
+        """Energy warnings, as GenerateResponse.warnings would have carried them."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        energy: Global___Energy | None = ...,
+        warnings: _abc.Iterable[Global___Warning] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["energy", b"energy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["energy", b"energy", "request_id", b"request_id", "warnings", b"warnings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestEnergy: _TypeAlias = RequestEnergy  # noqa: Y015
+
+@_typing.final
+class GetEnergyResponse(_message.Message):
+    """GetEnergyResponse answers in the order of GetEnergyRequest.request_ids."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___RequestEnergy]:
+        """One per requested id."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___RequestEnergy] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetEnergyResponse: _TypeAlias = GetEnergyResponse  # noqa: Y015

@@ -72,6 +72,11 @@ class LlemServiceStub:
                 request_serializer=llem_dot_v1_dot_llem__pb2.MeasureBaselineRequest.SerializeToString,
                 response_deserializer=llem_dot_v1_dot_llem__pb2.MeasureBaselineResponse.FromString,
                 _registered_method=True)
+        self.GetEnergy = channel.unary_unary(
+                '/llem.v1.LlemService/GetEnergy',
+                request_serializer=llem_dot_v1_dot_llem__pb2.GetEnergyRequest.SerializeToString,
+                response_deserializer=llem_dot_v1_dot_llem__pb2.GetEnergyResponse.FromString,
+                _registered_method=True)
 
 
 class LlemServiceServicer:
@@ -134,6 +139,14 @@ class LlemServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetEnergy(self, request, context):
+        """GetEnergy returns the energy of requests sent with
+        energy_delivery = ENERGY_DELIVERY_DEFERRED, waiting for it to settle.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LlemServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -171,6 +184,11 @@ def add_LlemServiceServicer_to_server(servicer, server):
                     servicer.MeasureBaseline,
                     request_deserializer=llem_dot_v1_dot_llem__pb2.MeasureBaselineRequest.FromString,
                     response_serializer=llem_dot_v1_dot_llem__pb2.MeasureBaselineResponse.SerializeToString,
+            ),
+            'GetEnergy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEnergy,
+                    request_deserializer=llem_dot_v1_dot_llem__pb2.GetEnergyRequest.FromString,
+                    response_serializer=llem_dot_v1_dot_llem__pb2.GetEnergyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -365,6 +383,33 @@ class LlemService:
             '/llem.v1.LlemService/MeasureBaseline',
             llem_dot_v1_dot_llem__pb2.MeasureBaselineRequest.SerializeToString,
             llem_dot_v1_dot_llem__pb2.MeasureBaselineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEnergy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llem.v1.LlemService/GetEnergy',
+            llem_dot_v1_dot_llem__pb2.GetEnergyRequest.SerializeToString,
+            llem_dot_v1_dot_llem__pb2.GetEnergyResponse.FromString,
             options,
             channel_credentials,
             insecure,

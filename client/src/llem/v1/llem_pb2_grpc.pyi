@@ -66,6 +66,10 @@ class LlemServiceStub:
     """GetServerInfo reports versions, devices, energy sensors and limits."""
     MeasureBaseline: _grpc.UnaryUnaryMultiCallable[_llem_pb2.MeasureBaselineRequest, _llem_pb2.MeasureBaselineResponse]
     """MeasureBaseline measures idle power per device in the serving state."""
+    GetEnergy: _grpc.UnaryUnaryMultiCallable[_llem_pb2.GetEnergyRequest, _llem_pb2.GetEnergyResponse]
+    """GetEnergy returns the energy of requests sent with
+    energy_delivery = ENERGY_DELIVERY_DEFERRED, waiting for it to settle.
+    """
 
 @_typing.type_check_only
 class LlemServiceAsyncStub(LlemServiceStub):
@@ -96,6 +100,10 @@ class LlemServiceAsyncStub(LlemServiceStub):
     """GetServerInfo reports versions, devices, energy sensors and limits."""
     MeasureBaseline: _aio.UnaryUnaryMultiCallable[_llem_pb2.MeasureBaselineRequest, _llem_pb2.MeasureBaselineResponse]  # type: ignore[assignment]
     """MeasureBaseline measures idle power per device in the serving state."""
+    GetEnergy: _aio.UnaryUnaryMultiCallable[_llem_pb2.GetEnergyRequest, _llem_pb2.GetEnergyResponse]  # type: ignore[assignment]
+    """GetEnergy returns the energy of requests sent with
+    energy_delivery = ENERGY_DELIVERY_DEFERRED, waiting for it to settle.
+    """
 
 class LlemServiceServicer(metaclass=_abc_1.ABCMeta):
     """LlemService serves Hugging Face transformers models kept in a cache keyed by
@@ -165,5 +173,15 @@ class LlemServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_llem_pb2.MeasureBaselineResponse, _abc.Awaitable[_llem_pb2.MeasureBaselineResponse]]:
         """MeasureBaseline measures idle power per device in the serving state."""
+
+    @_abc_1.abstractmethod
+    def GetEnergy(
+        self,
+        request: _llem_pb2.GetEnergyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_llem_pb2.GetEnergyResponse, _abc.Awaitable[_llem_pb2.GetEnergyResponse]]:
+        """GetEnergy returns the energy of requests sent with
+        energy_delivery = ENERGY_DELIVERY_DEFERRED, waiting for it to settle.
+        """
 
 def add_LlemServiceServicer_to_server(servicer: LlemServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -223,8 +223,13 @@ class Sampler:
         self._n_reads += 1
         self._read_s += t1 - t0
         t = (t0 + t1) / 2  # a read takes ms on NVML; its value is from inside the call
+        est = None
+        if self.mode == "counter" and self._prev_raw is not None and r.value > self._prev_raw:
+            # The phase fit (~0.2–1 ms of Python) runs outside the lock: hurry(), relax() and
+            # the request path's readers never wait for it. Only this thread writes what it reads.
+            est = self._update_time(self._prev_t, t, t1)
         with self._cond:
-            self._add(t, r, t0, t1)
+            self._add(t, r, t0, t1, est)
             self.last_error = ""
             self._cond.notify_all()
 
@@ -238,7 +243,8 @@ class Sampler:
         b.pt_t.append(t)
         b.pt_e.append(e)
 
-    def _add(self, t: float, r: Reading, start: float | None = None, end: float | None = None) -> None:
+    def _add(self, t: float, r: Reading, start: float | None = None, end: float | None = None,
+             est: float | None = None) -> None:
         start = t if start is None else start
         end = t if end is None else end
         b = self._buf
@@ -257,7 +263,7 @@ class Sampler:
         elif v > prev:
             step = v - prev
             self._min_step = step if self._min_step is None else min(self._min_step, step)
-            self._point(self._update_time(prev_t, t, end), v + self._offset)
+            self._point(est if est is not None else self._update_time(prev_t, t, end), v + self._offset)
         elif v < prev:
             # Counter went backwards: energy since the last update before it is unknown.
             last = b.pt_t[-1] if b.pt_t else prev_t
