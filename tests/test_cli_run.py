@@ -357,3 +357,23 @@ def test_run_with_energy_baseline_and_nvml_backend(sim_server, tmp_path):
     assert e["adjusted_j"] is not None  # a baseline exists, so every request has an adjusted figure
     assert res["provenance"]["energy_methods"] and res["model_load"]["load_energy"]["available"]
     assert "total energy" in p.stdout and "J per output token" in p.stdout
+
+
+def test_run_with_deferred_energy_fetches_it_after_the_phase(sim_server, tmp_path):
+    # Answers come without the counter wait; the energies arrive from GetEnergy, measured the same way.
+    cfg = write_config(tmp_path / "exp.yaml", energy={"backend": "nvml"}, warmup={"enabled": False})
+    p = llem("run", cfg, "--server", sim_server.address, "--energy-delivery", "deferred", "--in-flight", "1",
+             cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    res = only_result(tmp_path / "out")
+    check_result(res, requests=2, prompts=4)
+    assert res["measurement"]["energy_delivery"] == "deferred"
+    for r in res["requests"]:
+        assert r["timing"].get("energy_wait_ms", 0.0) < 1.0  # nothing waited for the counter
+        e = r["energy"]
+        assert e["available"], e
+        assert abs(e["total_j"] - 150.0 * e["duration_s"]) <= e["uncertainty_j"] + 1e-6
+    agg = res["aggregates"]["energy"]
+    assert agg["requests_with_energy"] == 2 and agg["total_j"] == pytest.approx(
+        sum(r["energy"]["total_j"] for r in res["requests"]))
+    assert "deferred energy:" in p.stdout + p.stderr

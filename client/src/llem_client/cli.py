@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="measured Generate requests kept outstanding (default: %(default)s). The server runs one at a time "
                           "per device, but answers each only after the energy counter's next update (~100 ms); with the "
                           "next request already queued the device never idles during that wait. 1: strictly sequential")
+    run.add_argument("--energy-delivery", choices=["response", "deferred"], default="response",
+                     help="response (default): each answer carries its energy, after the counter's next update. "
+                          "deferred: answers come without that wait (clean latencies even with --in-flight 1) and the "
+                          "energies are fetched with GetEnergy at the end of the measured phase")
     run.add_argument("--json", action="store_true", help="print the result JSON to stdout (the summary goes to stderr)")
     run.add_argument("--dry-run", action="store_true", help="validate the config and print the effective configuration; send nothing")
 
@@ -211,7 +215,8 @@ def cmd_run(args: argparse.Namespace, display) -> int:
     except ConfigurationError as e:
         return _config_problems(e, display)
 
-    runner = Runner(client, exp, prompts, dataset_info, display, args.server, in_flight=args.in_flight)
+    runner = Runner(client, exp, prompts, dataset_info, display, args.server, in_flight=args.in_flight,
+                    energy_delivery=args.energy_delivery)
     code = EXIT_OK
     status, error = "completed", None
     try:

@@ -139,11 +139,15 @@ class Runner:
     """One experiment against one server. ``result`` is valid at every point."""
 
     def __init__(self, client: Client, exp: Experiment, prompts: list[Prompt], dataset_info: dict[str, Any], display: Display, address: str,
-                 *, in_flight: int = DEFAULT_IN_FLIGHT):
+                 *, in_flight: int = DEFAULT_IN_FLIGHT, energy_delivery: str = "response"):
         if in_flight < 1:
             raise ValueError(f"in_flight must be at least 1, not {in_flight}")
+        if energy_delivery not in ("response", "deferred"):
+            raise ValueError(f"energy_delivery must be 'response' or 'deferred', not {energy_delivery!r}")
         self.client = client
         self.in_flight = in_flight
+        # deferred: measured requests ask for ENERGY_DELIVERY_DEFERRED, energies come from GetEnergy
+        self.deferred = energy_delivery == "deferred" and exp.energy_backend != "null"
         self.exp = exp
         self.prompts = prompts
         self.display = display
@@ -178,7 +182,8 @@ class Runner:
             "warmup": {"enabled": exp.warmup["enabled"], "requests": 0},
             "baseline": {"enabled": exp.baseline["enabled"], "measured": False},
             "energy": {"backend": exp.energy_backend, "recorded": self.record_energy},
-            "measurement": {"in_flight": in_flight, "requests_sent": 0, "elapsed_s": None},
+            "measurement": {"in_flight": in_flight, "requests_sent": 0, "elapsed_s": None,
+                            "energy_delivery": "deferred" if energy_delivery == "deferred" else "response"},
             "requests": self.records,
             "aggregates": None,
             "provenance": None,
@@ -378,6 +383,8 @@ class Runner:
             while meas["requests_sent"] < len(batches) and len(pending) - finished < depth:
                 i = meas["requests_sent"]
                 req = self.exp.request([self.prompts[j].text for j in batches[i]], f"{self.run_id}-{i}")
+                if self.deferred:
+                    req.energy_delivery = llem_pb2.ENERGY_DELIVERY_DEFERRED
                 pending.append((i, batches[i], pool.submit(req)))
                 meas["requests_sent"] += 1
 
@@ -403,6 +410,29 @@ class Runner:
                 pool.close(cancel=True)
                 raise
             pool.close(cancel=False)
+        if self.deferred:
+            self._fetch_deferred()
+
+    def _fetch_deferred(self) -> None:
+        """Fill the measured records' energy from GetEnergy (requests sent deferred)."""
+        recs = [r for r in self.records if r.get("energy") is not None]
+        if not recs:
+            return
+        self.display.line(f"fetching the energy of {len(recs)} deferred request(s) ...")
+        t = self._totals
+        t["joules"], t["missing"] = 0.0, 0
+        for k in range(0, len(recs), 1000):
+            chunk = recs[k:k + 1000]
+            got = self.client.get_energy([r["request_id"] for r in chunk], wait_seconds=10.0)
+            for rec, item in zip(chunk, got.results):
+                rec["energy"] = message_to_dict(item.energy)
+                rec["warnings"] += [{"code": w.code, "message": w.message} for w in item.warnings]
+                if item.energy.available:
+                    t["joules"] += item.energy.total_j
+                else:
+                    t["missing"] += 1
+        self.display.line(f"deferred energy: {t['joules']:.3f} J over {len(recs) - t['missing']} request(s)"
+                          + (f", {t['missing']} without energy" if t["missing"] else ""))
 
     def _keep(self, bar: Any, total: int, i: int, idx: list[int], resp: llem_pb2.GenerateResponse,
               sent_s: float, received_s: float) -> None:

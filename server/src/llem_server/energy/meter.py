@@ -44,6 +44,7 @@ METHOD_RAPL = "rapl_package_energy"
 
 SHORT_WINDOW_S = 1.0
 MIN_UPDATES = 10
+PHASE_WAIT_S = 5.0  # a baseline waits at most this long for the sampler to learn the update clock
 TEMP_DRIFT_C = 10.0
 POWER_AVG_LAG_S = 0.5  # the ~1 s average lags by about half its span at each edge
 POWER_AVG_REL = 0.015  # counter vs integrated average agreed within 1.5 % over >= 8 s (energy.md)
@@ -576,6 +577,11 @@ class EnergyMeter:
         deadline = time.monotonic() + 2.0
         for d in live:  # need a point at or before the start
             d.sampler.wait_for_point(-float("inf"), deadline)
+        # Right after start-up the counter's update clock is still being learnt: wait for
+        # it (a few seconds at most), so both edges are timed to a few ms.
+        deadline = time.monotonic() + PHASE_WAIT_S
+        for d in live:
+            d.sampler.wait_phase(deadline)
         t0 = self._clock()
         unix0 = time.time()
         time.sleep(duration_s)

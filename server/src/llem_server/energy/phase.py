@@ -73,6 +73,7 @@ class PhaseTracker:
         ``period_hint``: the update period to within 1 % (the sampler's mean spacing of
         counter changes; periods within ±1 % of it are tried)."""
         mid = (lo + hi) / 2
+        prior = self.phase if self.phase is not None and self.phase.confident else None
         self._brackets.append((lo, hi))
         if len(self._brackets) < MIN_BRACKETS:
             self.phase = None
@@ -91,11 +92,13 @@ class PhaseTracker:
             self._brackets.append(last)
             self._anchors.clear()
             self.phase = None
-            return mid
+            return _predicted(prior, lo, hi, mid)
         self.phase = ph
         if not self._anchors or ph.at - self._anchors[-1][0] >= ANCHOR_EVERY_S:
             self._anchors.append((ph.at, ph.width / 2))
-        return min(max(ph.at, lo), hi)
+        # A wide estimate (few brackets, or a period not yet pinned) is no better than the
+        # midpoint, unless the phase known until now still puts this update in the bracket.
+        return min(max(ph.at, lo), hi) if ph.confident else _predicted(prior, lo, hi, mid)
 
     def _period_range(self, hint: float) -> tuple[float, float]:
         """(period, relative span) to try. Two phase estimates minutes apart pin the period
@@ -125,6 +128,14 @@ class PhaseTracker:
         if not ats:
             return None
         return Phase(at=sum(ats) / len(ats), lo=min(lows), hi=max(highs), period=sum(periods) / len(periods))
+
+
+def _predicted(ph: Phase | None, lo: float, hi: float, fallback: float) -> float:
+    """The update ``ph`` predicts inside ``(lo, hi]`` if exactly one, else ``fallback``."""
+    if ph is None:
+        return fallback
+    u = ph.next_after(lo)
+    return u if u <= hi and u + ph.period > hi else fallback
 
 
 def _intersect(brackets, p: float) -> tuple[float, float] | None:

@@ -227,7 +227,7 @@ class Sampler:
         if self.mode == "counter" and self._prev_raw is not None and r.value > self._prev_raw:
             # The phase fit (~0.2–1 ms of Python) runs outside the lock: hurry(), relax() and
             # the request path's readers never wait for it. Only this thread writes what it reads.
-            est = self._update_time(self._prev_t, t, t1)
+            est = self._update_time(self._prev_t, t, t1, t0)
         with self._cond:
             self._add(t, r, t0, t1, est)
             self.last_error = ""
@@ -263,7 +263,7 @@ class Sampler:
         elif v > prev:
             step = v - prev
             self._min_step = step if self._min_step is None else min(self._min_step, step)
-            self._point(est if est is not None else self._update_time(prev_t, t, end), v + self._offset)
+            self._point(est if est is not None else self._update_time(prev_t, t, end, start), v + self._offset)
         elif v < prev:
             # Counter went backwards: energy since the last update before it is unknown.
             last = b.pt_t[-1] if b.pt_t else prev_t
@@ -279,27 +279,35 @@ class Sampler:
         self._last_start = start
         self._trim()
 
-    def _update_time(self, prev_t: float, t: float, end: float) -> float:
-        """When the (latest) update between the previous read and this one happened."""
+    def _update_time(self, prev_t: float, t: float, end: float, start: float) -> float:
+        """When the (latest) update between the previous read (began at ``_last_start``)
+        and this one (``start`` to ``end``) happened."""
         lo = self._last_start if self._last_start is not None else prev_t  # the previous read's start
         ph = self.phase.phase
         period = ph.period if ph is not None else self._update_period()
         est = (prev_t + t) / 2  # no period known yet: the midpoint
         if period is not None:
-            single = end - lo < 0.98 * period
-            if not single and ph is not None and ph.confident:
-                # A longer bracket holds one update if the known phase puts exactly one in
-                # it, clear of its ends (phase-locked reads make such brackets).
-                u = ph.next_after(end - period)
-                single = (u - (ph.at - ph.lo) > lo and u + (ph.hi - ph.at) <= end
-                          and u - period + (ph.hi - ph.at) <= lo)
-            if single:
+            # Only a bracket shorter than one period surely holds a single update.
+            if end - lo < 0.98 * period:
                 est = self.phase.add(lo, end, period)
             elif ph is not None and ph.confident:
-                # Maybe two updates: the value is the counter at the later one.
-                u = ph.next_after(end - period)
-                if lo < u <= end:
-                    est = u
+                # A longer bracket (phase-locked reads come a period apart). The updates it
+                # may hold are those predicted after the previous point's and up to this
+                # read's end; the value is the counter at the latest one it holds. One
+                # candidate: it is that one (the value changed). Several: the latest, if
+                # it was predicted before this read began (the value is latched inside the
+                # call), else unknown: the midpoint.
+                b = self._buf
+                after = max(lo, b.pt_t[-1]) if b.pt_t else lo
+                cands = []
+                u = ph.next_after(after)
+                while u <= end and len(cands) < 4:
+                    cands.append(u)
+                    u += ph.period
+                if len(cands) == 1:
+                    est = min(max(cands[0], lo), end)
+                elif cands and cands[-1] + (ph.hi - ph.at) <= start:
+                    est = cands[-1]
         b = self._buf
         return max(est, b.pt_t[-1] + 1e-6) if b.pt_t else est
 
@@ -344,6 +352,19 @@ class Sampler:
                 return True
             finally:
                 self._waiting -= 1
+
+    def wait_phase(self, deadline: float) -> bool:
+        """Counter mode: block until the update clock is known to within ``CONFIDENT_S``
+        (edges timed to a few ms instead of the midpoint's ±50 ms), or until ``deadline``
+        (``time.monotonic()``). True when known; other modes: True at once."""
+        while self.mode == "counter":
+            ph = self.phase.phase
+            if ph is not None and ph.confident:
+                return True
+            if time.monotonic() >= deadline or self._stop.is_set() or not self.running:
+                return False
+            time.sleep(0.05)
+        return True
 
     def last_point(self) -> tuple[float, float] | None:
         with self._lock:
