@@ -1,6 +1,7 @@
 """Background sampler: one thread per sensor, a ring buffer, and the energy curve.
 
-The thread reads its sensor every ``period_s`` and keeps raw samples
+The thread reads its sensor about every ``period_s`` (never closer than ``floor_s``;
+``schedule`` decides when) and keeps raw samples
 ``(t_monotonic, value, temperature_c, event_reasons)``. From them it keeps *points*
 ``(t, cumulative_energy_mj)`` that the attribution interpolates between:
 
@@ -8,9 +9,10 @@ The thread reads its sensor every ``period_s`` and keeps raw samples
   updates (~100 ms), so a point is made where the value changed. The update fell
   between the two reads around the change; a ``PhaseTracker`` (phase.py) fits one
   periodic update clock to those brackets and times the point at its estimate (the
-  bracket's midpoint until a phase is known). With a phase, reads are scheduled just
-  after the predicted updates while a request waits for its energy, and at varied
-  offsets otherwise, so the brackets keep the phase narrow. A counter that goes
+  bracket's midpoint while no confident phase is known). With a phase, reads come just
+  after the predicted updates while a request's window is open or awaits its end point
+  (``hurry``), and at varied offsets under one period apart otherwise, so that the
+  brackets keep the phase narrow. A counter that goes
   backwards (driver reload, GPU reset) opens a *gap*: the energy across it is unknown,
   and windows touching it are reported unavailable.
 * ``power`` mode (no counter): NVML's ~1 s average power is integrated (trapezoids);
@@ -132,7 +134,8 @@ class Sampler:
             self._thread.start()
 
     def hurry(self) -> None:
-        """Read at the fast period until the matching ``relax``."""
+        """Until the matching ``relax``: counter mode with a known phase, read just after
+        each predicted update; otherwise read at ``fast_period_s``."""
         with self._lock:
             self._hurry += 1
         self._wake.set()
