@@ -66,6 +66,9 @@ class PhaseTracker:
         self._brackets: deque[tuple[float, float]] = deque(maxlen=history)
         self.phase: Phase | None = None
         self.restarts = 0
+        # The period of the last confident phase: a restart forgets the phase, not the
+        # period (a property of the GPU's firmware), so it stays the hint for the next fit.
+        self.known_period: float | None = None
         self._anchors: deque[tuple[float, float]] = deque(maxlen=ANCHORS)  # (at, half width)
 
     def add(self, lo: float, hi: float, period_hint: float) -> float:
@@ -94,6 +97,8 @@ class PhaseTracker:
             self.phase = None
             return _predicted(prior, lo, hi, mid)
         self.phase = ph
+        if ph.confident:
+            self.known_period = ph.period
         if not self._anchors or ph.at - self._anchors[-1][0] >= ANCHOR_EVERY_S:
             self._anchors.append((ph.at, ph.width / 2))
         # A wide estimate (few brackets, or a period not yet pinned) is no better than the

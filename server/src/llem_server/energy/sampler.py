@@ -177,7 +177,7 @@ class Sampler:
                 return ph.next_after(floor + READ_GUARD_S) - READ_GUARD_S
             return ph.next_after(floor - late) + late
         self._locked_read = False
-        period = ph.period if ph is not None else self._update_period()
+        period = ph.period if ph is not None else self._period_guess()
         if period is None:
             return nxt
         # Varied offsets from the updates (brackets at every phase narrow the estimate),
@@ -287,7 +287,7 @@ class Sampler:
         and this one (``start`` to ``end``) happened."""
         lo = self._last_start if self._last_start is not None else prev_t  # the previous read's start
         ph = self.phase.phase
-        period = ph.period if ph is not None else self._update_period()
+        period = ph.period if ph is not None else self._period_guess()
         est = (prev_t + t) / 2  # no period known yet: the midpoint
         if period is not None:
             # Only a bracket shorter than one period surely holds a single update.
@@ -377,6 +377,11 @@ class Sampler:
     def first_point(self) -> tuple[float, float] | None:
         with self._lock:
             return None if self._first_t is None else (self._first_t, self._first_e)
+
+    def _period_guess(self) -> float | None:
+        """The update period while no phase is known: the last confident one, else the
+        mean spacing of counter points (which stalls bias upwards: it only seeds the fit)."""
+        return self.phase.known_period or self._update_period()
 
     def _update_period(self) -> float | None:
         # Mean of recent intervals between points, outliers (stalls) left out: midpoint
