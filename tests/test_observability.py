@@ -222,6 +222,35 @@ def test_metrics_scraped_over_http(obs, ostub):
     assert _total(text, "llem_server_info") == 1
 
 
+def test_energy_metrics_count_each_request_once_deferred_or_not(hard_root, tmp_path_factory):
+    """Simulated counter: an answer carrying its energy and a deferred one each add their
+    measured joules once; only the first waited for the counter (the wait histogram)."""
+    port = free_port()
+    srv = start_server(tmp_path_factory.mktemp("obs-energy"), hard_root, "--energy-backend", "simulated",
+                       "--metrics-port", str(port))
+    srv.metrics_url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        with Client(srv.address, timeout=60) as c:
+            c.load_model(model="llama")
+            before = _scrape(srv)
+            r1 = c.generate(["in the answer"], model="llama", max_output_tokens=3)
+            r2 = c.generate(["deferred"], model="llama", max_output_tokens=3, request_id="obs-d",
+                            energy_delivery="deferred")
+            e2 = c.get_energy("obs-d", wait_seconds=5).results[0].energy
+        assert r1.energy.available and not r2.energy.available and e2.available
+        text = _scrape(srv)
+
+        def delta(name, **labels):
+            return _total(text, name, **labels) - _total(before, name, **labels)
+
+        assert delta("llem_energy_joules_total") == pytest.approx(r1.energy.total_j + e2.total_j)
+        assert delta("llem_energy_unavailable_total") == 0  # "deferred" is not "unmeasured"
+        assert delta("llem_energy_wait_seconds_count") == 1
+        assert delta("llem_energy_wait_seconds_sum") == pytest.approx(r1.timing.energy_wait_ms / 1e3)
+    finally:
+        stop_server(srv)
+
+
 def test_worker_restart_is_counted(obs, ostub):
     import psutil
 

@@ -23,6 +23,7 @@ without end. Requests by method and status come from :meth:`Metrics.interceptor`
 | llem_model_cache_hits_total / _misses_total / _evictions_total | counter | device |
 | llem_queue_depth | gauge | device |
 | llem_model_load_seconds | histogram | device |
+| llem_energy_wait_seconds | histogram | device (an answer's wait for the energy counter's next update) |
 | llem_worker_restarts_total | counter | device |
 | llem_server_info | gauge (1) | version |
 """
@@ -45,6 +46,8 @@ __all__ = ["Metrics", "MetricsInterceptor", "SKIP_PREFIXES"]
 
 # Requests range from a cached one-token reply (ms) to long batched generations (minutes).
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# The energy counter updates every ~100 ms: an answer waits 0-100 ms plus a read for it.
+_ENERGY_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.5, 1)
 # Loads range from a tiny model (< 1 s) to a large quantized + compiled one (many minutes).
 _LOAD_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
 
@@ -109,6 +112,9 @@ class Metrics:
                                    ["device"], registry=r)
         self.h_load_seconds = Histogram("llem_model_load_seconds", "Model load (and compile) time, seconds.",
                                         ["device"], buckets=_LOAD_BUCKETS, registry=r)
+        self.h_energy_wait = Histogram("llem_energy_wait_seconds",
+                                       "Time an answer waited after generation for the energy counter's next update.",
+                                       ["device"], buckets=_ENERGY_WAIT_BUCKETS, registry=r)
         self.c_worker_restarts = Counter("llem_worker_restarts", "Worker processes restarted after dying.",
                                          ["device"], registry=r)
         self.g_info = Gauge("llem_server_info", "Constant 1; the labels describe the server.", ["version"], registry=r)
@@ -144,6 +150,10 @@ class Metrics:
             self.c_energy_unavailable.labels(device=d).inc()
             return
         self.c_energy_joules.labels(device=d).inc(joules)
+
+    def record_energy_wait(self, device: int | str | None, seconds: float) -> None:
+        if math.isfinite(seconds) and seconds >= 0:
+            self.h_energy_wait.labels(device=_device(device)).observe(seconds)
 
     def record_cache(self, device: int | str | None, *, hit: bool) -> None:
         (self.c_cache_hits if hit else self.c_cache_misses).labels(device=_device(device)).inc()

@@ -299,8 +299,10 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                 if tail:
                     yield llem_pb2.TokenChunk(index=index, text=tail)
         t_wait = time.monotonic()
-        if resolved.plan.energy_delivery == "deferred":
-            self._defer_energy(request_id, config_hash, window, t_end, out_tokens)
+        deferred = resolved.plan.energy_delivery == "deferred"
+        if deferred:
+            self._defer_energy(request_id, config_hash, window, t_end, out_tokens,
+                               self.meter_devices.get(entry.device_index, entry.device_index))
             energy, energy_warnings = llem_pb2.Energy(available=False, unavailable_reason=(
                 "deferred (energy_delivery = ENERGY_DELIVERY_DEFERRED): fetch it with GetEnergy(request_id) once "
                 "the energy counter has passed this request's end (~100 ms)")), []
@@ -308,9 +310,9 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             energy, energy_warnings = await self._energy(window, t_end, out_tokens)
         energy_warnings.extend(stream_warnings)
         yield self._response(request_id, config_hash, entry, resolved, result, energy, energy_warnings, job,
-                             t_arrival, energy_wait_ms=(time.monotonic() - t_wait) * 1e3)
+                             t_arrival, energy_wait_ms=(time.monotonic() - t_wait) * 1e3, deferred=deferred)
 
-    def _defer_energy(self, request_id: str, config_hash: str, window, t_end, out_tokens) -> None:
+    def _defer_energy(self, request_id: str, config_hash: str, window, t_end, out_tokens, device) -> None:
         """Settle a deferred request's energy in the background, kept for GetEnergy."""
         fut = asyncio.get_running_loop().create_future()
         self._deferred.pop(request_id, None)  # a reused id: the latest request wins
@@ -324,9 +326,12 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             except Exception as exc:  # noqa: BLE001 - a reason, never a lost future
                 energy, warnings = llem_pb2.Energy(available=False, unavailable_reason=f"energy failed: {exc!r}"), []
             fut.set_result((energy, warnings))
-            if self.metrics is not None and energy.available:
-                for d in energy.devices:
-                    self.metrics.record_energy(d.index, d.energy_j)
+            if self.metrics is not None:
+                if energy.available and energy.devices:
+                    for d in energy.devices:
+                        self.metrics.record_energy(d.index, d.energy_j)
+                else:  # counted once, when known: the answer itself did not count it
+                    self.metrics.record_energy(device, energy.total_j if energy.available else None)
             if self.log is not None:
                 self.log.info("deferred_energy", request_id=request_id, config_hash=config_hash,
                               energy_j=energy.total_j if energy.available else None,
@@ -442,7 +447,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         task.add_done_callback(self._background.discard)
 
     def _response(self, request_id, config_hash, entry, resolved, result, energy, energy_warnings, job, t_arrival,
-                  energy_wait_ms: float = 0.0):
+                  energy_wait_ms: float = 0.0, deferred: bool = False):
         resp = llem_pb2.GenerateResponse(request_id=request_id, config_hash=config_hash, cache_hit=result["cache_hit"])
         in_tok = out_tok = 0
         for c in result["completions"]:
@@ -489,8 +494,11 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         eff.compiled = bool(result["model"].get("compiled"))
         eff.device = result["model"].get("device", "")
         if self.metrics is not None:
-            self.metrics.generated(in_tok, out_tok, result["cache_hit"], energy,
-                                   device=self.meter_devices.get(entry.device_index, entry.device_index))
+            device = self.meter_devices.get(entry.device_index, entry.device_index)
+            # A deferred energy is counted by the task that settles it.
+            self.metrics.generated(in_tok, out_tok, result["cache_hit"], None if deferred else energy, device=device)
+            if not deferred and energy.available:
+                self.metrics.record_energy_wait(device, energy_wait_ms / 1e3)
         if self.log is not None:
             self.log.info("generate", request_id=request_id, config_hash=config_hash, status="OK", input_tokens=in_tok,
                           output_tokens=out_tok, cache_hit=result["cache_hit"],
