@@ -36,6 +36,8 @@ ANCHOR_EVERY_S = 1.0   # one phase estimate kept per second ...
 ANCHORS = 600          # ... for 10 minutes: the period from estimates far apart
 ANCHOR_MIN_AGE_S = 10.0
 MIN_SPAN = 2e-4        # the narrowest period range tried: ±0.02 %
+REFIT_EVERY = 4        # with a narrow phase (SKIP_WIDTH_S) that predicts the new bracket, refit every 4th
+SKIP_WIDTH_S = 0.010
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class PhaseTracker:
         # The period of the last confident phase: a restart forgets the phase, not the
         # period (a property of the GPU's firmware), so it stays the hint for the next fit.
         self.known_period: float | None = None
+        self._since_fit = 0
         self._anchors: deque[tuple[float, float]] = deque(maxlen=ANCHORS)  # (at, half width)
 
     def add(self, lo: float, hi: float, period_hint: float) -> float:
@@ -78,6 +81,16 @@ class PhaseTracker:
         mid = (lo + hi) / 2
         prior = self.phase if self.phase is not None and self.phase.confident else None
         self._brackets.append((lo, hi))
+        self._since_fit += 1
+        if prior is not None and prior.width <= SKIP_WIDTH_S and self._since_fit < REFIT_EVERY:
+            # The fit costs ~1 ms of Python (the GIL of the server's front process): skip
+            # it while the known phase puts this update well inside the bracket.
+            u = _predicted(prior, lo, hi, None)
+            if u is not None and u - (prior.at - prior.lo) > lo and u + (prior.hi - prior.at) <= hi:
+                shift = u - prior.at  # the latest update is now this one
+                self.phase = Phase(at=u, lo=prior.lo + shift, hi=prior.hi + shift, period=prior.period)
+                return u
+        self._since_fit = 0
         if len(self._brackets) < MIN_BRACKETS:
             self.phase = None
             return mid
@@ -135,7 +148,7 @@ class PhaseTracker:
         return Phase(at=sum(ats) / len(ats), lo=min(lows), hi=max(highs), period=sum(periods) / len(periods))
 
 
-def _predicted(ph: Phase | None, lo: float, hi: float, fallback: float) -> float:
+def _predicted(ph: Phase | None, lo: float, hi: float, fallback):
     """The update ``ph`` predicts inside ``(lo, hi]`` if exactly one, else ``fallback``."""
     if ph is None:
         return fallback
