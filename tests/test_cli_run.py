@@ -353,7 +353,8 @@ def test_run_with_energy_baseline_and_nvml_backend(sim_server, tmp_path):
     assert e["total_j"] == pytest.approx(sum(r["energy"]["total_j"] for r in res["requests"]))
     assert e["joules_per_output_token"] == pytest.approx(e["total_j"] / res["aggregates"]["output_tokens"])
     assert res["baseline"]["measured"] is True
-    assert res["baseline"]["response"]["devices"][0]["baseline"]["power_w"] == pytest.approx(150, rel=0.05)
+    bl = res["baseline"]["response"]["devices"][0]["baseline"]
+    assert abs(bl["power_w"] - 150) <= bl["uncertainty_w"] + 1e-6  # within its own reported bound
     assert e["adjusted_j"] is not None  # a baseline exists, so every request has an adjusted figure
     assert res["provenance"]["energy_methods"] and res["model_load"]["load_energy"]["available"]
     assert "total energy" in p.stdout and "J per output token" in p.stdout

@@ -359,3 +359,20 @@ def test_samplers_read_faster_only_while_a_request_needs_them():
     m.report(b, timeout_s=0.01)  # samplers not started: unavailable, but it must still relax
     assert sampler._current_period() == pytest.approx(0.1)
     m.close()
+
+
+def test_baseline_counts_whole_counter_updates_once_the_update_clock_is_known():
+    # Real time, a real sampler thread, 100 ms updates: after the phase is learnt, the
+    # baseline is the counter's exact energy over a whole number of update periods.
+    sim = SimulatedNvml([SimGpu(power=123.0, update_period_s=0.1)])
+    m = EnergyMeter([0], nvml=sim, rapl_root="/x")
+    m.start()
+    try:
+        res = m.measure_baseline(1.0)[0]  # waits (≤ 5 s) for the update clock first
+        assert res.available
+        assert abs(res.power_w - 123.0) <= res.uncertainty_w + 1e-9
+        # interpolated edges would allow ~2 updates' energy over 1 s (~25 W); counted, the
+        # period's error (≤ ~1 % while it is being learnt) and the counter's 1 mJ unit
+        assert res.uncertainty_w < 0.02 * 123.0
+    finally:
+        m.close()

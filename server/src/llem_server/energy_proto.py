@@ -54,7 +54,7 @@ def sensor(state: SensorState) -> llem_pb2.EnergySensor:
 
 def baseline(b: BaselineResult) -> llem_pb2.Baseline:
     return llem_pb2.Baseline(power_w=b.power_w or 0.0, duration_s=b.duration_s, measured_unix=b.measured_unix,
-                             age_s=b.age_s, method=b.method)
+                             age_s=b.age_s, method=b.method, uncertainty_w=b.uncertainty_w)
 
 
 def device_baseline(b: BaselineResult) -> llem_pb2.DeviceBaseline:

@@ -1667,6 +1667,7 @@ class Baseline(_message.Message):
     MEASURED_UNIX_FIELD_NUMBER: _builtins.int
     AGE_S_FIELD_NUMBER: _builtins.int
     METHOD_FIELD_NUMBER: _builtins.int
+    UNCERTAINTY_W_FIELD_NUMBER: _builtins.int
     power_w: _builtins.float
     """Mean idle power, watts."""
     duration_s: _builtins.float
@@ -1677,6 +1678,10 @@ class Baseline(_message.Message):
     """Age now, seconds."""
     method: _builtins.str
     """How it was measured, e.g. "nvml_total_energy_counter"."""
+    uncertainty_w: _builtins.float
+    """Error bound of power_w, watts: the counter's resolution and period where whole
+    counter updates were counted, else about one update's energy at each edge.
+    """
     def __init__(
         self,
         *,
@@ -1685,10 +1690,11 @@ class Baseline(_message.Message):
         measured_unix: _builtins.float = ...,
         age_s: _builtins.float = ...,
         method: _builtins.str = ...,
+        uncertainty_w: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["age_s", b"age_s", "duration_s", b"duration_s", "measured_unix", b"measured_unix", "method", b"method", "power_w", b"power_w"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["age_s", b"age_s", "duration_s", b"duration_s", "measured_unix", b"measured_unix", "method", b"method", "power_w", b"power_w", "uncertainty_w", b"uncertainty_w"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,7 +1,10 @@
 """Baseline: idle power per device, measured in the serving state (energy.md rule 6).
 
-Measured over the same curve as requests: (E(t1) - E(t0)) / (t1 - t0) with the device
-idle (the caller guarantees no request runs). Kept per device, latest wins, with its age.
+Measured with the device idle (the caller guarantees no request runs). Where the
+counter's update clock is known, over whole counter updates: the counter's energy from
+the first to the last update inside the window over that many update periods (exact
+energy, time from the period, not from read timing). Otherwise over the same curve as
+requests: (E(t1) - E(t0)) / (t1 - t0). Kept per device, latest wins, with its age.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ class BaselineResult:
     measured_monotonic: float = 0.0
     method: str = ""
     age_s: float = 0.0  # filled in when read back (EnergyMeter.baseline)
+    uncertainty_w: float = 0.0
 
     @property
     def stale(self) -> bool:

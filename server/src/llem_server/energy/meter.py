@@ -44,6 +44,7 @@ METHOD_RAPL = "rapl_package_energy"
 
 SHORT_WINDOW_S = 1.0
 MIN_UPDATES = 10
+COUNTER_UNIT_MJ = 1.0  # nvmlDeviceGetTotalEnergyConsumption counts whole millijoules
 PHASE_WAIT_S = 5.0  # a baseline waits at most this long for the sampler to learn the update clock
 TEMP_DRIFT_C = 10.0
 POWER_AVG_LAG_S = 0.5  # the ~1 s average lags by about half its span at each edge
@@ -144,6 +145,29 @@ def _nearest(ts: list[float], vals: list, t: float):
         if v is not None and (best_d is None or abs(x - t) < best_d):
             best, best_d = v, abs(x - t)
     return best
+
+
+def _counted_power(v, t0: float, t1: float, period: float | None,
+                   period_err: float) -> tuple[float | None, float]:
+    """Idle power over whole counter updates inside [t0, t1]: (watts, bound), or (None, 0)
+    without a known update period or at least 5 whole updates. The counter is exact at
+    its updates; their spacing is a whole number of periods, counted from the points'
+    times (right while their errors stay under a quarter period)."""
+    if not period:
+        return None, 0.0
+    inside = [k for k, t in enumerate(v.pt_t) if t0 <= t <= t1]
+    if len(inside) < 2:
+        return None, 0.0
+    i, j = inside[0], inside[-1]
+    span = v.pt_t[j] - v.pt_t[i]
+    n = round(span / period)
+    if n < 5 or abs(span - n * period) > period / 4:
+        return None, 0.0
+    dt = n * period
+    watts = (v.pt_e[j] - v.pt_e[i]) / 1000.0 / dt
+    # the counter's unit (1 mJ) at each end, and the period's own error (about 1 % in the
+    # first seconds, 0.02 % once pinned by estimates minutes apart)
+    return watts, 2 * COUNTER_UNIT_MJ / 1000.0 / dt + abs(watts) * period_err / period
 
 
 class EnergyMeter:
@@ -599,8 +623,15 @@ class EnergyMeter:
             elif e0 is None or e1 is None:
                 res = BaselineResult(d.index, False, f"GPU {d.index}: energy samples do not cover the baseline")
             else:
-                res = BaselineResult(d.index, True, "", (e1 - e0) / 1000.0 / (t1 - t0), t1 - t0, unix0, t0,
-                                     d.state.method)
+                # Interpolated edges: about one counter update's energy each.
+                power = (e1 - e0) / 1000.0 / (t1 - t0)
+                unc = (edge_step_mj(v.pt_t, v.pt_e, t0) + edge_step_mj(v.pt_t, v.pt_e, t1)) / 1000.0 / (t1 - t0)
+                counted, c_unc = _counted_power(v, t0, t1, d.sampler.phase.known_period,
+                                                d.sampler.phase.known_period_err)
+                if counted is not None and abs(counted - power) <= unc + c_unc:
+                    power, unc = counted, c_unc  # whole updates: far tighter, and it agrees
+                res = BaselineResult(d.index, True, "", power, t1 - t0, unix0, t0, d.state.method,
+                                     uncertainty_w=unc)
                 with self._lock:
                     self._baselines[d.index] = res
             out[d.index] = res

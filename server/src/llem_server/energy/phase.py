@@ -48,6 +48,7 @@ class Phase:
     lo: float
     hi: float
     period: float
+    period_err: float = 0.0  # half the range of the periods that fit (at least half a grid step)
 
     @property
     def width(self) -> float:
@@ -71,6 +72,7 @@ class PhaseTracker:
         # The period of the last confident phase: a restart forgets the phase, not the
         # period (a property of the GPU's firmware), so it stays the hint for the next fit.
         self.known_period: float | None = None
+        self.known_period_err = 0.0
         self._since_fit = 0
         self._anchors: deque[tuple[float, float]] = deque(maxlen=ANCHORS)  # (at, half width)
 
@@ -88,7 +90,8 @@ class PhaseTracker:
             u = _predicted(prior, lo, hi, None)
             if u is not None and u - (prior.at - prior.lo) > lo and u + (prior.hi - prior.at) <= hi:
                 shift = u - prior.at  # the latest update is now this one
-                self.phase = Phase(at=u, lo=prior.lo + shift, hi=prior.hi + shift, period=prior.period)
+                self.phase = Phase(at=u, lo=prior.lo + shift, hi=prior.hi + shift, period=prior.period,
+                                   period_err=prior.period_err)
                 return u
         self._since_fit = 0
         if len(self._brackets) < MIN_BRACKETS:
@@ -112,6 +115,7 @@ class PhaseTracker:
         self.phase = ph
         if ph.confident:
             self.known_period = ph.period
+            self.known_period_err = ph.period_err
         if not self._anchors or ph.at - self._anchors[-1][0] >= ANCHOR_EVERY_S:
             self._anchors.append((ph.at, ph.width / 2))
         # A wide estimate (few brackets, or a period not yet pinned) is no better than the
@@ -145,7 +149,9 @@ class PhaseTracker:
                 periods.append(p)
         if not ats:
             return None
-        return Phase(at=sum(ats) / len(ats), lo=min(lows), hi=max(highs), period=sum(periods) / len(periods))
+        step = 2 * span * p0 / (PERIOD_GRID - 1)
+        return Phase(at=sum(ats) / len(ats), lo=min(lows), hi=max(highs), period=sum(periods) / len(periods),
+                     period_err=(max(periods) - min(periods)) / 2 + step / 2)
 
 
 def _predicted(ph: Phase | None, lo: float, hi: float, fallback):
