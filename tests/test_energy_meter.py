@@ -362,17 +362,21 @@ def test_samplers_read_faster_only_while_a_request_needs_them():
 
 
 def test_baseline_counts_whole_counter_updates_once_the_update_clock_is_known():
-    # Real time, a real sampler thread, 100 ms updates: after the phase is learnt, the
-    # baseline is the counter's exact energy over a whole number of update periods.
-    sim = SimulatedNvml([SimGpu(power=123.0, update_period_s=0.1)])
-    m = EnergyMeter([0], nvml=sim, rapl_root="/x")
+    # Real time, a real sampler thread, a 20 ms counter (a 100 ms one would need ~10 s):
+    # once the period is pinned (≥ 100 updates), the baseline is the counter's exact
+    # energy over a whole number of update periods.
+    sim = SimulatedNvml([SimGpu(power=123.0, update_period_s=0.02)])
+    m = EnergyMeter([0], nvml=sim, period_s=0.01, min_period_s=0.005, rapl_root="/x")
     m.start()
     try:
-        res = m.measure_baseline(1.0)[0]  # waits (≤ 5 s) for the update clock first
+        deadline = time.monotonic() + 15
+        while not m._devs[0].sampler.phase.known_period_pinned and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert m._devs[0].sampler.phase.known_period_pinned
+        res = m.measure_baseline(0.5)[0]
         assert res.available
         assert abs(res.power_w - 123.0) <= res.uncertainty_w + 1e-9
-        # interpolated edges would allow ~2 updates' energy over 1 s (~25 W); counted, the
-        # period's error (≤ ~1 % while it is being learnt) and the counter's 1 mJ unit
-        assert res.uncertainty_w < 0.02 * 123.0
+        # interpolated edges would allow ~2 updates' energy over 0.5 s (~10 W); counted, far less
+        assert res.uncertainty_w < 0.01 * 123.0
     finally:
         m.close()

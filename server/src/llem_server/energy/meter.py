@@ -150,7 +150,7 @@ def _nearest(ts: list[float], vals: list, t: float):
 def _counted_power(v, t0: float, t1: float, period: float | None,
                    period_err: float) -> tuple[float | None, float]:
     """Idle power over whole counter updates inside [t0, t1]: (watts, bound), or (None, 0)
-    without a known update period or at least 5 whole updates. The counter is exact at
+    without a pinned update period or at least 5 whole updates. The counter is exact at
     its updates; their spacing is a whole number of periods, counted from the points'
     times (right while their errors stay under a quarter period)."""
     if not period:
@@ -165,8 +165,8 @@ def _counted_power(v, t0: float, t1: float, period: float | None,
         return None, 0.0
     dt = n * period
     watts = (v.pt_e[j] - v.pt_e[i]) / 1000.0 / dt
-    # the counter's unit (1 mJ) at each end, and the period's own error (about 1 % in the
-    # first seconds, 0.02 % once pinned by estimates minutes apart)
+    # the counter's unit (1 mJ) at each end, and the period's own error (pinned by
+    # estimates ≥ 100 updates apart: ~0.02 %)
     return watts, 2 * COUNTER_UNIT_MJ / 1000.0 / dt + abs(watts) * period_err / period
 
 
@@ -626,8 +626,9 @@ class EnergyMeter:
                 # Interpolated edges: about one counter update's energy each.
                 power = (e1 - e0) / 1000.0 / (t1 - t0)
                 unc = (edge_step_mj(v.pt_t, v.pt_e, t0) + edge_step_mj(v.pt_t, v.pt_e, t1)) / 1000.0 / (t1 - t0)
-                counted, c_unc = _counted_power(v, t0, t1, d.sampler.phase.known_period,
-                                                d.sampler.phase.known_period_err)
+                tr = d.sampler.phase  # the period must be pinned: a ±1 % guess can be off by more
+                counted, c_unc = _counted_power(v, t0, t1, tr.known_period if tr.known_period_pinned else None,
+                                                tr.known_period_err)
                 if counted is not None and abs(counted - power) <= unc + c_unc:
                     power, unc = counted, c_unc  # whole updates: far tighter, and it agrees
                 res = BaselineResult(d.index, True, "", power, t1 - t0, unix0, t0, d.state.method,

@@ -32,9 +32,9 @@ MIN_BRACKETS = 8       # before this many, no phase estimate
 PERIOD_GRID = 41       # candidate periods tried around the nominal one
 PERIOD_SPAN = 0.01     # ± this fraction of the nominal period
 CONFIDENT_S = 0.03     # an estimate this narrow (30 ms) is used for read scheduling
-ANCHOR_EVERY_S = 1.0   # one phase estimate kept per second ...
-ANCHORS = 600          # ... for 10 minutes: the period from estimates far apart
-ANCHOR_MIN_AGE_S = 10.0
+ANCHOR_EVERY = 10      # one phase estimate kept every 10 updates (1 s at 100 ms) ...
+ANCHORS = 600          # ... for 6000 updates (10 minutes): the period from estimates far apart
+ANCHOR_MIN_AGE = 100   # updates between the two estimates that pin the period
 MIN_SPAN = 2e-4        # the narrowest period range tried: ±0.02 %
 REFIT_EVERY = 4        # with a narrow phase (SKIP_WIDTH_S) that predicts the new bracket, refit every 4th
 SKIP_WIDTH_S = 0.010
@@ -73,6 +73,7 @@ class PhaseTracker:
         # period (a property of the GPU's firmware), so it stays the hint for the next fit.
         self.known_period: float | None = None
         self.known_period_err = 0.0
+        self.known_period_pinned = False  # from anchors (≥ ANCHOR_MIN_AGE updates apart), not ±1 %
         self._since_fit = 0
         self._anchors: deque[tuple[float, float]] = deque(maxlen=ANCHORS)  # (at, half width)
 
@@ -99,6 +100,7 @@ class PhaseTracker:
             return mid
         p0, span = self._period_range(period_hint)
         ph = self._fit(p0, span)
+        pinned = ph is not None and span < PERIOD_SPAN
         if ph is None and span < PERIOD_SPAN:
             # The period moved off its long-run value: try the wide range, forget the anchors.
             ph = self._fit(period_hint, PERIOD_SPAN)
@@ -110,13 +112,15 @@ class PhaseTracker:
             self._brackets.clear()
             self._brackets.append(last)
             self._anchors.clear()
+            self.known_period_pinned = False
             self.phase = None
             return _predicted(prior, lo, hi, mid)
         self.phase = ph
         if ph.confident:
             self.known_period = ph.period
             self.known_period_err = ph.period_err
-        if not self._anchors or ph.at - self._anchors[-1][0] >= ANCHOR_EVERY_S:
+            self.known_period_pinned = pinned
+        if not self._anchors or ph.at - self._anchors[-1][0] >= ANCHOR_EVERY * ph.period:
             self._anchors.append((ph.at, ph.width / 2))
         # A wide estimate (few brackets, or a period not yet pinned) is no better than the
         # midpoint, unless the phase known until now still puts this update in the bracket.
@@ -130,7 +134,7 @@ class PhaseTracker:
             at0, hw0 = self._anchors[0]
             dt = ph.at - at0
             n = round(dt / ph.period)
-            if dt >= ANCHOR_MIN_AGE_S and n > 0:
+            if n >= ANCHOR_MIN_AGE:
                 p = dt / n
                 return p, max(3 * (hw0 + ph.width / 2) / n / p, MIN_SPAN)
         return hint, PERIOD_SPAN
