@@ -184,12 +184,16 @@ class Metrics:
             device = devices[0].index
         self.record_tokens(device, input_tokens, output_tokens)
         self.record_cache(device, hit=cache_hit)
-        if energy is None:
-            return
+        if energy is not None:
+            self.record_energy_message(energy, device)
+
+    def record_energy_message(self, energy: Any, device: int | str | None = None) -> None:
+        """An ``llem.v1.Energy``: its per-device joules when ``available`` (else ``device``
+        gets the total), or one "unavailable" on ``device``."""
         if not getattr(energy, "available", False):
             self.record_energy(device, None)
-        elif devices:
-            for d in devices:
+        elif energy.devices:
+            for d in energy.devices:
                 self.record_energy(d.index, d.energy_j)
         else:
             self.record_energy(device, energy.total_j)

@@ -326,12 +326,8 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             except Exception as exc:  # noqa: BLE001 - a reason, never a lost future
                 energy, warnings = llem_pb2.Energy(available=False, unavailable_reason=f"energy failed: {exc!r}"), []
             fut.set_result((energy, warnings))
-            if self.metrics is not None:
-                if energy.available and energy.devices:
-                    for d in energy.devices:
-                        self.metrics.record_energy(d.index, d.energy_j)
-                else:  # counted once, when known: the answer itself did not count it
-                    self.metrics.record_energy(device, energy.total_j if energy.available else None)
+            if self.metrics is not None:  # counted once, when known: the answer itself did not count it
+                self.metrics.record_energy_message(energy, device)
             if self.log is not None:
                 self.log.info("deferred_energy", request_id=request_id, config_hash=config_hash,
                               energy_j=energy.total_j if energy.available else None,
@@ -433,8 +429,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                     device = self.meter_devices.get(worker.index, worker.index)
                     self.metrics.stopped_tokens(tokens, device=device)
                     if energy is not None and energy.available:
-                        for d in energy.devices:
-                            self.metrics.record_energy(d.index, d.energy_j)
+                        self.metrics.record_energy_message(energy, device)
                 if self.log is not None:
                     self.log.info("request_stopped", request_id=request_id, config_hash=entry.config_hash,
                                   output_tokens=tokens,

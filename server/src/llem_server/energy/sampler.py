@@ -177,7 +177,7 @@ class Sampler:
                 return ph.next_after(floor + READ_GUARD_S) - READ_GUARD_S
             return ph.next_after(floor - late) + late
         self._locked_read = False
-        period = ph.period if ph is not None else self._period_guess()
+        period = self._period_guess()
         if period is None:
             return nxt
         # Varied offsets from the updates (brackets at every phase narrow the estimate),
@@ -205,13 +205,11 @@ class Sampler:
                     break
                 if self._wake.wait(delay):
                     self._wake.clear()
-                    if self._planned_probe and self._waiting:
-                        # Someone waits for the next update: catch it instead of probing.
-                        nxt = max(self._next_read(last, last + self._current_period()), last + self.floor_s)
-                    else:
-                        # Asked to hurry: reschedule for the hurried mode, never under the floor.
-                        nxt = max(min(nxt, self._next_read(last, last + self._current_period())),
-                                  last + self.floor_s)
+                    # Asked to hurry: the hurried schedule, if sooner. Someone waits for the
+                    # next update while a probe is planned: a catch instead, even if later.
+                    probe_planned = self._planned_probe and self._waiting
+                    again = self.schedule(last, last)
+                    nxt = again if probe_planned else min(nxt, again)
 
     def sample_once(self) -> None:
         t0 = self._clock()
@@ -232,7 +230,7 @@ class Sampler:
             # the request path's readers never wait for it. Only this thread writes what it reads.
             est = self._update_time(self._prev_t, t, t1, t0)
         with self._cond:
-            self._add(t, r, t0, t1, est)
+            self._add(t, r, t0, est)
             self.last_error = ""
             self._cond.notify_all()
 
@@ -246,10 +244,8 @@ class Sampler:
         b.pt_t.append(t)
         b.pt_e.append(e)
 
-    def _add(self, t: float, r: Reading, start: float | None = None, end: float | None = None,
-             est: float | None = None) -> None:
-        start = t if start is None else start
-        end = t if end is None else end
+    def _add(self, t: float, r: Reading, start: float, est: float | None) -> None:
+        """Under the lock. ``est``: the update time ``_update_time`` gave a counter increase."""
         b = self._buf
         b.s_t.append(t)
         b.s_temp.append(r.temperature_c)
@@ -266,7 +262,7 @@ class Sampler:
         elif v > prev:
             step = v - prev
             self._min_step = step if self._min_step is None else min(self._min_step, step)
-            self._point(est if est is not None else self._update_time(prev_t, t, end, start), v + self._offset)
+            self._point(est, v + self._offset)
         elif v < prev:
             # Counter went backwards: energy since the last update before it is unknown.
             last = b.pt_t[-1] if b.pt_t else prev_t
@@ -285,9 +281,10 @@ class Sampler:
     def _update_time(self, prev_t: float, t: float, end: float, start: float) -> float:
         """When the (latest) update between the previous read (began at ``_last_start``)
         and this one (``start`` to ``end``) happened."""
+        b = self._buf
         lo = self._last_start if self._last_start is not None else prev_t  # the previous read's start
         ph = self.phase.phase
-        period = ph.period if ph is not None else self._period_guess()
+        period = self._period_guess()
         est = (prev_t + t) / 2  # no period known yet: the midpoint
         if period is not None:
             # Only a bracket shorter than one period surely holds a single update.
@@ -300,7 +297,6 @@ class Sampler:
                 # candidate: it is that one (the value changed). Several: the latest, if
                 # it was predicted before this read began (the value is latched inside the
                 # call), else unknown: the midpoint.
-                b = self._buf
                 after = max(lo, b.pt_t[-1]) if b.pt_t else lo
                 cands = []
                 u = ph.next_after(after)
@@ -311,7 +307,6 @@ class Sampler:
                     est = min(max(cands[0], lo), end)
                 elif cands and cands[-1] + (ph.hi - ph.at) <= start:
                     est = cands[-1]
-        b = self._buf
         return max(est, b.pt_t[-1] + 1e-6) if b.pt_t else est
 
     def _trim(self) -> None:
@@ -379,9 +374,10 @@ class Sampler:
             return None if self._first_t is None else (self._first_t, self._first_e)
 
     def _period_guess(self) -> float | None:
-        """The update period while no phase is known: the last confident one, else the
+        """The update period: the current phase's, else the last confident one, else the
         mean spacing of counter points (which stalls bias upwards: it only seeds the fit)."""
-        return self.phase.known_period or self._update_period()
+        ph = self.phase.phase
+        return ph.period if ph is not None else self.phase.known_period or self._update_period()
 
     def _update_period(self) -> float | None:
         # Mean of recent intervals between points, outliers (stalls) left out: midpoint
