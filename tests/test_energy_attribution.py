@@ -1,6 +1,8 @@
 """Pure attribution: interpolation, overlap split, idle bucket, conservation (hypothesis)."""
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -29,6 +31,16 @@ def test_split_by_time_and_by_tokens():
     # An open window (no tokens yet) forces time split for the pieces it shares.
     s = split(t, e, [Span("a", 0.0, 2.0, 10), Span("b", 1.0, None)], 0.0, 4.0, by="tokens")
     assert s.shares_mj == pytest.approx({"a": 150.0, "b": 250.0}) and s.idle_mj == 0 and s.by_time
+
+
+def test_a_vanishingly_short_span_splits_no_nan():
+    # Found by hypothesis in CI: a span 1e-323 s long has an infinite token rate.
+    t = [i * 0.1 for i in range(11)]
+    e = [i * 10.0 for i in range(11)]
+    s = split(t, e, [Span("a", 0.0, 1e-323, 1), Span("b", 0.0, 5e-324, 1), Span("c", 0.0, 1.0, 5)], 0.0, 1.0,
+              by="tokens")
+    assert all(math.isfinite(v) for v in s.shares_mj.values())
+    assert sum(s.shares_mj.values()) + s.idle_mj == pytest.approx(100.0)
 
 
 points = st.lists(st.floats(0.0, 700.0), min_size=3, max_size=40)  # power per 0.1 s step, W

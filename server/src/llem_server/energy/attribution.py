@@ -14,6 +14,7 @@ curve's delta over the range exactly.
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass, field
 from typing import Hashable, Sequence
 
@@ -97,6 +98,10 @@ def split(pt_t: Sequence[float], pt_e: Sequence[float], spans: Sequence[Span], t
         else:
             weights = [1.0] * len(active)
             out.by_time = out.by_time or len(active) > 1
+        if not all(math.isfinite(w) for w in weights):
+            # A span of (sub)normal-tiny length has an infinite token rate: in the limit,
+            # the infinite ones share the segment (inf / inf would be NaN).
+            weights = [0.0 if math.isfinite(w) else 1.0 for w in weights]
         total_w = sum(weights)
         for s, w in zip(active, weights):
             out.shares_mj[s.key] = out.shares_mj.get(s.key, 0.0) + seg * w / total_w
