@@ -31,6 +31,7 @@ from dataclasses import dataclass
 HISTORY = 48           # brackets kept: ~5 s at 100 ms
 MIN_BRACKETS = 8       # before this many, no phase estimate
 PERIOD_GRID = 41       # candidate periods tried around the nominal one
+PINNED_GRID = 21       # ... around a pinned period (a narrower range: fewer suffice, and each costs GIL time)
 PERIOD_SPAN = 0.01     # ± this fraction of the nominal period
 CONFIDENT_S = 0.03     # an estimate this narrow (30 ms) is used for read scheduling
 ANCHOR_EVERY = 10      # one phase estimate kept every 10 updates (1 s at 100 ms) ...
@@ -145,8 +146,9 @@ class PhaseTracker:
             return None
         lows, highs, ats, periods = [], [], [], []
         prepared = _narrowest_first(self._brackets)  # the same for every period: sorted once
-        for g in range(PERIOD_GRID):
-            p = p0 * (1 - span + 2 * span * g / (PERIOD_GRID - 1))
+        grid = PERIOD_GRID if span >= PERIOD_SPAN else PINNED_GRID
+        for g in range(grid):
+            p = p0 * (1 - span + 2 * span * g / (grid - 1))
             got = _intersect(prepared, p)
             if got is not None:
                 lows.append(got[0])
@@ -155,7 +157,7 @@ class PhaseTracker:
                 periods.append(p)
         if not ats:
             return None
-        step = 2 * span * p0 / (PERIOD_GRID - 1)
+        step = 2 * span * p0 / (grid - 1)
         return Phase(at=sum(ats) / len(ats), lo=min(lows), hi=max(highs), period=sum(periods) / len(periods),
                      period_err=(max(periods) - min(periods)) / 2 + step / 2)
 
