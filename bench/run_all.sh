@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-for s in roundtrip throughput concurrency metering sweep; do
+for s in roundtrip throughput concurrency metering sampler_cost sweep; do
   echo "=== bench/$s.py"
   "$PY" "bench/$s.py" "$@"
 done

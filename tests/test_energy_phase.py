@@ -174,3 +174,27 @@ def test_window_energy_stays_within_the_reported_bound(stalls):
         assert ratios[int(0.995 * len(ratios))] <= 1.0
     else:
         assert ratios[-1] <= 0.5 and ratios[len(ratios) // 2] <= 0.05
+
+
+def test_sampler_reports_its_own_cpu_time_inside_and_outside_sensor_calls():
+    """The shutdown log's sampler cost (the GIL it takes from the server) is measured: a
+    sensor call that burns 3 ms of CPU shows as such, and the total includes it."""
+    import threading
+    import time
+
+    def read():
+        c0 = time.thread_time()
+        while time.thread_time() - c0 < 0.003:
+            pass
+        return Reading(time.monotonic() // 0.02 * 1000.0)
+
+    s = Sampler(read, mode="counter", period_s=0.05, floor_s=0.05)
+    assert s.stats()["cpu_ms_per_s"] is None  # no thread yet: nothing measured, not zero
+    s.start()
+    time.sleep(1.0)
+    st = s.stats()
+    s.stop()
+    assert not any(t.name == "llem-energy-sensor" for t in threading.enumerate())
+    per_read = st["read_cpu_ms_per_s"] / (st["reads"] / 1.0)
+    assert 2.5 <= per_read <= 4.5, st
+    assert st["read_cpu_ms_per_s"] <= st["cpu_ms_per_s"] < st["read_cpu_ms_per_s"] + 30, st

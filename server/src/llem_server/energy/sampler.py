@@ -101,6 +101,9 @@ class Sampler:
         self._last_changed = True  # whether it saw a counter update
         self._n_reads = 0
         self._read_s = 0.0
+        # CPU time of the sampler thread (the GIL it takes from the front process is the
+        # part outside the sensor call): for the shutdown log and benchmarks.
+        self._cpu_s = self._read_cpu_s = self._run_s = 0.0
         self._misses = 0  # phase-locked reads (not probes) that found no update yet
         self._locked_read = False
         self._waiting = 0  # callers blocked in wait_for_point: no probe while they wait
@@ -193,7 +196,9 @@ class Sampler:
 
     def _run(self) -> None:
         nxt = self._clock()
+        cpu0, wall0 = time.thread_time(), time.monotonic()
         while not self._stop.is_set():
+            self._cpu_s, self._run_s = time.thread_time() - cpu0, time.monotonic() - wall0
             last = self._clock()
             self.sample_once()
             nxt = self.schedule(last, nxt)
@@ -212,6 +217,7 @@ class Sampler:
                     nxt = again if probe_planned else min(nxt, again)
 
     def sample_once(self) -> None:
+        c0 = time.thread_time()
         t0 = self._clock()
         try:
             r = self._read()
@@ -221,6 +227,7 @@ class Sampler:
                 self._cond.notify_all()
             return
         t1 = self._clock()
+        self._read_cpu_s += time.thread_time() - c0
         self._n_reads += 1
         self._read_s += t1 - t0
         t = (t0 + t1) / 2  # a read takes ms on NVML; its value is from inside the call
@@ -326,7 +333,10 @@ class Sampler:
                     "mean_read_ms": round(self._read_s / self._n_reads * 1e3, 3) if self._n_reads else None,
                     "phase_period_ms": round(ph.period * 1e3, 4) if ph else None,
                     "phase_width_ms": round(ph.width * 1e3, 3) if ph else None,
-                    "phase_restarts": self.phase.restarts, "locked_read_misses": self._misses}
+                    "phase_restarts": self.phase.restarts, "locked_read_misses": self._misses,
+                    # the thread's CPU per second of its life, and the part inside sensor calls
+                    "cpu_ms_per_s": round(self._cpu_s / self._run_s * 1e3, 3) if self._run_s else None,
+                    "read_cpu_ms_per_s": round(self._read_cpu_s / self._run_s * 1e3, 3) if self._run_s else None}
 
     # -- readers (request path: no sensor call) -----------------------------------
     @property
