@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check in one command (bench/gpu_check.py): run from the repository root on a
 # machine with one NVIDIA GPU, torch and transformers, no network. Extra arguments go to
-# gpu_check.py (e.g. --budget-s 300, --skip-anchor). Wheels for what the image lacks
-# travel in .whl/ (bench/fetch_wheels.sh); the repo's packages are used from source.
+# gpu_check.py (e.g. --budget-s 300, --skip-anchor); a first argument bench/<name>.py runs
+# that script instead, in the same environment (e.g. bench/sampler_cost.py --nvml). Wheels
+# for what the image lacks travel in .whl/ (bench/fetch_wheels.sh); the repo's packages are
+# used from source.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -30,4 +32,6 @@ if bad:
     print("gpu_check.sh: missing imports:\n  " + "\n  ".join(bad), file=sys.stderr)
     sys.exit(1)
 PY
-exec "$PY" bench/gpu_check.py "$@"
+script=bench/gpu_check.py
+case "${1:-}" in bench/*.py) script=$1; shift ;; esac
+exec "$PY" "$script" "$@"

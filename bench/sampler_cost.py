@@ -1,14 +1,17 @@
 """What does the energy sampler thread cost the server's own Python?
 
 The sampler (server/src/llem_server/energy/sampler.py) runs in the server's front
-process: its sensor call releases the GIL (ctypes), but its bookkeeping and the phase fit
-hold it. While a request's window is open the sampler is *hurried* (reads just after each
-predicted counter update). This measures, on the real Sampler and PhaseTracker:
+process; generation runs in a worker process, so the sampler never holds *its* GIL. In the
+front process the sensor call releases the GIL (ctypes), but the bookkeeping and the phase
+fit hold it, against the front's own work: gRPC, request handling, and relaying every
+streamed token from the worker. While a request's window is open the sampler is *hurried*
+(reads just after each predicted counter update). This measures, on the real Sampler and
+PhaseTracker:
 
 1. the sampler thread's CPU per second, idle and hurried (process CPU while the main
    thread sleeps), and the count and cost of phase fits;
-2. what it takes from a CPU-bound Python loop in the same process (a stand-in for the
-   launch-bound generate loop of a small model at batch 1): the loop's rate in blocks
+2. what it takes from a CPU-bound Python loop in the same process (a worst case for the
+   front's work: always wanting the GIL): the loop's rate in blocks
    alternating between the sampler hurried and the sampler parked inside its sensor call.
    Paired blocks cancel drift; the answer is the median on/off ratio with its quartiles.
 
@@ -149,8 +152,9 @@ def main(argv=None) -> int:
                 ["pairs", "block s", "on/off median", "on/off quartiles", "on it/s (median)", "off it/s (median)"],
                 [[args.pairs, args.block_s, f"{statistics.median(ratios):.4f}", f"{q[0]:.4f} – {q[2]:.4f}",
                   statistics.median(on), statistics.median(off)]],
-                "energy.md rule 9 allows metering 1 % of tokens/s; this is the part the sampler takes from "
-                "the server's Python (GIL and CPU), free of GPU drift."),
+                "energy.md rule 9 allows metering 1 % of tokens/s. This is the most the sampler can take from "
+                "the front process's Python (GIL and CPU), free of GPU drift; generation itself runs in the "
+                "worker process."),
     ]
     notes = [f"sensor: {'GPU 0 via NVML' if args.nvml else 'simulated counter, 100.3 ms updates, 4 ms GIL-free read'}",
              f"sampler stats after the CPU measurement: {st}"]
