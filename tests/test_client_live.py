@@ -46,6 +46,31 @@ def test_server_errors_map_to_the_hierarchy(server):
         assert any("load_in" in f for f, _ in ei.value.field_violations)
 
 
+def test_generate_future_answers_raises_and_cancels(server):
+    """The call ``llem-client run --in-flight`` keeps queued: same answer as ``generate``,
+    the same exception types, and a cancel that ends it with CancelledError."""
+    from concurrent.futures import CancelledError
+
+    from llem_client import _core
+
+    with llem_client.Client(server.address) as c:
+        req = _core.generate_request(["Hello"], request_id="fut-1", **KW)
+        call = c.generate_future(req)
+        r = call.result(timeout=60)
+        assert call.done() and r.request_id == "fut-1" and r.usage.output_tokens >= 1
+        assert r.completions[0].token_ids == c.generate_request(req).completions[0].token_ids
+        bad = _core.generate_request(["x"], model="no-such-model", max_output_tokens=1)
+        with pytest.raises(llem_client.NotFound):
+            c.generate_future(bad).result(timeout=60)
+        long = _core.generate_request(["Hello"], model=MODEL, precision="fp32", max_output_tokens=4000,
+                                      decoder={"preset": "deterministic", "min_new_tokens": 4000})
+        call = c.generate_future(long, timeout=None)
+        assert call.cancel()
+        with pytest.raises(CancelledError):
+            call.result(timeout=60)
+        assert c.health().status == 1  # SERVING: the cancelled call left the server well
+
+
 def test_load_list_unload(server):
     with llem_client.Client(server.address) as c:
         loaded = c.load_model("gpt2", precision="fp32", pytorch={"batch_size": 2}, strip_generation_fields=True)

@@ -10,7 +10,7 @@ transformers, no rich); the CLI lives in ``llem_client.cli``.
 """
 from __future__ import annotations
 
-from .client import AsyncClient, AsyncGenerateStream, Client, GenerateStream
+from .client import AsyncClient, AsyncGenerateStream, Client, GenerateCall, GenerateStream
 from .convert import message_to_dict, to_message
 from .errors import (
     Cancelled,
@@ -35,6 +35,7 @@ __all__ = [
     "AsyncGenerateStream",
     "Cancelled",
     "Client",
+    "GenerateCall",
     "ConfigurationError",
     "DeadlineExceeded",
     "FailedPrecondition",

@@ -11,6 +11,7 @@ import queue
 import signal
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from concurrent.futures import CancelledError
 from typing import Any, Union
 
 import grpc
@@ -23,7 +24,7 @@ from . import _core
 from ._core import UNSET, ConfigLike
 from .errors import from_rpc_error
 
-__all__ = ["Client", "AsyncClient", "GenerateStream", "AsyncGenerateStream"]
+__all__ = ["Client", "AsyncClient", "GenerateCall", "GenerateStream", "AsyncGenerateStream"]
 
 ModelLike = Union[str, llem_pb2.ModelConfig, Mapping[str, Any]]
 PathOrPem = Union[bytes, str, os.PathLike, None]
@@ -109,6 +110,31 @@ class _DeferredSigint:
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
             self._old = None
+
+
+class GenerateCall:
+    """A ``Generate`` in flight (``Client.generate_future``), for callers that keep several
+    going from their own threads. ``result()`` blocks for the response and raises what
+    ``Client.generate`` raises (``LlemError`` subclasses), or
+    ``concurrent.futures.CancelledError`` once cancelled; ``cancel()`` also stops the
+    generation on the server."""
+
+    def __init__(self, call: Any):
+        self._call = call
+
+    def result(self, timeout: float | None = None) -> llem_pb2.GenerateResponse:
+        try:
+            return self._call.result(timeout)
+        except grpc.FutureCancelledError:
+            raise CancelledError() from None
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def cancel(self) -> bool:
+        return self._call.cancel()
+
+    def done(self) -> bool:
+        return self._call.done()
 
 
 class GenerateStream(Iterator[llem_pb2.GenerateStreamResponse]):
@@ -271,6 +297,13 @@ class Client(_Base):
     def generate_request(self, request: llem_pb2.GenerateRequest, *, timeout: float | None = UNSET) -> llem_pb2.GenerateResponse:
         """Send a ready-made GenerateRequest."""
         return self._unary(self._stub.Generate, request, timeout)
+
+    def generate_future(self, request: llem_pb2.GenerateRequest, *, timeout: float | None = UNSET) -> GenerateCall:
+        """Send a ready-made GenerateRequest without waiting: ``llem-client run --in-flight``
+        keeps the next request queued this way while an answer waits for its energy.
+        Wait on ``result()`` from a worker thread: a Ctrl-C landing inside grpc's own code
+        can leave a lock held (``generate`` guards against that; this does not)."""
+        return GenerateCall(self._stub.Generate.future(request, **self._call_kwargs(timeout)))
 
     def generate_stream(
         self,

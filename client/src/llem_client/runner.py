@@ -26,8 +26,6 @@ from concurrent.futures import wait as wait_futures
 from datetime import datetime, timezone
 from typing import Any
 
-import grpc
-
 from llem.v1 import llem_pb2
 
 from . import __version__
@@ -35,7 +33,7 @@ from .client import Client, _DeferredSigint
 from .convert import message_to_dict
 from .datasets import Prompt
 from .display import Display
-from .errors import LlemError, from_rpc_error
+from .errors import LlemError
 from .experiment import Experiment
 from .results import SCHEMA, SCHEMA_VERSION, aggregate, measured_elapsed_s, request_record
 
@@ -94,22 +92,15 @@ class _InFlight:
     def _call(self, request: llem_pb2.GenerateRequest) -> tuple[llem_pb2.GenerateResponse, float, float]:
         if self._stop.is_set():
             raise CancelledError()
-        c = self._client
         sent = time.perf_counter()
-        call = c._stub.Generate.future(request, **c._call_kwargs(None))  # no deadline for generation
+        call = self._client.generate_future(request, timeout=None)  # no deadline for generation
         with self._lock:
             self._calls.add(call)
             stopped = self._stop.is_set()
         try:
             if stopped:  # close() ran between the check above and the registration
                 call.cancel()
-            try:
-                resp = call.result()
-            except grpc.FutureCancelledError:
-                raise CancelledError() from None
-            except grpc.RpcError as e:
-                raise from_rpc_error(e) from None
-            return resp, sent, time.perf_counter()
+            return call.result(), sent, time.perf_counter()
         finally:
             with self._lock:
                 self._calls.discard(call)
