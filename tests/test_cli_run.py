@@ -377,4 +377,6 @@ def test_run_with_deferred_energy_fetches_it_after_the_phase(sim_server, tmp_pat
     agg = res["aggregates"]["energy"]
     assert agg["requests_with_energy"] == 2 and agg["total_j"] == pytest.approx(
         sum(r["energy"]["total_j"] for r in res["requests"]))
-    assert "deferred energy:" in p.stdout + p.stderr
+    out = p.stdout + p.stderr
+    assert "deferred energy:" in out
+    assert "request 1/2: " in out and "energy deferred" in out and "ENERGY_DELIVERY_DEFERRED" not in out

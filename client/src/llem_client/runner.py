@@ -435,12 +435,16 @@ class Runner:
         self.records.append(rec)
         t = self._totals
         t["tokens"] += rec["output_tokens"]
-        if self.record_energy:
+        if self.deferred:
+            energy_text = "energy deferred"  # fetched with GetEnergy after the measured phase
+        elif self.record_energy:
             if resp.energy.available:
                 t["joules"] += resp.energy.total_j
             else:
                 t["missing"] += 1
-        energy_text = _energy_text(rec["energy"]) if self.record_energy else "energy not recorded"
+            energy_text = _energy_text(rec["energy"])
+        else:
+            energy_text = "energy not recorded"
         bar.advance(
             output_tokens=t["tokens"],
             joules=t["joules"] if self.record_energy and t["missing"] < len(self.records) else None,
