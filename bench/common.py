@@ -335,6 +335,18 @@ class Config:
         return _core.generate_request(self.prompts(), **self.client_kwargs())
 
 
+def deferred(request, request_id: str):
+    """A copy of ``request`` with energy_delivery = DEFERRED (answered at once; the energy is
+    fetched with GetEnergy(request_id) afterwards)."""
+    from llem.v1 import llem_pb2
+
+    out = llem_pb2.GenerateRequest()
+    out.CopyFrom(request)
+    out.energy_delivery = llem_pb2.ENERGY_DELIVERY_DEFERRED
+    out.request_id = request_id
+    return out
+
+
 def client(address: str, timeout: float | None = 600.0):
     from llem_client import Client
 

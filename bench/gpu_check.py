@@ -232,13 +232,7 @@ class Check:
 
     def run_service(self, k: int, req, deferred: bool = False) -> dict:
         if deferred:  # energy_delivery = DEFERRED: answered at once, energy fetched after the timing
-            from llem.v1 import llem_pb2
-
-            req2 = llem_pb2.GenerateRequest()
-            req2.CopyFrom(req)
-            req2.energy_delivery = llem_pb2.ENERGY_DELIVERY_DEFERRED
-            req2.request_id = f"gpu-check-{time.monotonic_ns()}"
-            req = req2
+            req = B.deferred(req, f"gpu-check-{time.monotonic_ns()}")
         t = time.perf_counter()
         r = self.clients[k].generate_request(req)
         dt = time.perf_counter() - t

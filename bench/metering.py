@@ -26,7 +26,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as B  # noqa: E402
-from llem.v1 import llem_pb2  # noqa: E402
 
 
 def pipelined(address: str, req, seconds: float, clients: int = 2, records: list | None = None) -> tuple[int, float, list[float]]:
@@ -103,23 +102,19 @@ def main(argv=None) -> int:
                     c.generate_request(req)
             # k = 0: metered, energy in the response; 1: unmetered; 2: metered, energy deferred
             # (answered at once, fetched with GetEnergy after the timed call)
-            deferred = llem_pb2.GenerateRequest()
-            deferred.CopyFrom(req)
-            deferred.energy_delivery = llem_pb2.ENERGY_DELIVERY_DEFERRED
             lat = {0: [], 1: [], 2: []}
             energy_ok, deferred_ok, waits = 0, 0, []
             B.log(f"batch {bs}: {args.reps} rounds of [in-response, unmetered, deferred] in rotating order ...")
             for i in range(args.reps):
                 for k in (0, 1, 2)[i % 3:] + (0, 1, 2)[:i % 3]:
-                    if k == 2:
-                        deferred.request_id = f"bench-{bs}-{i}"
-                    dt, r = B.timed_generate(clients[1 if k == 1 else 0], cfg, deferred if k == 2 else req)
+                    rid = f"bench-{bs}-{i}"
+                    dt, r = B.timed_generate(clients[1 if k == 1 else 0], cfg, B.deferred(req, rid) if k == 2 else req)
                     lat[k].append(dt)
                     if k == 0:
                         energy_ok += bool(r.energy.available)
                         waits.append(r.timing.energy_wait_ms)
                     if k == 2:
-                        got = clients[0].get_energy(deferred.request_id, wait_seconds=5).results[0].energy
+                        got = clients[0].get_energy(rid, wait_seconds=5).results[0].energy
                         deferred_ok += bool(got.available)
             toks = bs * args.new
             on50, off50, def50 = (B.pct(lat[k], 50) * 1e3 for k in (0, 1, 2))
