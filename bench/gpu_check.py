@@ -331,7 +331,7 @@ class Check:
         self.res["notes"].append(line)
 
     def eager(self, bs: int) -> None:
-        self.measure(f"eager b{bs}", bs, None, ["in", "on", "off"], self.args.reps)
+        self.measure(f"eager b{bs}", bs, None, ["in", "on", "off", "don"], self.args.reps)
 
     def static(self, bs: int) -> None:
         sides = ["on"]
@@ -419,7 +419,7 @@ class Check:
         for r in (self.res.get("anchor") or {}).get("rows", []) or []:
             kind = "eager" if r["label"].startswith("eager") else "static"
             anchor_rows[f"{kind} b{r['bs']}"] = r
-        main, energy, meter = [], [], []
+        main, energy, meter, verdicts = [], [], [], []
         for label, row in self.res["rows"].items():
             bs, runs = row["bs"], row["runs"]
             toks = bs * a.new
@@ -435,20 +435,21 @@ class Check:
             def ratio(x, y):
                 return x / y if x is not None and y else None
 
+            def ratios(side, ref):
+                """Per-round tokens/s ratios: each round ran every side back to back, so drift
+                between rounds cancels."""
+                return [b["s"] / a["s"] for a, b in zip(runs.get(side) or [], runs.get(ref) or [])]
+
+            def diffs_ms(side, ref):
+                return [(a["s"] - b["s"]) * 1e3 for a, b in zip(runs.get(side) or [], runs.get(ref) or [])]
+
             def paired(side, ref):
-                """Median of per-round tokens/s ratios (quartiles): each round ran every side
-                back to back, so drift between rounds cancels."""
-                rs = [b["s"] / a["s"] for a, b in zip(runs.get(side) or [], runs.get(ref) or [])]
-                if not rs:
-                    return None
-                return f"{B.med(rs):.3f} ({B.pct(rs, 25):.3f}–{B.pct(rs, 75):.3f})"
+                rs = ratios(side, ref)
+                return f"{B.med(rs):.3f} ({B.pct(rs, 25):.3f}–{B.pct(rs, 75):.3f})" if rs else None
 
             def paired_ms(side, ref):
-                """Median of per-round latency differences, ms (quartiles)."""
-                ds = [(a["s"] - b["s"]) * 1e3 for a, b in zip(runs.get(side) or [], runs.get(ref) or [])]
-                if not ds:
-                    return None
-                return f"{B.med(ds):.2f} ({B.pct(ds, 25):.2f} – {B.pct(ds, 75):.2f})"
+                ds = diffs_ms(side, ref)
+                return f"{B.med(ds):.2f} ({B.pct(ds, 25):.2f} – {B.pct(ds, 75):.2f})" if ds else None
 
             t_in, t_on, t_off = tps("in"), tps("on"), tps("off")
             gen = [r["generate_s"] for r in runs.get("on") or []]
@@ -476,6 +477,20 @@ class Check:
                               p50("on", "energy_wait_ms"), diff(gen_on, gen_off), diff(last_on, last_off),
                               p50("son", "energy_wait_ms"), paired("don", "off") if t_don else None,
                               paired_ms("don", "off"), jpt("don")])
+                rs, ds = ratios("don", "off"), diffs_ms("don", "off")
+                if len(rs) >= 3:
+                    r, d = B.med(rs), B.med(ds)
+
+                    def verdict(ok: bool, spread: float, margin: float) -> str:
+                        # Rounds that disagree by more than the target's own margin decide nothing.
+                        return "not resolved (quartiles wider than the margin)" if spread > margin else \
+                            ("met" if ok else "missed")
+                    verdicts.append(
+                        f"Rule 9 with deferred energy, {label} ({len(rs)} rounds): tokens/s on/off {r:.3f} "
+                        f"(quartiles {B.pct(rs, 25):.3f}–{B.pct(rs, 75):.3f}): target ≥ 0.99 "
+                        f"{verdict(r >= 0.99, (B.pct(rs, 75) - B.pct(rs, 25)) / 2, 0.01)}; p50 latency added "
+                        f"{d:.2f} ms (quartiles {B.pct(ds, 25):.2f} to {B.pct(ds, 75):.2f}): target ≤ 1 ms "
+                        f"{verdict(d <= 1.0, (B.pct(ds, 75) - B.pct(ds, 25)) / 2, 1.0)}.")
         tables = [
             B.Table("Service vs in-process, 128 in / 128 out, greedy, min_new_tokens=128 (medians)",
                     ["run", "n", "in-process tok/s", "service tok/s", "service / in-process",
@@ -501,7 +516,8 @@ class Check:
                 "every side back to back. 'energy wait' = "
                 "timing.energy_wait_ms: after generation, the metered answer waits for the counter's next update "
                 "(~100 ms period) so the window's end is measured, not guessed; the device is already free. "
-                "'generate() time' and 'stream last token' show what metering costs the tokens themselves."))
+                "'generate() time' and 'stream last token' show what metering costs the tokens themselves."
+                + "".join("\n\n" + v for v in verdicts)))
         p = self.res["pipelined"].get("eager b1")
         if p and p["off"].get("tok_s") and p["on"].get("tok_s"):
             blocks = " / ".join(f"{a:.1f}:{b:.1f}" for a, b in zip(p["off"]["blocks"], p["on"]["blocks"]))
