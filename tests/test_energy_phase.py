@@ -191,9 +191,11 @@ def test_sampler_reports_its_own_cpu_time_inside_and_outside_sensor_calls():
     s = Sampler(read, mode="counter", period_s=0.05, floor_s=0.05)
     assert s.stats()["cpu_ms_per_s"] is None  # no thread yet: nothing measured, not zero
     s.start()
-    time.sleep(1.0)
-    st = s.stats()
-    s.stop()
+    try:
+        time.sleep(1.0)
+        st = s.stats()
+    finally:
+        s.stop()
     assert not any(t.name == "llem-energy-sensor" for t in threading.enumerate())
     per_read = st["read_cpu_ms_per_s"] / (st["reads"] / 1.0)
     assert 2.5 <= per_read <= 4.5, st

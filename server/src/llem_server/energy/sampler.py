@@ -103,7 +103,8 @@ class Sampler:
         self._read_s = 0.0
         # CPU time of the sampler thread (the GIL it takes from the front process is the
         # part outside the sensor call): for the shutdown log and benchmarks.
-        self._cpu_s = self._read_cpu_s = self._run_s = 0.0
+        self._read_cpu_s = 0.0
+        self._cpu = (0.0, 0.0, 0.0)  # (thread CPU, of which in sensor calls, wall) at the last read's end
         self._misses = 0  # phase-locked reads (not probes) that found no update yet
         self._locked_read = False
         self._waiting = 0  # callers blocked in wait_for_point: no probe while they wait
@@ -198,9 +199,9 @@ class Sampler:
         nxt = self._clock()
         cpu0, wall0 = time.thread_time(), time.monotonic()
         while not self._stop.is_set():
-            self._cpu_s, self._run_s = time.thread_time() - cpu0, time.monotonic() - wall0
             last = self._clock()
             self.sample_once()
+            self._cpu = (time.thread_time() - cpu0, self._read_cpu_s, time.monotonic() - wall0)
             nxt = self.schedule(last, nxt)
             if nxt < self._clock():
                 nxt = self._clock()
@@ -327,6 +328,7 @@ class Sampler:
 
     def stats(self) -> dict:
         """How the sampler has been doing (for the shutdown log and benchmarks)."""
+        cpu, read_cpu, wall = self._cpu
         with self._lock:
             ph = self.phase.phase
             return {"reads": self._n_reads, "points": len(self._buf.pt_t),
@@ -335,8 +337,8 @@ class Sampler:
                     "phase_width_ms": round(ph.width * 1e3, 3) if ph else None,
                     "phase_restarts": self.phase.restarts, "locked_read_misses": self._misses,
                     # the thread's CPU per second of its life, and the part inside sensor calls
-                    "cpu_ms_per_s": round(self._cpu_s / self._run_s * 1e3, 3) if self._run_s else None,
-                    "read_cpu_ms_per_s": round(self._read_cpu_s / self._run_s * 1e3, 3) if self._run_s else None}
+                    "cpu_ms_per_s": round(cpu / wall * 1e3, 3) if wall else None,
+                    "read_cpu_ms_per_s": round(read_cpu / wall * 1e3, 3) if wall else None}
 
     # -- readers (request path: no sensor call) -----------------------------------
     @property
