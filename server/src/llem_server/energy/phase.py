@@ -50,7 +50,9 @@ class Phase:
     lo: float
     hi: float
     period: float
-    period_err: float = 0.0  # half the range of the periods that fit (at least half a grid step)
+    # How far the true period can be from ``period``: half the range of the grid periods
+    # that fit, plus one grid step (the truth may lie up to a step beyond the outermost).
+    period_err: float = 0.0
 
     @property
     def width(self) -> float:
@@ -144,12 +146,17 @@ class PhaseTracker:
     def _fit(self, p0: float, span: float) -> Phase | None:
         if not p0 or p0 <= 0:
             return None
-        lows, highs, ats, periods = [], [], [], []
-        prepared = _narrowest_first(self._brackets)  # the same for every period: sorted once
         grid = PERIOD_GRID if span >= PERIOD_SPAN else PINNED_GRID
-        for g in range(grid):
-            p = p0 * (1 - span + 2 * span * g / (grid - 1))
-            got = _intersect(prepared, p)
+        grid_periods = [p0 * (1 - span + 2 * span * g / (grid - 1)) for g in range(grid)]
+        prepared = _narrowest_first(self._brackets)  # the same for every period: sorted once
+        fits = [(p, _intersect(prepared, p)) for p in grid_periods]
+        if not any(got for _, got in fits):
+            # The quick intersection can reject the true clock (rarely: a wide bracket
+            # shifted the wrong way); before giving the phase up, the exact one decides.
+            prepared = _newest_and_older(self._brackets)
+            fits = [(p, _intersect_exact(prepared, p)) for p in grid_periods]
+        lows, highs, ats, periods = [], [], [], []
+        for p, got in fits:
             if got is not None:
                 lows.append(got[0])
                 highs.append(got[1])
@@ -159,7 +166,7 @@ class PhaseTracker:
             return None
         step = 2 * span * p0 / (grid - 1)
         return Phase(at=sum(ats) / len(ats), lo=min(lows), hi=max(highs), period=sum(periods) / len(periods),
-                     period_err=(max(periods) - min(periods)) / 2 + step / 2)
+                     period_err=(max(periods) - min(periods)) / 2 + step)
 
 
 def _predicted(ph: Phase | None, lo: float, hi: float, fallback):
@@ -202,3 +209,34 @@ def _intersect(prepared, p: float) -> tuple[float, float] | None:
         if newest:
             k_newest = best_k
     return lo + k_newest * p, hi + k_newest * p
+
+
+def _newest_and_older(brackets) -> tuple[tuple[float, float], list[tuple[float, float]]]:
+    """(the newest bracket, the older ones narrowest first): ``_intersect_exact``'s input."""
+    *older, newest = brackets
+    return newest, sorted(older, key=lambda b: b[1] - b[0])
+
+
+def _intersect_exact(prepared, p: float) -> tuple[float, float] | None:
+    """As ``_intersect``, without ever choosing: the latest update ``u`` lies in the newest
+    bracket; an older bracket holds an earlier update ``u - m * p`` (``m >= 1``), so it
+    allows ``u`` in its own interval shifted by each ``m`` that reaches the newest bracket
+    (at most two: every bracket is shorter than a period). The possible ``u`` are kept as
+    disjoint pieces; the answer is their hull (wider than one piece where the brackets
+    leave two possibilities open: never narrower than the truth)."""
+    (n_lo, n_hi), older = prepared
+    pieces = [(n_lo, n_hi)]
+    for b_lo, b_hi in older:
+        m = max(1, math.ceil((n_lo - b_hi) / p))
+        kept = []
+        while b_lo + m * p <= n_hi:
+            a_lo, a_hi = b_lo + m * p, b_hi + m * p
+            for f_lo, f_hi in pieces:
+                lo, hi = max(a_lo, f_lo), min(a_hi, f_hi)
+                if lo <= hi:
+                    kept.append((lo, hi))
+            m += 1
+        if not kept:
+            return None
+        pieces = sorted(kept)
+    return pieces[0][0], pieces[-1][1]
