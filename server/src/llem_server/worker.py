@@ -52,6 +52,13 @@ def _capabilities(torch, device: str) -> dict:
     except Exception:  # noqa: BLE001
         info["compile_backends"] = ["inductor"]
     if _has_module("bitsandbytes"):
+        # On CPUs with AVX512-BF16, importing bitsandbytes logs "Failed to load CPU
+        # gemm_4bit_forward from kernels-community" when the optional `kernels` package is
+        # absent: a speed hint (4-bit runs without it), not a failure; keep it out of the log.
+        import logging
+
+        logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+            lambda r: not str(r.msg).startswith("Failed to load CPU gemm_4bit_forward"))
         try:
             import bitsandbytes
 
