@@ -65,6 +65,33 @@ def test_tracker_restarts_on_a_phase_jump_and_recovers():
     assert statistics.median(errs[-100:]) < 0.004  # vs the 37 ms jump
 
 
+def test_exact_intersection_never_rejects_the_true_clock():
+    """The quick intersection can reject the true update clock where brackets are wide
+    (then the tracker restarts and the period is unpinned); the exact one, which the fit
+    falls back to, never does, and bounds the latest update."""
+    from llem_server.energy.phase import _intersect, _intersect_exact, _narrowest_first, _newest_and_older
+
+    rng = random.Random(1)
+    per, quick_misses, n = 0.1, 0, 0
+    for _ in range(1500):
+        ph, t = rng.uniform(0, per), rng.uniform(0, 5)
+        prev, bs = t, []
+        for _ in range(48):  # dithered reads, one in ten stalled
+            start = prev + rng.uniform(0.5, 0.95) * per + (rng.random() < 0.1) * rng.uniform(0.02, 0.15)
+            end, latch = start + rng.uniform(0.002, 0.006), start + 0.002
+            if (latch - ph) // per - (prev + 0.002 - ph) // per == 1 and end - prev < 0.98 * per:
+                bs.append((prev, end))
+            prev = start
+        if len(bs) < 8:
+            continue
+        n += 1
+        true = ph + ((bs[-1][1] - ph) // per) * per
+        got = _intersect_exact(_newest_and_older(bs), per)
+        assert got is not None and got[0] - 1e-9 <= true <= got[1] + 1e-9
+        quick_misses += _intersect(_narrowest_first(bs), per) is None
+    assert n > 1000 and quick_misses > 0  # the case the fallback is for does occur
+
+
 class _Rig:
     """A sampler on a simulated counter, driven by its own schedule on a fake clock."""
 
