@@ -73,8 +73,9 @@ class PhaseTracker:
         self._brackets: deque[tuple[float, float]] = deque(maxlen=history)
         self.phase: Phase | None = None
         self.restarts = 0
-        # The period of the last confident phase: a restart forgets the phase, not the
-        # period (a property of the GPU's firmware), so it stays the hint for the next fit.
+        # The period of the last confident phase, the hint for the next fit. A restart
+        # forgets it unless pinned: a few wide brackets also fit a wrong period, and kept
+        # as the hint, a wrong one would be found again after every restart.
         self.known_period: float | None = None
         self.known_period_err = 0.0
         self.known_period_pinned = False  # from anchors (≥ ANCHOR_MIN_AGE updates apart), not ±1 %
@@ -116,6 +117,8 @@ class PhaseTracker:
             self._brackets.clear()
             self._brackets.append(last)
             self._anchors.clear()
+            if not self.known_period_pinned:
+                self.known_period = None
             self.known_period_pinned = False
             self.phase = None
             return _predicted(prior, lo, hi, mid)

@@ -123,7 +123,10 @@ class Sampler:
         self._prev_power: float | None = None
         self._offset = 0.0  # keeps pt_e continuous over a counter reset
         self._min_step: float | None = None
-        self._intervals: deque[float] = deque(maxlen=200)
+        # (time since the previous point, counter updates it spans: 2 where _count_doubles
+        # finds a stalled read's change to be two updates, else 1)
+        self._intervals: deque[tuple[float, int]] = deque(maxlen=200)
+        self._pending: tuple[float, float, bool] | None = None  # see _count_doubles
         self._first_t: float | None = None
         self._first_e: float | None = None
         self.last_error = ""
@@ -246,7 +249,7 @@ class Sampler:
     def _point(self, t: float, e: float) -> None:
         b = self._buf
         if b.pt_t:
-            self._intervals.append(t - b.pt_t[-1])
+            self._intervals.append((t - b.pt_t[-1], 1))
         else:
             self._first_t, self._first_e = t, e
         b.pt_t.append(t)
@@ -271,6 +274,7 @@ class Sampler:
             step = v - prev
             self._min_step = step if self._min_step is None else min(self._min_step, step)
             self._point(est, v + self._offset)
+            self._count_doubles(t - (self._last_start if self._last_start is not None else prev_t), step)
         elif v < prev:
             # Counter went backwards: energy since the last update before it is unknown.
             last = b.pt_t[-1] if b.pt_t else prev_t
@@ -285,6 +289,18 @@ class Sampler:
         self._prev_raw, self._prev_t = v, t
         self._last_start = start
         self._trim()
+
+    def _count_doubles(self, bracket: float, step: float) -> None:
+        """After a counter change's point: settle whether the change before it spanned two
+        updates. A read bracket about a period long or longer (a stalled or late read) can
+        hold two, seen as one change; its step is then about twice both neighbours' (a load
+        change moves the steps for good, not for one change). Such an interval counts two
+        periods in ``_update_period``."""
+        p = self._pending  # (the step before that change, its step, whether its bracket was long)
+        if p is not None and p[2] and len(self._intervals) >= 2 and p[1] >= 1.6 * p[0] and p[1] >= 1.6 * step:
+            self._intervals[-2] = (self._intervals[-2][0], 2)
+        long = len(self._intervals) >= 5 and bracket >= 0.8 * statistics.median(x for x, _ in self._intervals)
+        self._pending = (p[1] if p is not None else step, step, long)
 
     def _update_time(self, prev_t: float, t: float, end: float, start: float) -> float:
         """When the (latest) update between the previous read (began at ``_last_start``)
@@ -387,20 +403,23 @@ class Sampler:
 
     def _period_guess(self) -> float | None:
         """The update period: the current phase's, else the last confident one, else the
-        mean spacing of counter points (which stalls bias upwards: it only seeds the fit)."""
+        mean spacing of counter points (it only seeds the fit, which tries ±1 % around it)."""
         ph = self.phase.phase
         return ph.period if ph is not None else self.phase.known_period or self._update_period()
 
     def _update_period(self) -> float | None:
-        # Mean of recent intervals between points, outliers (stalls) left out: midpoint
-        # timing makes single intervals jitter by a sample period, the mean does not.
+        # Recent intervals between points over the updates they span: midpoint timing makes
+        # single intervals jitter by a sample period, their sum does not (it telescopes).
+        # A stalled read's change can span two updates (_count_doubles counts them: left
+        # as one, they biased this 8–16 % long under stalls, and the fit then locked onto a
+        # wrong period). Longer gaps (a starved thread) are left out.
         if self.phase.phase is not None:
             return self.phase.phase.period
         if not self._intervals:
             return None
-        med = statistics.median(self._intervals)
-        kept = [x for x in self._intervals if x <= 3 * med]
-        return sum(kept) / len(kept)
+        med = statistics.median(x for x, _ in self._intervals)
+        kept = [(x, k) for x, k in self._intervals if x <= 3 * med]
+        return sum(x for x, _ in kept) / sum(k for _, k in kept)
 
     def view(self, t0: float, t1: float) -> View:
         """Points bracketing [t0, t1] and the samples inside it."""
