@@ -18,6 +18,9 @@ def test_energy_at_interpolates_and_refuses_outside():
     assert energy_at(t, e, 2.0) == 400.0
     assert energy_at(t, e, -0.1) is None and energy_at(t, e, 2.1) is None
     assert edge_step_mj(t, e, 1.5) == 300.0
+    # beside a point where the load changed, the edge may lie in either step: the larger
+    assert edge_step_mj(t, e, 1.02) == 300.0 and edge_step_mj(t, e, 0.98) == 300.0
+    assert edge_step_mj(t, e, 0.2) == 100.0
     assert updates_inside(t, 0.0, 2.0) == 1
 
 

