@@ -30,9 +30,12 @@ def test_generate_reports_the_counter_energy_of_its_window(client):
     # the window's true energy is known: power x duration, within the reported bound
     assert abs(e.total_j - POWER_W * e.duration_s) <= e.uncertainty_j + 1e-6
     assert e.joules_per_output_token == pytest.approx(e.total_j / r.usage.output_tokens)
-    assert e.low_confidence  # a CPU-sized window is far shorter than 1 s / 10 updates
-    assert any(w.code == "ENERGY_SHORT_WINDOW" for w in r.warnings)
     d = e.devices[0]
+    # energy.md rule 5: a window under 1 s or 10 counter updates is flagged (a CPU-sized
+    # one nearly always is; on a loaded machine the first request can take longer)
+    short = e.duration_s < 1.0 or d.counter_updates < 10
+    assert e.low_confidence == short
+    assert any(w.code == "ENERGY_SHORT_WINDOW" for w in r.warnings) == short
     assert d.uuid and d.energy_j == pytest.approx(e.total_j)
     assert e.provenance.torch_version and e.provenance.transformers_version
     # the window is the generation, timed in the worker: no longer than the server-side generate time
