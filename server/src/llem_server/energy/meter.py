@@ -19,8 +19,10 @@ Method (shared/spec/energy.md):
   ``split="tokens"`` when every window in the piece is closed with a token count), and
   pieces with no window go to an idle bucket. The ledger (attributed + idle) therefore
   equals the counter delta; tests check it within one counter step.
-* **Uncertainty**: the energy of the counter step containing each edge (about one update's
-  energy per edge). Windows under 1 s or with fewer than 10 updates are low-confidence.
+* **Uncertainty**: at each edge, the energy of the counter step containing it, or of the
+  step across the nearer point where that is larger (``attribution.edge_step_mj``): about
+  one update's energy per edge. Windows under 1 s or with fewer than 10 updates are
+  low-confidence.
 * **Failures are never zeros**: every absence carries a reason (no driver, no GPU, NVML
   error, no counter and no power reading, counter went backwards, sampler stalled).
 """
