@@ -69,6 +69,14 @@ def say(*a) -> None:
     print(f"[{now():6.1f}s]", *a, flush=True)
 
 
+def verdict(rounds: list[float], ok, margin: float) -> str:
+    """'met' or 'missed' for the median of paired rounds (``ok(median)``); rounds whose
+    quartiles disagree by more than the target's own margin decide nothing."""
+    if (B.pct(rounds, 75) - B.pct(rounds, 25)) / 2 > margin:
+        return "not resolved (quartiles wider than the margin)"
+    return "met" if ok(B.med(rounds)) else "missed"
+
+
 class Check:
     def __init__(self, args):
         self.args = args
@@ -479,18 +487,12 @@ class Check:
                               paired_ms("don", "off"), jpt("don")])
                 rs, ds = ratios("don", "off"), diffs_ms("don", "off")
                 if len(rs) >= 3:
-                    r, d = B.med(rs), B.med(ds)
-
-                    def verdict(ok: bool, spread: float, margin: float) -> str:
-                        # Rounds that disagree by more than the target's own margin decide nothing.
-                        return "not resolved (quartiles wider than the margin)" if spread > margin else \
-                            ("met" if ok else "missed")
                     verdicts.append(
-                        f"Rule 9 with deferred energy, {label} ({len(rs)} rounds): tokens/s on/off {r:.3f} "
+                        f"Rule 9 with deferred energy, {label} ({len(rs)} rounds): tokens/s on/off {B.med(rs):.3f} "
                         f"(quartiles {B.pct(rs, 25):.3f}–{B.pct(rs, 75):.3f}): target ≥ 0.99 "
-                        f"{verdict(r >= 0.99, (B.pct(rs, 75) - B.pct(rs, 25)) / 2, 0.01)}; p50 latency added "
-                        f"{d:.2f} ms (quartiles {B.pct(ds, 25):.2f} to {B.pct(ds, 75):.2f}): target ≤ 1 ms "
-                        f"{verdict(d <= 1.0, (B.pct(ds, 75) - B.pct(ds, 25)) / 2, 1.0)}.")
+                        f"{verdict(rs, lambda r: r >= 0.99, 0.01)}; p50 latency added "
+                        f"{B.med(ds):.2f} ms (quartiles {B.pct(ds, 25):.2f} to {B.pct(ds, 75):.2f}): target ≤ 1 ms "
+                        f"{verdict(ds, lambda d: d <= 1.0, 1.0)}.")
         tables = [
             B.Table("Service vs in-process, 128 in / 128 out, greedy, min_new_tokens=128 (medians)",
                     ["run", "n", "in-process tok/s", "service tok/s", "service / in-process",

@@ -193,7 +193,7 @@ def _intersect(prepared, p: float) -> tuple[float, float] | None:
     ``prepared``: ``_narrowest_first(brackets)``. Narrowest bracket first: each further
     bracket is shifted by the whole number of periods that puts it on the interval so far
     (of the two nearest, the one overlapping it more); narrow intervals make that choice
-    unambiguous. (Runs 41 times per fit on the sampler thread, holding the GIL: kept lean.)
+    unambiguous. (Runs up to 41 times per fit on the sampler thread, holding the GIL: kept lean.)
     """
     lo, hi = prepared[0][0], prepared[0][1]
     k_newest = 0
