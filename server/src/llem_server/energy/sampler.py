@@ -38,6 +38,8 @@ from .phase import PhaseTracker
 MIN_PERIOD_S = 0.05  # energy.md rule 2: never faster than 50 ms on real hardware
 READ_GUARD_S = 0.002  # a phase-locked read aims this far past the latest possible update
 PROBE_EVERY = 8       # while hurrying on a known phase: every 8th update, read just before it
+MISPREDICTED = 2      # phase-placed reads that contradict the phase, of the last CHECKS that tested it: restart it
+CHECKS = 4
 
 
 class ReadError(Exception):
@@ -97,7 +99,9 @@ class Sampler:
         self.phase = PhaseTracker()
         self._rng = random.Random(0x11E)
         self._probe = 0
+        self._probes = 0
         self._last_start: float | None = None  # when the latest read began
+        self._last_end: float | None = None  # ... and ended
         self._last_changed = True  # whether it saw a counter update
         self._n_reads = 0
         self._read_s = 0.0
@@ -106,7 +110,10 @@ class Sampler:
         self._read_cpu_s = 0.0
         self._cpu = (0.0, 0.0, 0.0)  # (thread CPU, of which in sensor calls, wall) at the last read's end
         self._misses = 0  # phase-locked reads (not probes) that found no update yet
+        self._checks: deque[bool] = deque(maxlen=CHECKS)  # phase-placed reads: did each contradict the phase
         self._locked_read = False
+        self._pre_read = False
+        self._plan: tuple[float, float] | None = None  # the predicted update's [earliest, latest] the next read is placed by
         self._waiting = 0  # callers blocked in wait_for_point: no probe while they wait
         self._planned_probe = False
         self._hurry = 0
@@ -168,28 +175,53 @@ class Sampler:
             return nxt
         ph = self.phase.phase
         floor = last + self.floor_s
+        self._locked_read = self._pre_read = self._planned_probe = False  # what the next read is, set below
         if self._hurry > 0 and ph is not None and ph.confident:
             # Just after the first predicted update that the floor allows: a window's
-            # end point is then seen a few ms after the counter has it. Now and then,
-            # just before one instead, so the brackets keep a tight lower side.
+            # end point is then seen a few ms after the counter has it. These reads are a
+            # period apart, so their brackets (a period wide) say little about the phase.
+            # Now and then, just before an update instead (a probe: the bracket to the read
+            # after it has a tight lower side), and as often a read one floor period before
+            # a locked read (a pre-read: the locked read's bracket then has a tight upper
+            # side). With tight lower sides alone, a period a little too long fitted too.
             if not self._last_changed:
-                return floor  # a probe (or a late update) missed: catch it as soon as allowed
+                # A probe or pre-read (or a locked read the update was late for): catch the
+                # update as soon as allowed; it is the locked read for the same update.
+                self._locked_read = True
+                return floor
             self._probe = (self._probe + 1) % PROBE_EVERY
             # The interval [lo, hi] is a hard bound, far wider than the estimate's usual
             # error: aim halfway to its edge (a rare miss costs one floor period).
             late = (ph.hi - ph.at) / 2 + READ_GUARD_S
             self._planned_probe = self._probe == 0 and self._waiting == 0
-            self._locked_read = not self._planned_probe
             if self._planned_probe:
-                return ph.next_after(floor + READ_GUARD_S) - READ_GUARD_S
-            return ph.next_after(floor - late) + late
-        self._locked_read = False
+                # Just before the update (a tight lower side); every other one done (as
+                # reads usually take) before the update's earliest instant: it then finds no
+                # update unless the phase is wrong (_check_phase).
+                self._probes += 1
+                ahead = READ_GUARD_S
+                if self._probes % 2 == 0:
+                    ahead += (ph.at - ph.lo) + (self._read_s / self._n_reads if self._n_reads else 0.0)
+                u = ph.next_after(floor + ahead)
+                self._plan = (u - (ph.at - ph.lo), u + (ph.hi - ph.at))
+                return u - ahead
+            u = ph.next_after(floor - late)
+            self._plan = (u - (ph.at - ph.lo), u + (ph.hi - ph.at))
+            locked = u + late
+            pre = max(locked - self.floor_s, floor)
+            if self._probe == PROBE_EVERY // 2 and pre + self.floor_s - locked <= READ_GUARD_S:
+                self._pre_read = True  # it should see no update; the locked read follows at the floor
+                return pre
+            self._locked_read = True
+            return locked
         period = self._period_guess()
         if period is None:
             return nxt
         # Varied offsets from the updates (brackets at every phase narrow the estimate),
-        # spacing under one update period (so a bracket never holds two updates).
-        hi = max(period * 0.95, self.floor_s)
+        # spacing under one update period (so a bracket never holds two updates). Hurried
+        # with no phase known, the guess can be several % long (reads that saw two updates
+        # as one change): spacing under 0.75 of it keeps that from feeding on itself.
+        hi = max(period * (0.75 if self._hurry > 0 else 0.95), self.floor_s)
         lo = max(period * (0.5 if self._hurry > 0 else 0.6), self.floor_s)
         return last + self._rng.uniform(lo, max(lo, hi))
 
@@ -241,7 +273,7 @@ class Sampler:
             # the request path's readers never wait for it. Only this thread writes what it reads.
             est = self._update_time(self._prev_t, t, t1, t0)
         with self._cond:
-            self._add(t, r, t0, est)
+            self._add(t, r, t0, est, t1)
             self.last_error = ""
             self._cond.notify_all()
 
@@ -255,8 +287,9 @@ class Sampler:
         b.pt_t.append(t)
         b.pt_e.append(e)
 
-    def _add(self, t: float, r: Reading, start: float, est: float | None) -> None:
-        """Under the lock. ``est``: the update time ``_update_time`` gave a counter increase."""
+    def _add(self, t: float, r: Reading, start: float, est: float | None, end: float | None = None) -> None:
+        """Under the lock. ``est``: the update time ``_update_time`` gave a counter increase;
+        ``start``, ``end``: the read call's."""
         b = self._buf
         b.s_t.append(t)
         b.s_temp.append(r.temperature_c)
@@ -286,9 +319,42 @@ class Sampler:
         self._last_changed = prev is None or v != prev
         if self._locked_read and not self._last_changed:
             self._misses += 1
+        end = end if end is not None else t
+        self._check_phase(start, end)
+        self._last_end = end
         self._prev_raw, self._prev_t = v, t
         self._last_start = start
         self._trim()
+
+    def _check_phase(self, start: float, end: float) -> None:
+        """After a phase-placed read, test the phase: a read done wholly before the predicted
+        update's earliest instant that found an update, or begun after its latest that found
+        none, contradicts it, where the read before could not have seen that update (a
+        stalled read can); a probe that found none confirms it. Two contradictions among the
+        last four tests: restart the phase. (A locked read that finds an update proves
+        little: with the phase a period minus a few ms early, every locked read sees the
+        update before the one predicted.) In simulation, an early wrong estimate pinned a
+        period 0.1 % off whose aliases kept fitting the pinned range for minutes, each
+        locked read seeing the update before the one it was placed after."""
+        plan, ph = self._plan, self.phase.phase
+        if plan is None or ph is None or self._last_end is None:
+            return
+        before = self._pre_read or self._planned_probe
+        if before and self._last_changed:
+            if end >= plan[0] or self._last_start <= plan[1] - ph.period:
+                return
+            self._checks.append(True)
+        elif self._locked_read and not self._last_changed:
+            if start <= plan[1] or self._last_end >= plan[0]:
+                return
+            self._checks.append(True)
+        elif self._planned_probe and not self._last_changed:
+            self._checks.append(False)
+        else:
+            return
+        if sum(self._checks) >= MISPREDICTED:
+            self._checks.clear()
+            self.phase.restart(keep_period=True)
 
     def _count_doubles(self, bracket: float, step: float) -> None:
         """After a counter change's point: settle whether the change before it spanned two
