@@ -8,4 +8,5 @@ for s in roundtrip throughput concurrency metering sampler_cost sweep; do
   echo "=== bench/$s.py"
   "$PY" "bench/$s.py" "$@"
 done
+"$PY" bench/phase_quality.py  # deterministic (a fake clock): takes no extra arguments
 "$PY" bench/gpu_check.py --smoke

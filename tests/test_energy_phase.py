@@ -1,8 +1,9 @@
 """The counter's update clock (energy/phase.py) and the sampler's phase-locked reads.
 
-A simulated NVML on a fake clock: each read takes 1.5–6 ms (sometimes 14 ms, as NVML
-does on an H200), its value latched inside the call; the counter updates every
-``period`` s. The sampler's own schedule (``Sampler.schedule``) decides when to read.
+The sampler's runs use ``FakeClockRig`` (energy/simulated.py): a simulated NVML on a fake
+clock, each read taking 1.5–6 ms (sometimes 14 ms, as NVML does on an H200), its value
+latched inside the call; the counter updates every ``period`` s; the sampler's own
+schedule (``Sampler.schedule``) decides when to read.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from llem_server.energy.phase import PhaseTracker
 from llem_server.energy.sampler import Reading, Sampler
-from llem_server.energy.simulated import SimGpu, SimulatedNvml
+from llem_server.energy.simulated import FakeClockRig, switching_load
 
 
 def _brackets(period: float, n: int, rng: random.Random, offset: float = 0.0123, t: float = 5.0,
@@ -111,43 +112,11 @@ def test_exact_intersection_never_rejects_the_true_clock():
     assert n > 1000 and quick_misses > 0  # the case the fallback is for does occur
 
 
-class _Rig:
-    """A sampler on a simulated counter, driven by its own schedule on a fake clock."""
-
-    def __init__(self, period: float, seed: int = 1):
-        self.clock = [1000.0]
-        self.sim = SimulatedNvml([SimGpu(power=300.0, update_period_s=period)], clock=lambda: self.clock[0])
-        self.period = period
-        self.rng = random.Random(seed)
-        self.latch = 0.0
-        self.starts: list[float] = []
-        self.s = Sampler(self._read, mode="counter", period_s=0.1, fast_period_s=0.05, floor_s=0.05,
-                         clock=lambda: self.clock[0])
-        self.nxt = self.clock[0]
-
-    def _read(self) -> Reading:
-        self.clock[0] += self.rng.uniform(0.001, 0.004)
-        v = self.sim.nvmlDeviceGetTotalEnergyConsumption(0)
-        self.latch = self.clock[0]
-        self.clock[0] += self.rng.uniform(0.0005, 0.002) + (self.rng.random() < 0.05) * 0.012
-        return Reading(float(v))
-
-    def step(self) -> None:
-        self.clock[0] = max(self.clock[0], self.nxt)
-        last = self.clock[0]
-        self.starts.append(last)
-        self.s.sample_once()
-        self.nxt = self.s.schedule(last, self.nxt)
-
-    def update_before(self, t: float) -> float:
-        return self.sim.t0 + ((t - self.sim.t0) // self.period) * self.period
-
-
 @pytest.mark.parametrize("period", [0.1, 0.1003])
 def test_sampler_times_points_and_sees_a_windows_end_soon(period):
     """Busy server (a window always open): points within a few ms of the true updates,
     and a window's end point is read soon after the first update past it."""
-    rig = _Rig(period)
+    rig = FakeClockRig(period)
     rig.s.hurry()
     errs, waits, excess = [], [], []
     end = rig.clock[0] + 5.0
@@ -181,7 +150,7 @@ def test_a_busy_samplers_phase_interval_holds_the_true_update():
     (the old sampler: up to 17 % of the time, 5 ms off, in one of these runs)."""
     period = 0.1003
     for seed in range(8):
-        rig = _Rig(period, seed=seed)
+        rig = FakeClockRig(period, seed=seed)
         rig.s.hurry()
         n = outside = 0
         for _ in range(1600):
@@ -195,23 +164,13 @@ def test_a_busy_samplers_phase_interval_holds_the_true_update():
 
 
 def test_idle_reads_vary_their_offset_and_stay_under_one_period():
-    rig = _Rig(0.1, seed=5)
+    rig = FakeClockRig(0.1, seed=5)
     for _ in range(400):
         rig.step()
     gaps = [b - a for a, b in zip(rig.starts[100:], rig.starts[101:])]
     assert min(gaps) >= 0.05 - 1e-9 and max(gaps) < 0.1
     assert statistics.pstdev(gaps) > 0.005  # varied: brackets at all phases
     assert rig.s.phase.phase is not None and rig.s.phase.phase.confident
-
-
-def _switching_load(rng: random.Random, seconds: float = 400.0) -> list[tuple[float, float]]:
-    """Piecewise power: idle (78–130 W) and busy (600–700 W) in turns of 0.05–2 s."""
-    load, t, busy = [], 0.0, False
-    while t < seconds:
-        load.append((t, rng.uniform(600, 700) if busy else rng.uniform(78, 130)))
-        t += rng.uniform(0.2, 2.0) if busy else rng.uniform(0.05, 1.5)
-        busy = not busy
-    return load
 
 
 @pytest.mark.parametrize("switching", [False, True])
@@ -223,22 +182,9 @@ def test_window_energy_stays_within_the_reported_bound(stalls, switching):
     the load switches between idle and busy."""
     from llem_server.energy.attribution import edge_step_mj, energy_at
 
-    rig = _Rig(0.1, seed=2)
-    if switching:
-        rig.sim = SimulatedNvml([SimGpu(power=_switching_load(random.Random(3)), update_period_s=0.1)],
-                                clock=lambda: rig.clock[0])
     rng = random.Random(9)
-    plain = rig._read
-
-    def read():
-        if stalls and rng.random() < 0.1:
-            rig.clock[0] += rng.uniform(0.02, 0.15)
-        r = plain()
-        if stalls and rng.random() < 0.1:
-            rig.clock[0] += rng.uniform(0.02, 0.15)
-        return r
-
-    rig.s._read = read
+    rig = FakeClockRig(0.1, seed=2, power=switching_load(random.Random(3)) if switching else 300.0,
+                       stalls=0.1 if stalls else 0.0, stall_rng=rng)
     for step in range(2500):
         if step % 50 == 0:  # requests come and go: hurried and idle schedules alternate
             (rig.s.hurry if step % 100 == 0 else rig.s.relax)()
@@ -266,20 +212,7 @@ def test_busy_sampler_on_a_loaded_host_keeps_the_true_period():
     up to 80 s (wrong 27 % of the time in two of these runs)."""
     period, ok = 0.1003, []
     for seed in range(6):
-        rig = _Rig(period, seed=seed)
-        rig.sim = SimulatedNvml([SimGpu(power=_switching_load(random.Random(seed + 7)), update_period_s=period)],
-                                clock=lambda: rig.clock[0])
-        stall, plain = random.Random(seed + 100), rig._read
-
-        def read():
-            if stall.random() < 0.1:
-                rig.clock[0] += stall.uniform(0.02, 0.15)
-            r = plain()
-            if stall.random() < 0.1:
-                rig.clock[0] += stall.uniform(0.02, 0.15)
-            return r
-
-        rig.s._read = read
+        rig = FakeClockRig(period, seed=seed, power=switching_load(random.Random(seed + 7)), stalls=0.1)
         rig.s.hurry()
         t0, n_ok, n_wrong, first_ok = rig.clock[0], 0, 0, None
         for _ in range(2000):

@@ -218,11 +218,13 @@ class Sampler:
         if period is None:
             return nxt
         # Varied offsets from the updates (brackets at every phase narrow the estimate),
-        # spacing under one update period (so a bracket never holds two updates). Hurried
-        # with no phase known, the guess can be several % long (reads that saw two updates
-        # as one change): spacing under 0.75 of it keeps that from feeding on itself.
-        hi = max(period * (0.75 if self._hurry > 0 else 0.95), self.floor_s)
-        lo = max(period * (0.5 if self._hurry > 0 else 0.6), self.floor_s)
+        # spacing under one update period (so a bracket never holds two updates). With no
+        # phase known, the guess can be several % long (reads that saw two updates as one
+        # change): spacing under 0.75 of it keeps that from feeding on itself, and the
+        # narrower brackets tell the period sooner.
+        learning = ph is None or not ph.confident
+        hi = max(period * (0.75 if self._hurry > 0 or learning else 0.95), self.floor_s)
+        lo = max(period * (0.5 if self._hurry > 0 or learning else 0.6), self.floor_s)
         return last + self._rng.uniform(lo, max(lo, hi))
 
     def schedule(self, last: float, nxt: float) -> float:

@@ -10,6 +10,7 @@ makes none. Thread-safe.
 from __future__ import annotations
 
 import math
+import random
 import threading
 import time
 from dataclasses import dataclass
@@ -197,3 +198,67 @@ class SimulatedNvml:
     def call_count(self) -> int:
         with self._lock:
             return len(self.calls)
+
+
+def switching_load(rng: random.Random, seconds: float = 400.0) -> list[tuple[float, float]]:
+    """Piecewise power for ``SimGpu.power``: idle (78–130 W) and busy (600–700 W) in turns
+    of 0.05–1.5 s and 0.2–2 s (requests coming and going)."""
+    load, t, busy = [], 0.0, False
+    while t < seconds:
+        load.append((t, rng.uniform(600, 700) if busy else rng.uniform(78, 130)))
+        t += rng.uniform(0.2, 2.0) if busy else rng.uniform(0.05, 1.5)
+        busy = not busy
+    return load
+
+
+class FakeClockRig:
+    """The real ``Sampler`` on one simulated counter, on a fake clock, one read per
+    ``step()`` at the time the sampler's own schedule (``Sampler.schedule``) asks for: the
+    phase tracking and read scheduling run as in the server, minutes in a second.
+
+    A read takes 1–4 ms before its value is latched and 0.5–2 ms after (5 % of reads 12 ms
+    more: NVML on an H200 takes 3–17 ms). ``stalls``: the probability that the sampler
+    thread is held 20–150 ms before, and again after, a read (a loaded host; drawn from
+    ``stall_rng``). ``latch`` is the latest read's latch instant, ``starts`` every read's start.
+    """
+
+    def __init__(self, period: float, seed: int = 1, *, power: float | list[tuple[float, float]] = 300.0,
+                 stalls: float = 0.0, stall_rng: random.Random | None = None):
+        from .sampler import Reading, Sampler  # the sampler needs nothing from here
+
+        self._reading = Reading
+        self.clock = [1000.0]
+        self.period = period
+        self.sim = SimulatedNvml([SimGpu(power=power, update_period_s=period)], clock=lambda: self.clock[0])
+        self.rng = random.Random(seed)
+        self.stalls = stalls
+        self.stall_rng = stall_rng if stall_rng is not None else random.Random(seed + 100)
+        self.latch = 0.0
+        self.starts: list[float] = []
+        self.s = Sampler(self._read, mode="counter", period_s=0.1, fast_period_s=0.05, floor_s=0.05,
+                         clock=lambda: self.clock[0])
+        self.nxt = self.clock[0]
+
+    def _stall(self) -> None:
+        if self.stalls and self.stall_rng.random() < self.stalls:
+            self.clock[0] += self.stall_rng.uniform(0.02, 0.15)
+
+    def _read(self):
+        self._stall()
+        self.clock[0] += self.rng.uniform(0.001, 0.004)
+        v = self.sim.nvmlDeviceGetTotalEnergyConsumption(0)
+        self.latch = self.clock[0]
+        self.clock[0] += self.rng.uniform(0.0005, 0.002) + (self.rng.random() < 0.05) * 0.012
+        self._stall()
+        return self._reading(float(v))
+
+    def step(self) -> None:
+        self.clock[0] = max(self.clock[0], self.nxt)
+        last = self.clock[0]
+        self.starts.append(last)
+        self.s.sample_once()
+        self.nxt = self.s.schedule(last, self.nxt)
+
+    def update_before(self, t: float) -> float:
+        """The counter's last true update at or before ``t``."""
+        return self.sim.t0 + ((t - self.sim.t0) // self.period) * self.period
