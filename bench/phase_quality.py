@@ -134,11 +134,11 @@ def main(argv=None) -> int:
                 "outside the phase's interval. Busy: a request's window always open (phase-locked reads). Stalled "
                 "reads: the sampler thread held 20–150 ms before, and again after, one read in ten."),
         B.Table("Point times and window energies",
-                ["scenario", "point error p50 ms", "p95 ms", "points > 50 ms off %", "window |error| p50 %",
+                ["scenario", "point error p50 ms", "p95 ms", "points > 50 ms off %", "window energy error p50 %",
                  "p99 %", "mean %", "windows outside the bound"],
                 rows_err,
                 f"{args.windows} windows of 0.2–2 s per run, from 2 s after the sampler's first point; error against "
-                "the simulator's true energy, relative to the window's energy. The bound is the meter's: a counter "
+                "the simulator's true energy, relative to the window's energy (absolute values). The bound is the meter's: a counter "
                 "step at each edge (the larger of the two beside a point)."),
     ]
     B.write_results(args.name, hdr, tables, data=data)
