@@ -164,13 +164,13 @@ class PhaseTracker:
             return None
         grid = PERIOD_GRID if span >= PERIOD_SPAN else PINNED_GRID
         grid_periods = [p0 * (1 - span + 2 * span * g / (grid - 1)) for g in range(grid)]
-        prepared = _narrowest_first(self._brackets)  # the same for every period: sorted once
-        fits = [(p, _intersect(prepared, p)) for p in grid_periods]
+        narrow = _narrowest_first(self._brackets)  # the same for every period: sorted once
+        fits = [(p, _intersect(narrow, p)) for p in grid_periods]
         if not any(got for _, got in fits):
             # The quick intersection can reject the true clock (rarely: a wide bracket
             # shifted the wrong way); before giving the phase up, the exact one decides.
-            prepared = _newest_and_older(self._brackets)
-            fits = [(p, _intersect_exact(prepared, p)) for p in grid_periods]
+            exact = _newest_and_older(self._brackets)
+            fits = [(p, _intersect_exact(exact, p)) for p in grid_periods]
         lows, highs, ats, periods = [], [], [], []
         for p, got in fits:
             if got is not None:
@@ -185,8 +185,7 @@ class PhaseTracker:
         if span >= PERIOD_SPAN and hi - lo <= CONFIDENT_S:
             # Not pinned yet: a wrong hint (a spacing made long by reads that saw two updates
             # as one) fitted 5-16 % off in simulation, confidently, for tens of seconds.
-            prepared = _narrowest_first(self._brackets)
-            if any(_intersect(prepared, period * f) for f in ALIASES):
+            if any(_intersect(narrow, period * f) for f in ALIASES):
                 lo, hi = min(lo, at - CONFIDENT_S), max(hi, at + CONFIDENT_S)  # the period is not told: not confident
         return Phase(at=at, lo=lo, hi=hi, period=period, period_err=(max(periods) - min(periods)) / 2 + step)
 
