@@ -289,7 +289,7 @@ class Sampler:
         b.pt_t.append(t)
         b.pt_e.append(e)
 
-    def _add(self, t: float, r: Reading, start: float, est: float | None, end: float | None = None) -> None:
+    def _add(self, t: float, r: Reading, start: float, est: float | None, end: float) -> None:
         """Under the lock. ``est``: the update time ``_update_time`` gave a counter increase;
         ``start``, ``end``: the read call's."""
         b = self._buf
@@ -321,7 +321,6 @@ class Sampler:
         self._last_changed = prev is None or v != prev
         if self._locked_read and not self._last_changed:
             self._misses += 1
-        end = end if end is not None else t
         self._check_phase(start, end)
         self._last_end = end
         self._prev_raw, self._prev_t = v, t
