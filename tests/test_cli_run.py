@@ -310,6 +310,7 @@ def test_ctrl_c_mid_run_writes_partial_result_and_exits_130(server, tmp_path):
     # Keep the server's device busy with long requests so that each of the CLI's
     # requests waits in the queue: the interrupt then lands mid-run, never after it.
     stop = threading.Event()
+    errors: list[str] = []
 
     def blocker() -> None:
         with Client(server.address) as c:
@@ -319,24 +320,27 @@ def test_ctrl_c_mid_run_writes_partial_result_and_exits_130(server, tmp_path):
                 try:
                     c.generate(["busy"], model=MODEL, precision="fp32", max_output_tokens=n,
                                decoder={"min_new_tokens": n, "preset": "deterministic"})
-                except LlemError:
+                except LlemError as e:
+                    errors.append(repr(e))  # shown if the run is not interrupted mid-way
                     time.sleep(0.05)
 
     t = threading.Thread(target=blocker, daemon=True)
     t.start()
     try:
-        cfg = write_config(tmp_path / "exp.yaml", n=6, pytorch={"batch_size": 1}, warmup={"enabled": False},
-                           baseline={"enabled": False})
-        cli = _Cli(["run", str(cfg), "--server", server.address], tmp_path, "request 1/6")
+        # 40 requests, each queued behind a blocker's, keep the run going for seconds after
+        # the first (with 6, a run once finished before the interrupt landed).
+        cfg = write_config(tmp_path / "exp.yaml", n=40, dataset={"n": 40, "input_len": 12, "seed": 3},
+                           pytorch={"batch_size": 1}, warmup={"enabled": False}, baseline={"enabled": False})
+        cli = _Cli(["run", str(cfg), "--server", server.address], tmp_path, "request 1/40")
         assert cli.seen.wait(180), cli.stderr
         cli.interrupt_and_wait()
     finally:
         stop.set()
         t.join(timeout=60)
-    assert cli.proc.returncode == 130, cli.stderr
+    assert cli.proc.returncode == 130, (cli.stderr, errors[:3])
     res = only_result(tmp_path / "out")
     assert res["status"] == "interrupted" and res["stage"] == "measure"
-    assert 1 <= len(res["requests"]) < 6
+    assert 1 <= len(res["requests"]) < 40
     assert res["aggregates"]["requests"] == len(res["requests"])
     assert "interrupted during measure" in cli.stderr
 
