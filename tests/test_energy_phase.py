@@ -163,6 +163,28 @@ def test_a_busy_samplers_phase_interval_holds_the_true_update():
         assert outside / n < 0.02, (seed, outside / n)
 
 
+def test_a_pinned_period_survives_a_bad_anchor_on_a_loaded_host():
+    """Requests coming and going on a loaded host (stalled reads, load switching): the
+    phase interval still holds the true update. The period is pinned from phase estimates
+    seconds apart; pinned from one pair (the first anchor and the current phase), one
+    anchor off by more than its width pinned a range without the true period, and the
+    interval missed the update 5-12 % of the time in 3 of these 8 runs (now at most 1.2 %)."""
+    period = 0.1003
+    for seed in range(8):
+        rig = FakeClockRig(period, seed=seed, power=switching_load(random.Random(seed + 7)), stalls=0.1)
+        n = outside = 0
+        for i in range(1600):
+            if i % 50 == 0:  # 50 reads (~4 s) with a request waiting, 50 without
+                (rig.s.hurry if i % 100 == 0 else rig.s.relax)()
+            rig.step()
+            ph = rig.s.phase.phase
+            if ph is not None and ph.confident:
+                n += 1
+                off = ph.at - rig.update_before(ph.at + period / 2)
+                outside += not (ph.lo - ph.at - 0.002 <= off <= ph.hi - ph.at + 0.002)
+        assert outside / n < 0.03, (seed, outside / n)
+
+
 def test_idle_reads_vary_their_offset_and_stay_under_one_period():
     rig = FakeClockRig(0.1, seed=5)
     for _ in range(400):
