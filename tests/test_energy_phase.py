@@ -185,6 +185,32 @@ def test_a_pinned_period_survives_a_bad_anchor_on_a_loaded_host():
         assert outside / n < 0.03, (seed, outside / n)
 
 
+def test_a_wake_up_that_keeps_the_planned_read_keeps_its_kind():
+    """Requests open windows at any moment: ``hurry`` wakes the sampler, which plans again
+    and keeps the read already planned if it is sooner. That read must still be checked
+    as what it was planned as. Re-planning used to commit the new plan's kind anyway: an
+    idle read kept after a wake-up counted as a phase-locked read that missed its update
+    (13-23 false misses per run here, in the statistic a GPU run is judged by, and in the
+    checks that restart the phase); now at most 1."""
+    for seed in range(8):
+        rig = FakeClockRig(0.1003, seed=seed)
+        rng = random.Random(seed)
+        for _ in range(100):  # idle: the phase is known before requests come
+            rig.step()
+        window_end, t_open = None, rig.clock[0] + rng.uniform(0, 0.1)
+        for _ in range(1500):
+            if t_open is not None and t_open <= rig.nxt:  # a window opens before the next read
+                rig.s.hurry()
+                rig.wake(t_open)
+                window_end, t_open = t_open + rng.uniform(0.3, 2.0), None
+            rig.step()
+            if window_end is not None and rig.s._buf.pt_t[-1] >= window_end:  # its end point is in
+                rig.s.relax()
+                window_end, t_open = None, rig.clock[0] + rng.uniform(0.002, 0.3)
+        st = rig.s.stats()
+        assert st["locked_read_misses"] <= 2 and st["phase_restarts"] == 0, (seed, st)
+
+
 def test_idle_reads_vary_their_offset_and_stay_under_one_period():
     rig = FakeClockRig(0.1, seed=5)
     for _ in range(400):

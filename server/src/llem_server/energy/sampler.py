@@ -30,7 +30,7 @@ import statistics
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from .phase import PhaseTracker
@@ -73,6 +73,20 @@ class View:
     oldest_t: float | None
 
 
+@dataclass(frozen=True)
+class _NextRead:
+    """A planned read. Only the one that will run is committed (``Sampler._commit``): a
+    wake-up plans again, and keeps the earlier read if it is sooner."""
+
+    at: float
+    # "locked": just after a predicted update; "pre": one floor period before a locked
+    # read; "probe": just before an update; "plain": not placed by the phase.
+    kind: str = "plain"
+    update: tuple[float, float] | None = None  # the predicted update's [earliest, latest] it is placed by
+    probe: int = 0   # the sampler's probe counters once this read is committed
+    probes: int = 0
+
+
 @dataclass
 class _Buf:
     pt_t: list[float] = field(default_factory=list)
@@ -111,11 +125,8 @@ class Sampler:
         self._cpu = (0.0, 0.0, 0.0)  # (thread CPU, of which in sensor calls, wall) at the last read's end
         self._misses = 0  # phase-locked reads (not probes) that found no update yet
         self._checks: deque[bool] = deque(maxlen=CHECKS)  # phase-placed reads: did each contradict the phase
-        self._locked_read = False
-        self._pre_read = False
-        self._plan: tuple[float, float] | None = None  # the predicted update's [earliest, latest] the next read is placed by
+        self._next = _NextRead(0.0)  # the read planned next (then running, then just done)
         self._waiting = 0  # callers blocked in wait_for_point: no probe while they wait
-        self._planned_probe = False
         self._hurry = 0
         self._wake = threading.Event()
         self._clock = clock
@@ -169,13 +180,14 @@ class Sampler:
         with self._cond:
             self._cond.notify_all()
 
-    def _next_read(self, last: float, nxt: float) -> float:
-        """When to read next, given the last read's start and the plain schedule ``nxt``."""
+    def _next_read(self, last: float, nxt: float) -> _NextRead:
+        """The next read, given the last read's start and the plain schedule ``nxt``
+        (changes nothing but the random draw: ``_commit`` does)."""
+        probe, probes = self._probe, self._probes
         if self.mode != "counter":
-            return nxt
+            return _NextRead(nxt, probe=probe, probes=probes)
         ph = self.phase.phase
         floor = last + self.floor_s
-        self._locked_read = self._pre_read = self._planned_probe = False  # what the next read is, set below
         if self._hurry > 0 and ph is not None and ph.confident:
             # Just after the first predicted update that the floor allows: a window's
             # end point is then seen a few ms after the counter has it. These reads are a
@@ -187,36 +199,32 @@ class Sampler:
             if not self._last_changed:
                 # A probe or pre-read (or a locked read the update was late for): catch the
                 # update as soon as allowed; it is the locked read for the same update.
-                self._locked_read = True
-                return floor
-            self._probe = (self._probe + 1) % PROBE_EVERY
+                return _NextRead(floor, "locked", self._next.update, probe, probes)
+            probe = (probe + 1) % PROBE_EVERY
             # The interval [lo, hi] is a hard bound, far wider than the estimate's usual
             # error: aim halfway to its edge (a rare miss costs one floor period).
             late = (ph.hi - ph.at) / 2 + READ_GUARD_S
-            self._planned_probe = self._probe == 0 and self._waiting == 0
-            if self._planned_probe:
+            if probe == 0 and self._waiting == 0:
                 # Just before the update (a tight lower side); every other one done (as
                 # reads usually take) before the update's earliest instant: it then finds no
                 # update unless the phase is wrong (_check_phase).
-                self._probes += 1
+                probes += 1
                 ahead = READ_GUARD_S
-                if self._probes % 2 == 0:
+                if probes % 2 == 0:
                     ahead += (ph.at - ph.lo) + (self._read_s / self._n_reads if self._n_reads else 0.0)
                 u = ph.next_after(floor + ahead)
-                self._plan = (u - (ph.at - ph.lo), u + (ph.hi - ph.at))
-                return u - ahead
+                return _NextRead(u - ahead, "probe", (u - (ph.at - ph.lo), u + (ph.hi - ph.at)), probe, probes)
             u = ph.next_after(floor - late)
-            self._plan = (u - (ph.at - ph.lo), u + (ph.hi - ph.at))
+            update = (u - (ph.at - ph.lo), u + (ph.hi - ph.at))
             locked = u + late
             pre = max(locked - self.floor_s, floor)
-            if self._probe == PROBE_EVERY // 2 and pre + self.floor_s - locked <= READ_GUARD_S:
-                self._pre_read = True  # it should see no update; the locked read follows at the floor
-                return pre
-            self._locked_read = True
-            return locked
+            if probe == PROBE_EVERY // 2 and pre + self.floor_s - locked <= READ_GUARD_S:
+                # It should see no update; the locked read follows at the floor.
+                return _NextRead(pre, "pre", update, probe, probes)
+            return _NextRead(locked, "locked", update, probe, probes)
         period = self._period_guess()
         if period is None:
-            return nxt
+            return _NextRead(nxt, probe=probe, probes=probes)
         # Varied offsets from the updates (brackets at every phase narrow the estimate),
         # spacing under one update period (so a bracket never holds two updates). With no
         # phase known, the guess can be several % long (reads that saw two updates as one
@@ -225,12 +233,30 @@ class Sampler:
         learning = ph is None or not ph.confident
         hi = max(period * (0.75 if self._hurry > 0 or learning else 0.95), self.floor_s)
         lo = max(period * (0.5 if self._hurry > 0 or learning else 0.6), self.floor_s)
-        return last + self._rng.uniform(lo, max(lo, hi))
+        return _NextRead(last + self._rng.uniform(lo, max(lo, hi)), probe=probe, probes=probes)
+
+    def _plan_next(self, last: float, nxt: float) -> _NextRead:
+        nr = self._next_read(last, nxt + self._current_period())
+        return nr if nr.at >= last + self.floor_s else replace(nr, at=last + self.floor_s)
+
+    def _commit(self, nr: _NextRead) -> float:
+        self._next, self._probe, self._probes = nr, nr.probe, nr.probes
+        return nr.at
 
     def schedule(self, last: float, nxt: float) -> float:
         """The next read's time after a read that began at ``last``; ``nxt`` is the
         previous planned time (an absolute schedule: read time does not add up as drift)."""
-        return max(self._next_read(last, nxt + self._current_period()), last + self.floor_s)
+        return self._commit(self._plan_next(last, nxt))
+
+    def rescheduled(self, last: float, nxt: float) -> float:
+        """After a wake-up (``hurry``, or a caller began waiting for a point): the read
+        planned for ``nxt`` stays unless the plan made now is sooner; a planned probe
+        gives way to a catch while someone waits. (Re-planning used to commit the new plan
+        even where the earlier read was kept, so that read was checked as another kind.)"""
+        again = self._plan_next(last, last)
+        if (self._next.kind == "probe" and self._waiting) or again.at < nxt:
+            return self._commit(again)
+        return nxt
 
     def _run(self) -> None:
         nxt = self._clock()
@@ -248,11 +274,7 @@ class Sampler:
                     break
                 if self._wake.wait(delay):
                     self._wake.clear()
-                    # Asked to hurry: the hurried schedule, if sooner. Someone waits for the
-                    # next update while a probe is planned: a catch instead, even if later.
-                    probe_planned = self._planned_probe and self._waiting
-                    again = self.schedule(last, last)
-                    nxt = again if probe_planned else min(nxt, again)
+                    nxt = self.rescheduled(last, nxt)
 
     def sample_once(self) -> None:
         c0 = time.thread_time()
@@ -319,7 +341,7 @@ class Sampler:
             b.pt_t.append(t)
             b.pt_e.append(v + self._offset)
         self._last_changed = prev is None or v != prev
-        if self._locked_read and not self._last_changed:
+        if self._next.kind == "locked" and not self._last_changed:
             self._misses += 1
         self._check_phase(start, end)
         self._last_end = end
@@ -337,19 +359,18 @@ class Sampler:
         update before the one predicted.) In simulation, an early wrong estimate pinned a
         period 0.1 % off whose aliases kept fitting the pinned range for minutes, each
         locked read seeing the update before the one it was placed after."""
-        plan, ph = self._plan, self.phase.phase
+        kind, plan, ph = self._next.kind, self._next.update, self.phase.phase
         if plan is None or ph is None or self._last_end is None:
             return
-        before = self._pre_read or self._planned_probe
-        if before and self._last_changed:
+        if kind in ("pre", "probe") and self._last_changed:
             if end >= plan[0] or self._last_start <= plan[1] - ph.period:
                 return
             self._checks.append(True)
-        elif self._locked_read and not self._last_changed:
+        elif kind == "locked" and not self._last_changed:
             if start <= plan[1] or self._last_end >= plan[0]:
                 return
             self._checks.append(True)
-        elif self._planned_probe and not self._last_changed:
+        elif kind == "probe" and not self._last_changed:
             self._checks.append(False)
         else:
             return

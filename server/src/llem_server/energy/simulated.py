@@ -259,6 +259,12 @@ class FakeClockRig:
         self.s.sample_once()
         self.nxt = self.s.schedule(last, self.nxt)
 
+    def wake(self, at: float) -> None:
+        """The sampler thread woken at ``at`` (by ``hurry``, or a caller starting to wait
+        for a point) before its next read: it plans again, as ``Sampler._run`` does."""
+        self.clock[0] = max(self.clock[0], min(at, self.nxt))
+        self.nxt = self.s.rescheduled(self.starts[-1], self.nxt)
+
     def update_before(self, t: float) -> float:
         """The counter's last true update at or before ``t``."""
         return self.sim.t0 + ((t - self.sim.t0) // self.period) * self.period
