@@ -59,7 +59,11 @@ def run(seed: int, hurry: str, switching: bool, stalls: float, steps: int, windo
         if hurry == "always" and i == 0:
             s.hurry()
         elif hurry == "alternating" and i % 50 == 0:  # 50 reads (~4 s) with a request, 50 without
-            (s.hurry if i % 100 == 0 else s.relax)()
+            if i % 100 == 0:
+                s.hurry()
+                rig.wake(rig.clock[0])  # as the server's sampler thread is woken
+            else:
+                s.relax()
         n = len(s._buf.pt_t)
         rig.step()
         if len(s._buf.pt_t) > n and n > 0:

@@ -262,8 +262,9 @@ class FakeClockRig:
     def wake(self, at: float) -> None:
         """The sampler thread woken at ``at`` (by ``hurry``, or a caller starting to wait
         for a point) before its next read: it plans again, as ``Sampler._run`` does."""
-        self.clock[0] = max(self.clock[0], min(at, self.nxt))
-        self.nxt = self.s.rescheduled(self.starts[-1], self.nxt)
+        if self.starts:  # (before the first read there is no plan to change)
+            self.clock[0] = max(self.clock[0], min(at, self.nxt))
+            self.nxt = self.s.rescheduled(self.starts[-1], self.nxt)
 
     def update_before(self, t: float) -> float:
         """The counter's last true update at or before ``t``."""
