@@ -75,8 +75,7 @@ def run(seed: int, hurry: str, switching: bool, stalls: float, steps: int, windo
                 first_right = first_right if first_right is not None else rig.clock[0] - t0
             else:
                 wrong += 1
-            off = ph.at - rig.update_before(ph.at + PERIOD / 2)
-            outside += not (ph.lo - ph.at - 0.002 <= off <= ph.hi - ph.at + 0.002)
+            outside += rig.phase_misses_update()
     pt_t, pt_e = s._buf.pt_t, s._buf.pt_e
     wr = random.Random(seed)
     rel, over = [], 0

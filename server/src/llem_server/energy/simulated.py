@@ -266,6 +266,15 @@ class FakeClockRig:
             self.clock[0] = max(self.clock[0], min(at, self.nxt))
             self.nxt = self.s.rescheduled(self.starts[-1], self.nxt)
 
+    def phase_misses_update(self, tol: float = 0.002) -> bool | None:
+        """None without a confident phase; else whether the true update lies more than
+        ``tol`` outside the phase's interval (a hard bound the sampler places reads by)."""
+        ph = self.s.phase.phase
+        if ph is None or not ph.confident:
+            return None
+        off = ph.at - self.update_before(ph.at + self.period / 2)
+        return not (ph.lo - ph.at - tol <= off <= ph.hi - ph.at + tol)
+
     def update_before(self, t: float) -> float:
         """The counter's last true update at or before ``t``."""
         return self.sim.t0 + ((t - self.sim.t0) // self.period) * self.period
