@@ -17,7 +17,9 @@ is held 20–150 ms around one read in ten. For each it reports:
 * windows of 0.2–2 s: the error of their energy against the simulator's true energy,
   and how many fall outside the bound the meter reports (a counter step at each edge).
 
-``--src DIR`` runs another checkout's server package (e.g. a git worktree of an older
+``--jitter-ms 3`` moves each counter update by up to ±3 ms (results in
+``phase_quality-jitter-sim``): the fit assumes a strictly periodic clock, and must stay
+honest where the hardware's is not. ``--src DIR`` runs another checkout's server package (e.g. a git worktree of an older
 commit) for a before/after comparison on the same seeds.
 """
 from __future__ import annotations
@@ -44,12 +46,12 @@ SCENARIOS = [  # name, hurry ("no", "always", "alternating"), load switching, st
 ]
 
 
-def run(seed: int, hurry: str, switching: bool, stalls: float, steps: int, windows: int) -> dict:
+def run(seed: int, hurry: str, switching: bool, stalls: float, steps: int, windows: int, jitter: float = 0.0) -> dict:
     from llem_server.energy.attribution import edge_step_mj, energy_at
     from llem_server.energy.simulated import FakeClockRig, switching_load
 
     load = switching_load(random.Random(seed + 7)) if switching else 300.0
-    rig = FakeClockRig(PERIOD, seed=seed, power=load, stalls=stalls)
+    rig = FakeClockRig(PERIOD, seed=seed, power=load, stalls=stalls, jitter=jitter)
     s = rig.s
     t0 = rig.clock[0]
     right = wrong = outside = 0
@@ -96,6 +98,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=10)
     p.add_argument("--steps", type=int, default=1600, help="reads per run (~2.5 simulated minutes)")
     p.add_argument("--windows", type=int, default=1500, help="windows per run")
+    p.add_argument("--jitter-ms", type=float, default=0.0,
+                   help="move each counter update by up to ± this (a counter not strictly periodic)")
     p.add_argument("--src", type=Path, help="a server/src directory to run instead of this checkout's")
     p.add_argument("--name", default="phase_quality-sim", help="results file name")
     args = p.parse_args(argv)
@@ -109,7 +113,8 @@ def main(argv=None) -> int:
     rows_phase, rows_err, data = [], [], {}
     for name, hurry, switching, stalls in SCENARIOS:
         t = time.monotonic()
-        runs = [run(seed, hurry, switching, stalls, args.steps, args.windows) for seed in range(args.seeds)]
+        runs = [run(seed, hurry, switching, stalls, args.steps, args.windows, args.jitter_ms / 1e3)
+                for seed in range(args.seeds)]
         pts = sorted(e for r in runs for e in r["pt_err"])
         rel = sorted(e for r in runs for e in r["rel"])
         firsts = [r["first_right_s"] for r in runs]
@@ -129,7 +134,8 @@ def main(argv=None) -> int:
     hdr = B.header(argv)
     hdr["sampler_source"] = str(Path(sampler_mod.__file__).resolve().parent.parent.parent)
     tables = [
-        B.Table(f"The phase ({args.seeds} seeds x {args.steps} reads, counter period {PERIOD * 1e3:.1f} ms)",
+        B.Table(f"The phase ({args.seeds} seeds x {args.steps} reads, counter period {PERIOD * 1e3:.1f} ms"
+                + (f", each update moved by up to ±{args.jitter_ms:g} ms)" if args.jitter_ms else ")"),
                 ["scenario", "confident, true period", "confident, wrong period", "runs > 5 % wrong",
                  "interval misses the update", "first true lock s (median)", "(max)", "runs locked", "restarts"],
                 rows_phase,

@@ -2,8 +2,9 @@
 
 Each ``SimGpu`` has a power that is a known function of time (a constant or piecewise
 constant ``[(t_rel_s, watts), ...]`` from the simulator's start), a cumulative counter
-that updates every ``update_period_s`` with the exact energy up to that update (floored
-to ``resolution_mj``), and a ~1 s trailing average power like ``nvmlDeviceGetPowerUsage``.
+that updates every ``update_period_s`` (each update moved by up to ``update_jitter_s``,
+where set) with the exact energy up to that update (floored to ``resolution_mj``), and a
+~1 s trailing average power like ``nvmlDeviceGetPowerUsage``.
 Every call is recorded with the calling thread, so tests can prove the request path
 makes none. Thread-safe.
 """
@@ -48,6 +49,9 @@ class NVMLError(Exception):
 class SimGpu:
     power: float | list[tuple[float, float]] = 100.0
     update_period_s: float = 0.1
+    # Each update moved by a fixed draw from ±this (the real counter's updates need not be
+    # strictly periodic: a fit to one periodic clock must stay honest when they are not).
+    update_jitter_s: float = 0.0
     resolution_mj: float = 1.0
     counter: bool = True               # False: nvmlDeviceGetTotalEnergyConsumption -> NOT_SUPPORTED
     power_reading: bool = True         # False: nvmlDeviceGetPowerUsage -> NOT_SUPPORTED
@@ -99,10 +103,22 @@ class SimulatedNvml:
                 total += watts * (hi - lo)
         return total
 
+    def last_update(self, index: int, now: float) -> float:
+        """The counter's latest update at or before ``now`` (absolute time)."""
+        g = self.gpus[index]
+        k = math.floor((now - self.t0) / g.update_period_s)
+        if not g.update_jitter_s:
+            return self.t0 + k * g.update_period_s
+        for k in (k + 1, k, k - 1):  # a jitter under half a period moves no update past a neighbour
+            upd = self.t0 + k * g.update_period_s + (random.Random(k * 7919 + index).random() * 2 - 1) * g.update_jitter_s
+            if upd <= now:
+                return upd
+        raise AssertionError("update_jitter_s must be under half the update period")
+
     def _counter_mj(self, index: int, now: float) -> float:
         g = self.gpus[index]
         rel = now - self.t0
-        upd = self.t0 + math.floor(rel / g.update_period_s) * g.update_period_s  # last update
+        upd = self.last_update(index, now)
         if g.backwards_at is not None and rel >= g.backwards_at:
             e = self.true_energy_j(index, self.t0 + g.backwards_at, max(upd, self.t0 + g.backwards_at)) * 1000
             base = 0.0
@@ -219,17 +235,19 @@ class FakeClockRig:
     A read takes 1–4 ms before its value is latched and 0.5–2 ms after (5 % of reads 12 ms
     more: NVML on an H200 takes 3–17 ms). ``stalls``: the probability that the sampler
     thread is held 20–150 ms before, and again after, a read (a loaded host; drawn from
-    ``stall_rng``). ``latch`` is the latest read's latch instant, ``starts`` every read's start.
+    ``stall_rng``). ``jitter``: each counter update moved by up to ± this. ``latch`` is the
+    latest read's latch instant, ``starts`` every read's start.
     """
 
     def __init__(self, period: float, seed: int = 1, *, power: float | list[tuple[float, float]] = 300.0,
-                 stalls: float = 0.0, stall_rng: random.Random | None = None):
+                 stalls: float = 0.0, stall_rng: random.Random | None = None, jitter: float = 0.0):
         from .sampler import Reading, Sampler  # the sampler needs nothing from here
 
         self._reading = Reading
         self.clock = [1000.0]
         self.period = period
-        self.sim = SimulatedNvml([SimGpu(power=power, update_period_s=period)], clock=lambda: self.clock[0])
+        self.sim = SimulatedNvml([SimGpu(power=power, update_period_s=period, update_jitter_s=jitter)],
+                                 clock=lambda: self.clock[0])
         self.rng = random.Random(seed)
         self.stalls = stalls
         self.stall_rng = stall_rng if stall_rng is not None else random.Random(seed + 100)
@@ -277,4 +295,4 @@ class FakeClockRig:
 
     def update_before(self, t: float) -> float:
         """The counter's last true update at or before ``t``."""
-        return self.sim.t0 + ((t - self.sim.t0) // self.period) * self.period
+        return self.sim.last_update(0, t)
