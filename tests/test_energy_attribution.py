@@ -24,6 +24,18 @@ def test_energy_at_interpolates_and_refuses_outside():
     assert updates_inside(t, 0.0, 2.0) == 1
 
 
+def test_an_edge_inside_a_long_brackets_range_counts_both_steps_of_its_point():
+    # Busy steps of ~60 J, then idle ones of ~10 J. The point at 1.2 s comes from a stalled
+    # read: its update lies somewhere in (1.05, 1.32] (timed at the midpoint). An edge at
+    # 1.27 s looks to lie in the idle step after it, yet may lie in the busy one before.
+    t = [1.0, 1.2, 1.3, 1.4]
+    e = [0.0, 120_000.0, 130_000.0, 140_000.0]  # mJ: 120 J (two busy updates), then 10 J each
+    assert edge_step_mj(t, e, 1.27) == 10_000.0  # the estimate alone: the idle steps
+    lo, hi = [1.0, 1.05, 1.3, 1.4], [1.0, 1.32, 1.3, 1.4]
+    assert edge_step_mj(t, e, 1.27, lo, hi) == 120_000.0
+    assert edge_step_mj(t, e, 1.35, lo, hi) == 10_000.0  # outside that range: as before
+
+
 def test_split_by_time_and_by_tokens():
     t, e = [0.0, 4.0], [0.0, 400.0]  # 100 mJ/s
     spans = [Span("a", 0.0, 2.0, 10), Span("b", 1.0, 3.0, 30)]

@@ -20,9 +20,10 @@ Method (shared/spec/energy.md):
   pieces with no window go to an idle bucket. The ledger (attributed + idle) therefore
   equals the counter delta; tests check it within one counter step.
 * **Uncertainty**: at each edge, the energy of the counter step containing it, or of the
-  step across the nearer point where that is larger (``attribution.edge_step_mj``): about
-  one update's energy per edge. Windows under 1 s or with fewer than 10 updates are
-  low-confidence.
+  step across the nearer point where that is larger, or of both steps beside a point whose
+  update a stalled read left anywhere in a bracket holding the edge
+  (``attribution.edge_step_mj``): about one update's energy per edge. Windows under 1 s
+  or with fewer than 10 updates are low-confidence.
 * **Failures are never zeros**: every absence carries a reason (no driver, no GPU, NVML
   error, no counter and no power reading, counter went backwards, sampler stalled).
 """
@@ -436,7 +437,8 @@ class EnergyMeter:
             shared_tokens |= sp.by_tokens
             shared_time |= sp.by_time
             e_j = sp.shares_mj.get(window.id, 0.0) / 1000.0
-            unc_j = (edge_step_mj(v.pt_t, v.pt_e, t0) + edge_step_mj(v.pt_t, v.pt_e, t1)) / 1000.0
+            unc_j = (edge_step_mj(v.pt_t, v.pt_e, t0, v.pt_lo, v.pt_hi)
+                     + edge_step_mj(v.pt_t, v.pt_e, t1, v.pt_lo, v.pt_hi)) / 1000.0
             avg_w = e_j / dur if dur > 0 else 0.0
             if d.state.method == METHOD_POWER:
                 approximate = True
@@ -630,7 +632,8 @@ class EnergyMeter:
             else:
                 # Interpolated edges: about one counter update's energy each.
                 power = (e1 - e0) / 1000.0 / (t1 - t0)
-                unc = (edge_step_mj(v.pt_t, v.pt_e, t0) + edge_step_mj(v.pt_t, v.pt_e, t1)) / 1000.0 / (t1 - t0)
+                unc = (edge_step_mj(v.pt_t, v.pt_e, t0, v.pt_lo, v.pt_hi)
+                       + edge_step_mj(v.pt_t, v.pt_e, t1, v.pt_lo, v.pt_hi)) / 1000.0 / (t1 - t0)
                 tr = d.sampler.phase  # the period must be pinned: a ±1 % guess can be off by more
                 counted, c_unc = _counted_power(v, t0, t1, tr.known_period if tr.known_period_pinned else None,
                                                 tr.known_period_err)

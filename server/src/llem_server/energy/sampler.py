@@ -63,6 +63,10 @@ class View:
 
     pt_t: list[float]
     pt_e: list[float]  # mJ, continuous across gaps
+    # Where a point's update may lie, if that is wider than its estimate's few ms (a long
+    # read bracket timed at its midpoint): the error bound takes both steps beside it.
+    pt_lo: list[float]
+    pt_hi: list[float]
     s_t: list[float]
     s_temp: list[float | None]
     s_reasons: list[int | None]
@@ -91,6 +95,8 @@ class _NextRead:
 class _Buf:
     pt_t: list[float] = field(default_factory=list)
     pt_e: list[float] = field(default_factory=list)
+    pt_lo: list[float] = field(default_factory=list)
+    pt_hi: list[float] = field(default_factory=list)
     s_t: list[float] = field(default_factory=list)
     s_temp: list = field(default_factory=list)
     s_reasons: list = field(default_factory=list)
@@ -302,7 +308,8 @@ class Sampler:
             self._cond.notify_all()
 
     # -- buffer -------------------------------------------------------------------
-    def _point(self, t: float, e: float) -> None:
+    def _point(self, t: float, e: float, span: tuple[float, float] | None = None) -> None:
+        """``span``: where the update may lie, where that is wider than ``t``'s error."""
         b = self._buf
         if b.pt_t:
             self._intervals.append((t - b.pt_t[-1], 1))
@@ -310,10 +317,13 @@ class Sampler:
             self._first_t, self._first_e = t, e
         b.pt_t.append(t)
         b.pt_e.append(e)
+        b.pt_lo.append(span[0] if span else t)
+        b.pt_hi.append(span[1] if span else t)
 
-    def _add(self, t: float, r: Reading, start: float, est: float | None, end: float) -> None:
-        """Under the lock. ``est``: the update time ``_update_time`` gave a counter increase;
-        ``start``, ``end``: the read call's."""
+    def _add(self, t: float, r: Reading, start: float, est: tuple[float, tuple[float, float] | None] | None,
+             end: float) -> None:
+        """Under the lock. ``est``: what ``_update_time`` gave a counter increase; ``start``,
+        ``end``: the read call's."""
         b = self._buf
         b.s_t.append(t)
         b.s_temp.append(r.temperature_c)
@@ -330,7 +340,7 @@ class Sampler:
         elif v > prev:
             step = v - prev
             self._min_step = step if self._min_step is None else min(self._min_step, step)
-            self._point(est, v + self._offset)
+            self._point(est[0], v + self._offset, est[1])
             self._count_doubles(t - (self._last_start if self._last_start is not None else prev_t), step)
         elif v < prev:
             # Counter went backwards: energy since the last update before it is unknown.
@@ -338,8 +348,8 @@ class Sampler:
             self._gaps.append((last, t, f"the GPU energy counter went backwards (from {prev:.0f} mJ to {v:.0f} mJ), "
                                         "probably a driver reload or GPU reset: energy across it is unknown"))
             self._offset += prev - v
-            b.pt_t.append(t)
-            b.pt_e.append(v + self._offset)
+            for lst, x in ((b.pt_t, t), (b.pt_e, v + self._offset), (b.pt_lo, t), (b.pt_hi, t)):
+                lst.append(x)
         self._last_changed = prev is None or v != prev
         if self._next.kind == "locked" and not self._last_changed:
             self._misses += 1
@@ -390,14 +400,18 @@ class Sampler:
         long = len(self._intervals) >= 5 and bracket >= 0.8 * statistics.median(x for x, _ in self._intervals)
         self._pending = (p[1] if p is not None else step, step, long)
 
-    def _update_time(self, prev_t: float, t: float, end: float, start: float) -> float:
+    def _update_time(self, prev_t: float, t: float, end: float, start: float) -> tuple[float, tuple[float, float] | None]:
         """When the (latest) update between the previous read (began at ``_last_start``)
-        and this one (``start`` to ``end``) happened."""
+        and this one (``start`` to ``end``) happened, and, where that is unknown within
+        the bracket (a long one timed at its midpoint), the bracket."""
         b = self._buf
         lo = self._last_start if self._last_start is not None else prev_t  # the previous read's start
         ph = self.phase.phase
         period = self._period_guess()
         est = (prev_t + t) / 2  # no period known yet: the midpoint
+        span = None
+        if period is None or end - lo >= 0.98 * period:
+            span = (lo, end)  # unless a predicted update times it (below)
         if period is not None:
             # Only a bracket shorter than one period surely holds a single update.
             if end - lo < 0.98 * period:
@@ -416,14 +430,14 @@ class Sampler:
                     cands.append(u)
                     u += ph.period
                 if len(cands) == 1:
-                    est = min(max(cands[0], lo), end)
+                    est, span = min(max(cands[0], lo), end), None
                 elif cands and cands[-1] + (ph.hi - ph.at) <= start:
-                    est = cands[-1]
-        return max(est, b.pt_t[-1] + 1e-6) if b.pt_t else est
+                    est, span = cands[-1], None
+        return (max(est, b.pt_t[-1] + 1e-6) if b.pt_t else est), span
 
     def _trim(self) -> None:
         b = self._buf
-        for ts, others in ((b.s_t, (b.s_temp, b.s_reasons)), (b.pt_t, (b.pt_e,))):
+        for ts, others in ((b.s_t, (b.s_temp, b.s_reasons)), (b.pt_t, (b.pt_e, b.pt_lo, b.pt_hi))):
             if len(ts) > 2 * self._cap:  # amortised: lists stay bisectable
                 cut = len(ts) - self._cap
                 del ts[:cut]
@@ -513,12 +527,14 @@ class Sampler:
         """Points bracketing [t0, t1] and the samples inside it."""
         with self._lock:
             b = self._buf
-            i = max(bisect.bisect_right(b.pt_t, t0) - 1, 0)
-            j = bisect.bisect_left(b.pt_t, t1) + 1
+            # Two more points each side than the edges need: a point there may hold a long
+            # bracket that reaches across an edge (edge_step_mj looks at them).
+            i = max(bisect.bisect_right(b.pt_t, t0) - 3, 0)
+            j = bisect.bisect_left(b.pt_t, t1) + 3
             k = max(bisect.bisect_right(b.s_t, t0) - 1, 0)
             m = bisect.bisect_left(b.s_t, t1) + 1
             return View(
-                pt_t=b.pt_t[i:j], pt_e=b.pt_e[i:j],
+                pt_t=b.pt_t[i:j], pt_e=b.pt_e[i:j], pt_lo=b.pt_lo[i:j], pt_hi=b.pt_hi[i:j],
                 s_t=b.s_t[k:m], s_temp=b.s_temp[k:m], s_reasons=b.s_reasons[k:m],
                 gaps=[g for g in self._gaps if g[0] < t1 and g[1] > t0],
                 resolution_mj=self._min_step,
