@@ -79,6 +79,7 @@ class PhaseTracker:
         self._brackets: deque[tuple[float, float]] = deque(maxlen=history)
         self.phase: Phase | None = None
         self.restarts = 0
+        self.restarts_no_fit = 0  # of which: no periodic clock fitted the brackets (the rest: the sampler's checks)
         # The period of the last confident phase, the hint for the next fit. A restart
         # forgets it unless pinned: a few wide brackets also fit a wrong period, and kept
         # as the hint, a wrong one would be found again after every restart.
@@ -119,6 +120,7 @@ class PhaseTracker:
             self._anchors.clear()
         if ph is None:
             # No periodic phase fits (a stall, a jump, a driver change): start over from here.
+            self.restarts_no_fit += 1
             self.restart(keep_period=self.known_period_pinned)
             return _predicted(prior, lo, hi, mid)
         self.phase = ph

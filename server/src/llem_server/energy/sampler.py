@@ -453,7 +453,8 @@ class Sampler:
                     "mean_read_ms": round(self._read_s / self._n_reads * 1e3, 3) if self._n_reads else None,
                     "phase_period_ms": round(ph.period * 1e3, 4) if ph else None,
                     "phase_width_ms": round(ph.width * 1e3, 3) if ph else None,
-                    "phase_restarts": self.phase.restarts, "locked_read_misses": self._misses,
+                    "phase_restarts": self.phase.restarts, "phase_restarts_no_fit": self.phase.restarts_no_fit,
+                    "locked_read_misses": self._misses,
                     # the thread's CPU per second of its life, and the part inside sensor calls
                     "cpu_ms_per_s": round(cpu / wall * 1e3, 3) if wall else None,
                     "read_cpu_ms_per_s": round(read_cpu / wall * 1e3, 3) if wall else None}
