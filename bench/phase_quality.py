@@ -19,8 +19,8 @@ is held 20–150 ms around one read in ten. For each it reports:
 
 ``--jitter-ms 3`` moves each counter update by up to ±3 ms (results in
 ``phase_quality-jitter-sim``): the fit assumes a strictly periodic clock, and must stay
-honest where the hardware's is not. ``--src DIR`` runs another checkout's server package (e.g. a git worktree of an older
-commit) for a before/after comparison on the same seeds.
+honest where the hardware's is not. ``--src DIR`` runs another checkout's server package
+(e.g. a git worktree of an older commit) for a before/after comparison on the same seeds.
 """
 from __future__ import annotations
 

@@ -106,10 +106,10 @@ class SimulatedNvml:
     def last_update(self, index: int, now: float) -> float:
         """The counter's latest update at or before ``now`` (absolute time)."""
         g = self.gpus[index]
-        k = math.floor((now - self.t0) / g.update_period_s)
+        k0 = math.floor((now - self.t0) / g.update_period_s)
         if not g.update_jitter_s:
-            return self.t0 + k * g.update_period_s
-        for k in (k + 1, k, k - 1):  # a jitter under half a period moves no update past a neighbour
+            return self.t0 + k0 * g.update_period_s
+        for k in (k0 + 1, k0, k0 - 1):  # a jitter under half a period moves no update past a neighbour
             upd = self.t0 + k * g.update_period_s + (random.Random(k * 7919 + index).random() * 2 - 1) * g.update_jitter_s
             if upd <= now:
                 return upd
