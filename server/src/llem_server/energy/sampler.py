@@ -404,8 +404,8 @@ class Sampler:
     def _update_time(self, prev_t: float, t: float, end: float, start: float,
                      step: float) -> tuple[float, tuple[float, float] | None]:
         """When the (latest) update between the previous read (began at ``_last_start``)
-        and this one (``start`` to ``end``) happened, and, where that is unknown within
-        the bracket (a long one timed at its midpoint), the bracket."""
+        and this one (``start`` to ``end``) happened, and, where that is not sure (a long
+        bracket not timed by one predicted update), the bracket: the point's span."""
         b = self._buf
         lo = self._last_start if self._last_start is not None else prev_t  # the previous read's start
         ph = self.phase.phase
