@@ -124,6 +124,14 @@ async def serve(settings: Settings, *, port_file: Path | None = None, auth_token
         port = server.add_insecure_port(address)
     if port == 0:
         raise SystemExit(f"could not bind {address}")
+    # Signal handlers before anything says the server is up: a SIGTERM right after the port
+    # file appeared once found Python's default action (exit -15, no drain; a CI run saw it).
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if auth is not None:
+        loop.add_signal_handler(signal.SIGHUP, auth.reload)  # rotate tokens without a restart
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -136,13 +144,6 @@ async def serve(settings: Settings, *, port_file: Path | None = None, auth_token
         log.info("server_started", address=f"{settings.host}:{port}", devices=[d for d, _ in devices])
     if ready is not None:
         ready.set()
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if auth is not None:
-        loop.add_signal_handler(signal.SIGHUP, auth.reload)  # rotate tokens without a restart
     await stop.wait()
 
     # Drain: probes see NOT_SERVING, new calls get UNAVAILABLE, in-flight calls get the grace period.
