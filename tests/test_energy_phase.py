@@ -142,24 +142,31 @@ def test_sampler_times_points_and_sees_a_windows_end_soon(period):
     assert max(waits) < 0.25
 
 
+def _miss_share(rig: FakeClockRig, steps: int, before_step=lambda i: None) -> float:
+    """Of ``steps`` reads, the share after which the phase is confident and its interval
+    misses the true update (``FakeClockRig.phase_misses_update``), of those confident."""
+    n = outside = 0
+    for i in range(steps):
+        before_step(i)
+        rig.step()
+        miss = rig.phase_misses_update()
+        if miss is not None:
+            n += 1
+            outside += miss
+    return outside / n
+
+
 def test_a_busy_samplers_phase_interval_holds_the_true_update():
     """A request always running: while the phase is confident, its interval (a hard bound
     the sampler places reads by) holds the true update. Busy, the brackets come from
     probes only and span tens of seconds; an estimate one period minus a few ms off, or a
     period pinned slightly wrong, still fitted them, and locked reads could not tell
     (the old sampler: up to 17 % of the time, 5 ms off, in one of these runs)."""
-    period = 0.1003
     for seed in range(8):
-        rig = FakeClockRig(period, seed=seed)
+        rig = FakeClockRig(0.1003, seed=seed)
         rig.s.hurry()
-        n = outside = 0
-        for _ in range(1600):
-            rig.step()
-            miss = rig.phase_misses_update()
-            if miss is not None:
-                n += 1
-                outside += miss
-        assert outside / n < 0.02, (seed, outside / n)
+        share = _miss_share(rig, 1600)
+        assert share < 0.02, (seed, share)
 
 
 def test_a_pinned_period_survives_a_bad_anchor_on_a_loaded_host():
@@ -168,19 +175,15 @@ def test_a_pinned_period_survives_a_bad_anchor_on_a_loaded_host():
     seconds apart; pinned from one pair (the first anchor and the current phase), one
     anchor off by more than its width pinned a range without the true period, and the
     interval missed the update 5-12 % of the time in 3 of these 8 runs (now at most 1.2 %)."""
-    period = 0.1003
     for seed in range(8):
-        rig = FakeClockRig(period, seed=seed, power=switching_load(random.Random(seed + 7)), stalls=0.1)
-        n = outside = 0
-        for i in range(1600):
+        rig = FakeClockRig(0.1003, seed=seed, power=switching_load(random.Random(seed + 7)), stalls=0.1)
+
+        def come_and_go(i: int, s=rig.s) -> None:
             if i % 50 == 0:  # 50 reads (~4 s) with a request waiting, 50 without
-                (rig.s.hurry if i % 100 == 0 else rig.s.relax)()
-            rig.step()
-            miss = rig.phase_misses_update()
-            if miss is not None:
-                n += 1
-                outside += miss
-        assert outside / n < 0.03, (seed, outside / n)
+                (s.hurry if i % 100 == 0 else s.relax)()
+
+        share = _miss_share(rig, 1600, come_and_go)
+        assert share < 0.03, (seed, share)
 
 
 def test_a_wake_up_that_keeps_the_planned_read_keeps_its_kind():

@@ -61,8 +61,8 @@ def edge_step_mj(pt_t: Sequence[float], pt_e: Sequence[float], t: float,
     alone was exceeded by 13 windows in 12 000, at up to 1.9x; this bound by none.)
 
     ``pt_lo``/``pt_hi``: where each point's update may lie, where wider than its estimate
-    (a stalled read's bracket of one period or more, timed at its midpoint). A point whose
-    range holds ``t`` may be on either side of it: both its steps count. (Simulated, counter
+    (a stalled read's bracket of one period or more, not timed by one predicted update). A
+    point whose range holds ``t`` may be on either side of it: both its steps count. (Simulated, counter
     updates moved ±3 ms: without this, one window in 15 000 exceeded the bound, by 1.13x,
     at such a point timed 115 ms before its update.)"""
     if len(pt_t) < 2:

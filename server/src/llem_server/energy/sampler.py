@@ -63,8 +63,8 @@ class View:
 
     pt_t: list[float]
     pt_e: list[float]  # mJ, continuous across gaps
-    # Where a point's update may lie, if that is wider than its estimate's few ms (a long
-    # read bracket timed at its midpoint): the error bound takes both steps beside it.
+    # Where a point's update may lie, if that is wider than its estimate's few ms (a long read
+    # bracket not timed by one predicted update): the error bound takes both steps beside it.
     pt_lo: list[float]
     pt_hi: list[float]
     s_t: list[float]
@@ -100,6 +100,12 @@ class _Buf:
     s_t: list[float] = field(default_factory=list)
     s_temp: list = field(default_factory=list)
     s_reasons: list = field(default_factory=list)
+
+    def add_point(self, t: float, e: float, span: tuple[float, float] | None = None) -> None:
+        """A point; ``span``: where its update may lie, where wider than ``t``'s error."""
+        lo, hi = span or (t, t)
+        for lst, x in ((self.pt_t, t), (self.pt_e, e), (self.pt_lo, lo), (self.pt_hi, hi)):
+            lst.append(x)
 
 
 class Sampler:
@@ -310,16 +316,13 @@ class Sampler:
 
     # -- buffer -------------------------------------------------------------------
     def _point(self, t: float, e: float, span: tuple[float, float] | None = None) -> None:
-        """``span``: where the update may lie, where that is wider than ``t``'s error."""
+        """A point in the curve and in the spacing statistics (``_Buf.add_point``: ``span``)."""
         b = self._buf
         if b.pt_t:
             self._intervals.append((t - b.pt_t[-1], 1))
         else:
             self._first_t, self._first_e = t, e
-        b.pt_t.append(t)
-        b.pt_e.append(e)
-        b.pt_lo.append(span[0] if span else t)
-        b.pt_hi.append(span[1] if span else t)
+        b.add_point(t, e, span)
 
     def _add(self, t: float, r: Reading, start: float, est: tuple[float, tuple[float, float] | None] | None,
              end: float) -> None:
@@ -349,8 +352,7 @@ class Sampler:
             self._gaps.append((last, t, f"the GPU energy counter went backwards (from {prev:.0f} mJ to {v:.0f} mJ), "
                                         "probably a driver reload or GPU reset: energy across it is unknown"))
             self._offset += prev - v
-            for lst, x in ((b.pt_t, t), (b.pt_e, v + self._offset), (b.pt_lo, t), (b.pt_hi, t)):
-                lst.append(x)
+            b.add_point(t, v + self._offset)
         self._last_changed = prev is None or v != prev
         if self._next.kind == "locked" and not self._last_changed:
             self._misses += 1
@@ -411,13 +413,11 @@ class Sampler:
         ph = self.phase.phase
         period = self._period_guess()
         est = (prev_t + t) / 2  # no period known yet: the midpoint
-        span = None
-        if period is None or end - lo >= 0.98 * period:
-            span = (lo, end)  # unless a predicted update times it (below)
+        span = (lo, end)  # unless the update is timed surely (below)
         if period is not None:
             # Only a bracket shorter than one period surely holds a single update.
             if end - lo < 0.98 * period:
-                est = self.phase.add(lo, end, period)
+                est, span = self.phase.add(lo, end, period), None
                 self._single_steps.append(step)
             elif ph is not None and ph.confident:
                 # A longer bracket (phase-locked reads come a period apart). The updates it

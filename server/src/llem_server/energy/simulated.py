@@ -110,7 +110,8 @@ class SimulatedNvml:
         if not g.update_jitter_s:
             return self.t0 + k0 * g.update_period_s
         for k in (k0 + 1, k0, k0 - 1):  # a jitter under half a period moves no update past a neighbour
-            upd = self.t0 + k * g.update_period_s + (random.Random(k * 7919 + index).random() * 2 - 1) * g.update_jitter_s
+            jitter = (random.Random(k * 7919 + index).random() * 2 - 1) * g.update_jitter_s
+            upd = self.t0 + k * g.update_period_s + jitter
             if upd <= now:
                 return upd
         raise AssertionError("update_jitter_s must be under half the update period")
