@@ -150,6 +150,12 @@ def _nearest(ts: list[float], vals: list, t: float):
     return best
 
 
+def _edges_mj(v, t0: float, t1: float) -> float:
+    """The error bound of the energy over [t0, t1] on a sampler's ``View``: a step at each edge."""
+    return (edge_step_mj(v.pt_t, v.pt_e, t0, v.pt_lo, v.pt_hi)
+            + edge_step_mj(v.pt_t, v.pt_e, t1, v.pt_lo, v.pt_hi))
+
+
 def _counted_power(v, t0: float, t1: float, period: float | None,
                    period_err: float) -> tuple[float | None, float]:
     """Idle power over whole counter updates inside [t0, t1]: (watts, bound), or (None, 0)
@@ -437,8 +443,7 @@ class EnergyMeter:
             shared_tokens |= sp.by_tokens
             shared_time |= sp.by_time
             e_j = sp.shares_mj.get(window.id, 0.0) / 1000.0
-            unc_j = (edge_step_mj(v.pt_t, v.pt_e, t0, v.pt_lo, v.pt_hi)
-                     + edge_step_mj(v.pt_t, v.pt_e, t1, v.pt_lo, v.pt_hi)) / 1000.0
+            unc_j = _edges_mj(v, t0, t1) / 1000.0
             avg_w = e_j / dur if dur > 0 else 0.0
             if d.state.method == METHOD_POWER:
                 approximate = True
@@ -632,8 +637,7 @@ class EnergyMeter:
             else:
                 # Interpolated edges: about one counter update's energy each.
                 power = (e1 - e0) / 1000.0 / (t1 - t0)
-                unc = (edge_step_mj(v.pt_t, v.pt_e, t0, v.pt_lo, v.pt_hi)
-                       + edge_step_mj(v.pt_t, v.pt_e, t1, v.pt_lo, v.pt_hi)) / 1000.0 / (t1 - t0)
+                unc = _edges_mj(v, t0, t1) / 1000.0 / (t1 - t0)
                 tr = d.sampler.phase  # the period must be pinned: a ±1 % guess can be off by more
                 counted, c_unc = _counted_power(v, t0, t1, tr.known_period if tr.known_period_pinned else None,
                                                 tr.known_period_err)
