@@ -29,6 +29,16 @@ def test_health_and_info(server, tmp_path):
     assert info["server_version"] and info["devices"]
 
 
+def test_info_into_a_closed_pipe_stops_quietly(server, tmp_path):
+    # `llem-client info | head -2`: the reader is gone before the output is written.
+    env = {k: v for k, v in os.environ.items() if k not in ("LLEM_SERVER", "LLEM_TOKEN")}
+    proc = subprocess.Popen([sys.executable, "-m", "llem_client.cli", "info", "--server", server.address],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # long before the CLI has imported grpc and asked the server
+    _, err = proc.communicate(timeout=120)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
 def test_load_models_unload_roundtrip(server, tmp_path):
     p = llem("load", MODEL, "--server", server.address, "--precision", "fp32", "--json", cwd=tmp_path)
     assert p.returncode == 0, p.stderr

@@ -414,6 +414,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         display.line("interrupted")
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`llem-client info | head`): stop quietly, as Unix tools do.
+        # Python's own flush of stdout at exit would raise again: point it at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
