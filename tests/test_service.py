@@ -217,6 +217,35 @@ def test_bad_requests_leave_the_server_serving(client, stub):
     assert client.generate(["ok"], model="llama", decoder=GREEDY, max_output_tokens=2).completions
 
 
+def test_input_the_worker_refuses_names_its_field(client):
+    """Checks that only the loaded model can make (an empty prompt, too many positions) still
+    answer INVALID_ARGUMENT with a BadRequest field path, not just words."""
+    with pytest.raises(InvalidArgument) as empty:
+        client.generate(["fine", ""], model="gpt2", decoder=GREEDY, max_output_tokens=2, pytorch={"batch_size": 2})
+    assert empty.value.field_violations[0][0] == "prompts[1]"
+    with pytest.raises(InvalidArgument) as long:  # GPT-2's table has 1024 positions
+        client.generate(["word " * 1000], model="gpt2", decoder=GREEDY, max_input_tokens=1000,
+                        max_output_tokens=100)
+    assert long.value.field_violations[0][0] == "max_output_tokens"
+    assert "1024 positions" in long.value.field_violations[0][1]
+    assert client.generate(["ok"], model="gpt2", decoder=GREEDY, max_output_tokens=2).completions
+
+
+def test_a_max_memory_too_small_for_the_model_is_refused_and_not_cached(client):
+    """transformers would leave the weights that fit no budget on the meta device ("offloaded to
+    disk"), and every generate would then fail inside torch: the load must fail, naming the field."""
+    tiny = {"max_memory": {"cpu": "1KB"}}
+    for _ in range(2):  # the second try must not find a broken model in the cache
+        with pytest.raises(InvalidArgument) as exc:
+            client.generate(["a"], model="llama", pytorch=tiny, decoder=GREEDY, max_output_tokens=2)
+        assert exc.value.field_violations[0][0] == "model.pytorch.max_memory"
+        assert "disk" in exc.value.field_violations[0][1]
+    assert not [m for m in client.list_models().models
+                if dict(m.config.pytorch.max_memory) == {"cpu": "1KB"} and m.state == pb.MODEL_STATE_READY]
+    ok = client.generate(["a"], model="llama", pytorch={"max_memory": {"cpu": "10MB"}}, decoder=GREEDY,
+                         max_output_tokens=2)
+    assert ok.completions[0].output_tokens == 2
+
 # -- the model cache ------------------------------------------------------------------------
 
 def test_second_request_is_a_cache_hit_without_reload(client):

@@ -17,7 +17,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from .models import LoadedModel
+from .models import JobError, LoadedModel
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = 1, 2, 3  # llem.v1.FinishReason values
 
@@ -108,7 +108,7 @@ def _check_positions(model, slices, max_new: int) -> None:
 
     GPT-2-style models index a table of ``n_positions`` (``max_position_embeddings``) rows:
     a prompt plus ``max_new_tokens`` beyond it fails deep inside torch with an IndexError
-    (a bare INTERNAL). Say so up front; the worker answers a ValueError with INVALID_ARGUMENT.
+    (a bare INTERNAL). Say so up front, naming the field to change.
     Rotary (RoPE) and ALiBi models have no table and run on past their nominal length.
     """
     for start, enc in slices:
@@ -116,8 +116,9 @@ def _check_positions(model, slices, max_new: int) -> None:
         # as a zero-length sequence: a reshape error, or a crash inside a quantized kernel.
         for row, n in enumerate(enc["attention_mask"].sum(dim=1).tolist()):
             if n == 0:
-                raise ValueError(f"prompts[{start + row}] has no tokens after tokenization (an empty prompt?); "
-                                 "send at least one token")
+                path = f"prompts[{start + row}]"
+                raise JobError("INVALID_ARGUMENT", f"{path} has no tokens after tokenization (an empty prompt?); "
+                               "send at least one token", violations=((path, "no tokens after tokenization"),))
     cfg = model.config
     if any(v is not None for k, v in vars(cfg).items() if "rope" in k):
         return
@@ -126,8 +127,9 @@ def _check_positions(model, slices, max_new: int) -> None:
         return
     longest = max(int(enc["attention_mask"].sum(dim=1).max()) for _, enc in slices)
     if longest + max_new > limit:
-        raise ValueError(f"the prompt ({longest} tokens) plus max_output_tokens ({max_new}) exceed the model's "
-                         f"{limit} positions; lower max_output_tokens or max_input_tokens")
+        what = f"the prompt ({longest} tokens) plus max_output_tokens ({max_new}) exceed the model's {limit} positions"
+        raise JobError("INVALID_ARGUMENT", f"{what}; lower max_output_tokens or max_input_tokens",
+                       violations=(("max_output_tokens", what),))
 
 
 def run_generate(entry: LoadedModel, prompts: list[str], plan: dict, *, job_id: int, cancel_flag,

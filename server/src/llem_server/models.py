@@ -21,13 +21,19 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
            "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class LoadError(Exception):
-    """A load that failed for a reason the client can act on; carries a gRPC status name."""
+class JobError(Exception):
+    """A job that failed for a reason the client can act on: a gRPC status name, a message,
+    and for INVALID_ARGUMENT the ``(field_path, description)`` pairs of ``BadRequest``."""
 
-    def __init__(self, status: str, message: str):
+    def __init__(self, status: str, message: str, violations: tuple[tuple[str, str], ...] = ()):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.violations = tuple(violations)
+
+
+class LoadError(JobError):
+    """A load that failed."""
 
 
 @dataclass
@@ -81,6 +87,32 @@ def _model_device(model) -> str:
         return str(next(model.parameters()).device)
     except StopIteration:
         return "cpu"
+
+
+def _refuse_disk_offload(model, source: str, load_kwargs: dict) -> None:
+    """Refuse a model whose weights did not all get memory.
+
+    With ``device_map`` planning, weights that fit in no ``max_memory`` budget are "offloaded
+    to disk": left on the meta device, and generation then fails deep inside torch. This
+    server does not serve disk offload, so the load fails here, naming what to change.
+    """
+    placed = set((getattr(model, "hf_device_map", None) or {}).values())
+    on_meta = sum(p.numel() for p in model.parameters() if p.device.type == "meta")
+    if "disk" not in placed and not on_meta:
+        return
+    share = on_meta / max(1, sum(p.numel() for p in model.parameters()))
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    what = f"{share:.0%} of the weights of {source} got no memory (transformers would offload them to disk, " \
+           "which this server does not serve)"
+    if load_kwargs.get("max_memory"):
+        raise LoadError("INVALID_ARGUMENT", f"{what}: raise model.pytorch.max_memory or leave it unset",
+                        violations=(("model.pytorch.max_memory",
+                                     f"{load_kwargs['max_memory']} is too small for this model: {what}"),))
+    raise LoadError("RESOURCE_EXHAUSTED", f"{what}: this server's memory is too small for the model; "
+                                          "unload other models or use 4/8-bit quantization")
 
 
 def _classify_load_error(exc: BaseException, source: str) -> LoadError:
@@ -160,6 +192,7 @@ def load_model(config_hash: str, source: str, load_kwargs: dict, compile_kwargs:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         raise _classify_load_error(exc, source) from exc
+    _refuse_disk_offload(model, source, load_kwargs)
     model.eval()
     _inject_generate_fault(model, source)
     # Decoder-only models must be left-padded in a batch; GPT-2-style tokenizers pad

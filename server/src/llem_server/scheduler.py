@@ -209,5 +209,6 @@ class DeviceWorker:
 
 def error_from_worker(msg: dict) -> ServiceError:
     return ServiceError(status_from_name(msg.get("status", "INTERNAL")), msg.get("message", "worker error"),
+                        violations=[tuple(v) for v in msg.get("violations", ())],
                         retry_delay_s=1.0 if msg.get("retryable") else None)
 

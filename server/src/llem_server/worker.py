@@ -91,7 +91,7 @@ def worker_main(conn, device: str, cuda_index: int | None, cancel_flag, max_mode
     import torch
 
     from .generation import run_generate
-    from .models import LoadError, ModelCache, load_model
+    from .models import JobError, ModelCache, load_model
 
     cache = ModelCache(max_models)
     conn.send({"type": "hello", "pid": os.getpid(), "capabilities": _capabilities(torch, device)})
@@ -143,9 +143,10 @@ def worker_main(conn, device: str, cuda_index: int | None, cancel_flag, max_mode
                 send({"type": "done", "job": job, "result": {"freed_bytes": freed}})
             else:
                 send({"type": "error", "job": job, "status": "INTERNAL", "message": f"unknown op {op!r}"})
-        except LoadError as exc:
+        except JobError as exc:
             # Out of memory while loading: retrying can help once other models are unloaded.
             send({"type": "error", "job": job, "status": exc.status, "message": exc.message,
+                  "violations": list(exc.violations),
                   "retryable": exc.status == "RESOURCE_EXHAUSTED", "evicted": evicted})
         except torch.cuda.OutOfMemoryError as exc:
             oom = True
