@@ -151,3 +151,35 @@ def test_percentile_and_atomic_write(tmp_path):
     p = write_atomic(tmp_path / "sub" / "r.json", {"a": 1})
     assert json.loads(p.read_text()) == {"a": 1}
     assert [f.name for f in p.parent.iterdir()] == ["r.json"]
+
+
+def test_relative_dataset_path_is_found_beside_the_config_or_here_never_guessed(tmp_path, monkeypatch):
+    cfg_dir, cwd = tmp_path / "cfg", tmp_path / "cwd"
+    cfg_dir.mkdir()
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    source = str(cfg_dir / "exp.yaml")
+    (cfg_dir / "p.txt").write_text("beside the config\n")
+    prompts, info = load_prompts(build_experiment({"model": "m", "dataset": "p.txt"}, source=source))
+    assert [p.text for p in prompts] == ["beside the config"]
+    assert info["path"] == str((cfg_dir / "p.txt").resolve()) and info["found_in"] == "config folder"
+    (cwd / "q.txt").write_text("here\n")
+    prompts, info = load_prompts(build_experiment({"model": "m", "dataset": "q.txt"}, source=source))
+    assert [p.text for p in prompts] == ["here"] and info["found_in"] == "current directory"
+    # the same name in both places, different files: an error naming both, not a silent pick
+    (cwd / "p.txt").write_text("here too\n")
+    with pytest.raises(ConfigurationError) as ei:
+        load_prompts(build_experiment({"model": "m", "dataset": "p.txt"}, source=source))
+    text = str(ei.value)
+    assert str(cfg_dir / "p.txt") in text and str(cwd / "p.txt") in text
+    with pytest.raises(ConfigurationError, match="no such file"):
+        load_prompts(build_experiment({"model": "m", "dataset": "none.txt"}, source=source))
+
+
+def test_summary_names_the_dataset_file():
+    from llem_client.results import summary_rows
+
+    result = {"status": "completed", "config": {"model": "m"}, "config_hash": None, "warnings": [],
+              "dataset": {"kind": "txt", "path": "/data/p.txt", "found_in": "config folder", "available": 3, "used": 2},
+              "aggregates": aggregate([], energy_recorded=False)}
+    assert dict(summary_rows(result))["dataset"] == "/data/p.txt (2 of 3 prompts, found in the config folder)"

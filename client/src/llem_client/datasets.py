@@ -40,12 +40,23 @@ class Prompt:
     source: str | None = None
 
 
-def _resolve(path: str, base_dir: Path) -> Path:
+def _resolve(path: str, base_dir: Path) -> tuple[Path, str]:
+    """The dataset file and where it was found ("path", "config folder", "current directory").
+
+    A relative path may mean the YAML's folder or the current directory; neither is
+    silently preferred: the one that exists is used, and two different files are an error.
+    """
     p = Path(path).expanduser()
-    if p.is_absolute() or p.exists():
-        return p
-    alt = base_dir / p
-    return alt if alt.exists() else p
+    if p.is_absolute():
+        return p, "path"
+    here, beside = Path.cwd() / p, base_dir / p
+    found = [(c, where) for c, where in ((beside, "config folder"), (here, "current directory")) if c.is_file()]
+    if len(found) == 2 and not here.samefile(beside):
+        raise ConfigurationError([("dataset", f"{path!r} names two different files: {beside} (beside the config) and "
+                                              f"{here} (in the current directory); give an absolute path")])
+    if not found:
+        raise ConfigurationError([("dataset", f"no such file: {path} (looked in {base_dir} and {Path.cwd()})")])
+    return found[0][0].resolve(), found[0][1]
 
 
 def _sha256(path: Path) -> str:
@@ -138,11 +149,11 @@ def load_prompts(exp: Experiment) -> tuple[list[Prompt], dict[str, Any]]:
             "seed": syn_seed,
         }
     else:
-        path = _resolve(exp.dataset, exp.base_dir)
+        path, found_in = _resolve(exp.dataset, exp.base_dir)
         if not path.is_file():
             raise ConfigurationError([("dataset", f"no such file: {exp.dataset}")])
         prompts = _read_jsonl(path) if path.suffix == ".jsonl" else _read_txt(path)
-        info = {"kind": path.suffix.lstrip("."), "path": str(path), "sha256": _sha256(path)}
+        info = {"kind": path.suffix.lstrip("."), "path": str(path), "found_in": found_in, "sha256": _sha256(path)}
     if not prompts:
         raise ConfigurationError([("dataset", "no prompts in the dataset")])
     info["available"] = len(prompts)

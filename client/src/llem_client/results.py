@@ -214,12 +214,20 @@ def _fmt(v: Any, unit: str = "", digits: int = 2) -> str:
     return f"{v:,}{unit}"
 
 
+def _dataset_text(d: dict[str, Any]) -> str:
+    if d.get("kind") == "synthetic":
+        return f"synthetic ({d.get('used', '?')} prompts of {d.get('input_len')} words, seed {d.get('seed')})"
+    where = f", found in the {d['found_in']}" if d.get("found_in") in ("config folder", "current directory") else ""
+    return f"{d.get('path', '?')} ({d.get('used', '?')} of {d.get('available', '?')} prompts{where})"
+
+
 def summary_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     """(label, value) rows for the end-of-run summary."""
     a = result["aggregates"]
     rows = [
         ("status", result["status"]),
         ("model", f"{result['config']['model']} (config {(result.get('config_hash') or '')[:12] or 'n/a'})"),
+        ("dataset", _dataset_text(result.get("dataset") or {})),
         ("requests", f"{a['requests']} ({a['prompts']} prompts)"),
         ("input tokens", _fmt(a["input_tokens"])),
         ("output tokens", _fmt(a["output_tokens"])),
