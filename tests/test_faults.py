@@ -26,7 +26,7 @@ from llem.v1 import llem_pb2, llem_pb2_grpc
 from llem_client import Client
 from llem_client.errors import ResourceExhausted
 
-from _hardening import OOM_GEN, OOM_LOAD, code_of, hard_root, hard_server, json_lines, retry_delay  # noqa: F401
+from _hardening import OOM_GEN, OOM_LOAD, SLOW_LOAD, code_of, hard_root, hard_server, json_lines, retry_delay  # noqa: F401
 from conftest import start_server, stop_server
 
 GREEDY = llem_pb2.DecoderConfig(do_sample=False)
@@ -82,6 +82,29 @@ def test_oom_during_load_leaves_a_failed_entry_not_a_ready_one(hstub):
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_delay(err)
     states = {m.config.model: m.state for m in hstub.ListModels(llem_pb2.ListModelsRequest(), timeout=10).models}
     assert states.get(OOM_LOAD) in (None, llem_pb2.MODEL_STATE_FAILED)
+
+
+@pytest.mark.parametrize("rpc", ["Generate", "LoadModel"])
+def test_a_load_whose_caller_gave_up_still_lands_in_the_cache(hstub, rpc):
+    """The client's deadline passes while the model is still loading (the slow-load hook holds
+    from_pretrained 2 s): the worker finishes the load, and the front's list must say READY,
+    not LOADING forever, nor forget a model the worker holds."""
+    budget = {"Generate": "1GiB", "LoadModel": "2GiB"}[rpc]  # a load config of this case's own
+    req = _req(SLOW_LOAD, n=2)
+    req.model.pytorch.max_memory["cpu"] = budget
+    call = {"Generate": lambda t: hstub.Generate(req, timeout=t),
+            "LoadModel": lambda t: hstub.LoadModel(llem_pb2.LoadModelRequest(model=req.model), timeout=t)}[rpc]
+    code, _ = code_of(call, 0.5)
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 60
+    while True:
+        states = [m.state for m in hstub.ListModels(llem_pb2.ListModelsRequest(), timeout=10).models
+                  if m.config.model == SLOW_LOAD and int(m.config.pytorch.max_memory["cpu"]) == int(budget[0]) * 1024**3]
+        if states == [llem_pb2.MODEL_STATE_READY] or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert states == [llem_pb2.MODEL_STATE_READY]
+    assert call(120).cache_hit
 
 
 # -- broken weights -----------------------------------------------------------------------------------------

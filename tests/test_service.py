@@ -96,6 +96,26 @@ def test_finish_reason_stop_cuts_at_eos_and_counts_nothing_after(client, model_r
     assert c.output_tokens == stop_at + 1
 
 
+def test_effective_decoder_is_what_generate_used(client, model_root):
+    """Greedy search reports no sampling values (it used none), and sampling reports the values
+    that ran: the model's generation_config where set, transformers' defaults elsewhere."""
+    variant = model_root / "llama-gc"
+    if not variant.exists():
+        import shutil
+
+        shutil.copytree(model_root / "llama", variant)
+        gc_path = variant / "generation_config.json"
+        gc_path.write_text(json.dumps({**json.loads(gc_path.read_text()), "temperature": 0.6, "top_k": 20}))
+    greedy = client.generate(["Hi"], model="llama-gc", decoder=GREEDY, max_output_tokens=2).effective_config.decoder
+    assert greedy.do_sample is False
+    assert not any(greedy.HasField(f) for f in ("temperature", "top_k", "top_p", "min_p"))
+    sampled = client.generate(["Hi"], model="llama-gc", decoder={"do_sample": True, "top_p": 0.8},
+                              max_output_tokens=2).effective_config.decoder
+    assert (sampled.temperature, sampled.top_k, sampled.top_p) == (pytest.approx(0.6), 20, pytest.approx(0.8))
+    plain = client.generate(["Hi"], model="llama", decoder={"do_sample": True}, max_output_tokens=2)
+    assert (plain.effective_config.decoder.temperature, plain.effective_config.decoder.top_k) == (1.0, 50)
+
+
 def test_random_seed_is_applied_per_request_and_echoed(client):
     sample = {"do_sample": True, "temperature": 1.5, "top_k": 0}
     a = client.generate(["Hello"], model="llama", decoder=sample, max_output_tokens=12, random_seed=7)
@@ -215,6 +235,12 @@ def test_bad_requests_leave_the_server_serving(client, stub):
             stub.Generate(pb.GenerateRequest(model=pb.ModelConfig(model="llama")))
         assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompts" in exc.value.details()
     assert client.generate(["ok"], model="llama", decoder=GREEDY, max_output_tokens=2).completions
+
+
+def test_unload_without_a_hash_is_invalid_not_not_found(stub):
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.UnloadModel(pb.UnloadModelRequest(config_hash=""), timeout=30)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "config_hash" in exc.value.details()
 
 
 def test_input_the_worker_refuses_names_its_field(client):

@@ -342,6 +342,68 @@ def test_worker_killed_mid_stream_ends_it_with_unavailable_and_recovers(own_serv
     assert own_server.proc.poll() is None
 
 
+def _listed_and_health(srv, config_hash: str) -> tuple[list, int]:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    ch = srv.channel()
+    listed = [m.state for m in srv.stub().ListModels(pb.ListModelsRequest(), timeout=30).models
+              if m.config_hash == config_hash]
+    health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=config_hash), timeout=10)
+    return listed, health.status
+
+
+def _wait_running(srv, config_hash: str) -> None:
+    deadline = time.monotonic() + 60
+    while not any(m.active_requests for m in srv.stub().ListModels(pb.ListModelsRequest(), timeout=30).models
+                  if m.config_hash == config_hash):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_a_model_reloaded_by_a_queued_request_after_a_worker_death_is_listed_ready(own_server):
+    """The worker dies under a request while another waits behind it: the waiting one loads the
+    model again on the new worker, and the list and per-model health must say READY/SERVING
+    (they said LOADING/NOT_SERVING for good, and later requests could never mend it)."""
+    from grpc_health.v1 import health_pb2
+
+    stub = own_server.stub()
+    h = stub.Generate(request("llama", ["Hi"], 2), timeout=120).config_hash
+    (pid,) = worker_pids(own_server)
+    running = stub.Generate.future(request("llama", ["Hello"], LONG, min_new=LONG), timeout=120)
+    _wait_running(own_server, h)
+    queued = stub.Generate.future(request("llama", ["Hi"], 2), timeout=120)
+    time.sleep(0.3)
+    psutil.Process(pid).kill()
+    with pytest.raises(grpc.RpcError) as err:
+        running.result()
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert not queued.result().cache_hit  # loaded again on the new worker
+    for _ in range(2):
+        assert stub.Generate(request("llama", ["Hi"], 2), timeout=120).cache_hit
+    assert _listed_and_health(own_server, h) == ([pb.MODEL_STATE_READY], health_pb2.HealthCheckResponse.SERVING)
+
+
+def test_an_unload_queued_between_requests_leaves_the_reloaded_model_listed(own_server):
+    """UnloadModel waits behind a running request, and a Generate for the same model waits
+    behind the unload: that Generate loads the model again, and the list must show it."""
+    from grpc_health.v1 import health_pb2
+
+    stub = own_server.stub()
+    h = stub.Generate(request("llama", ["Hi"], 2), timeout=120).config_hash
+    running = stub.Generate.future(request("llama", ["Hello"], 1500, min_new=1500), timeout=120)
+    _wait_running(own_server, h)
+    unload = stub.UnloadModel.future(pb.UnloadModelRequest(config_hash=h), timeout=120)
+    time.sleep(0.3)
+    queued = stub.Generate.future(request("llama", ["Hi"], 2), timeout=120)
+    running.result()
+    assert unload.result().unloaded
+    assert not queued.result().cache_hit
+    assert _listed_and_health(own_server, h) == ([pb.MODEL_STATE_READY], health_pb2.HealthCheckResponse.SERVING)
+    # and an unload with nobody waiting forgets the model
+    assert stub.UnloadModel(pb.UnloadModelRequest(config_hash=h), timeout=60).unloaded
+    assert _listed_and_health(own_server, h)[0] == []
+
+
 def test_beam_search_streams_its_sequences_once_chosen(stub):
     """Beam search has no per-step signal (transformers refuses a streamer with beams): the
     stream still carries the same text as Generate, sent once known, and says so."""
@@ -355,23 +417,3 @@ def test_beam_search_streams_its_sequences_once_chosen(stub):
         assert [t for ch in mine for t in ch.token_ids] == list(c.token_ids)
     assert any(w.code == "STREAM_NOT_INCREMENTAL" for w in final.warnings)
     assert not final.timing.HasField("time_to_first_token_ms")  # no per-step signal to time it by
-
-
-def test_a_load_cancelled_before_it_finished_still_lands_in_the_cache(stub):
-    """The client gives up while the model is still loading: the load completes in the worker,
-    and the front's view of the cache must say READY (not LOADING forever)."""
-    req = request("llama", ["Hello"], 4)
-    req.model.pytorch.max_memory["cpu"] = "3GiB"  # a load config no other test uses
-    with pytest.raises(grpc.RpcError) as err:
-        stub.Generate(req, timeout=0.05)
-    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    deadline = time.monotonic() + 60
-    while True:
-        states = {m.config.pytorch.max_memory.get("cpu"): m.state
-                  for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models}
-        if states.get(str(3 * 1024**3)) == pb.MODEL_STATE_READY or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert states.get(str(3 * 1024**3)) == pb.MODEL_STATE_READY, states
-    again = stub.Generate(req, timeout=120)
-    assert again.cache_hit

@@ -214,11 +214,23 @@ def run_generate(entry: LoadedModel, prompts: list[str], plan: dict, *, job_id: 
 
 
 def _effective_decoder(model, gen_kwargs: dict) -> dict:
-    """The sampling values generate() really used: our kwargs over the model's own generation_config."""
+    """The decoder values generate() really used, in its order of precedence: our kwargs, then
+    the model's generation_config, then transformers' global defaults (transformers 5 leaves
+    unset fields None and fills them in generate). Sampling values only where sampling ran:
+    greedy search does not use them."""
     gc = model.generation_config
-    out = {}
-    for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "do_sample", "min_new_tokens"):
-        value = gen_kwargs.get(name, getattr(gc, name, None))
+    defaults = getattr(type(gc), "_get_default_generation_params", dict)()
+
+    def used(name: str):
+        for value in (gen_kwargs.get(name), getattr(gc, name, None), defaults.get(name)):
+            if value is not None:
+                return value
+        return None
+
+    out = {"do_sample": bool(used("do_sample"))}
+    sampling = ("temperature", "top_k", "top_p", "min_p") if out["do_sample"] else ()
+    for name in ("repetition_penalty", "min_new_tokens", *sampling):
+        value = used(name)
         if value is not None:
             out[name] = value
     return out

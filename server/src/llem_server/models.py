@@ -143,10 +143,13 @@ def _classify_load_error(exc: BaseException, source: str) -> LoadError:
 # on a machine without a GPU. Never set these variables in production. Each holds a
 # substring; a model whose source path contains it fails:
 #   LLEM_FAULT_OOM_LOAD: from_pretrained raises torch.cuda.OutOfMemoryError (OOM during load);
-#   LLEM_FAULT_OOM:      the loaded model's forward raises it (OOM during generation).
+#   LLEM_FAULT_OOM:      the loaded model's forward raises it (OOM during generation);
+#   LLEM_FAULT_SLOW_LOAD: from_pretrained first waits 2 s (a load that outlasts a short deadline:
+#                        a tiny model reloads in ~15 ms, too fast to cancel reliably).
 # The errors then take the real paths (classification, worker clean-up, status mapping).
 FAULT_OOM_LOAD_ENV = "LLEM_FAULT_OOM_LOAD"
 FAULT_OOM_ENV = "LLEM_FAULT_OOM"
+FAULT_SLOW_LOAD_ENV = "LLEM_FAULT_SLOW_LOAD"
 
 
 def _fault_matches(env: str, source: str) -> bool:
@@ -155,6 +158,8 @@ def _fault_matches(env: str, source: str) -> bool:
 
 
 def _inject_load_fault(source: str) -> None:
+    if _fault_matches(FAULT_SLOW_LOAD_ENV, source):
+        time.sleep(2.0)
     if _fault_matches(FAULT_OOM_LOAD_ENV, source):
         raise torch.cuda.OutOfMemoryError(f"simulated out of memory while loading ({FAULT_OOM_LOAD_ENV}, test-only)")
 

@@ -53,17 +53,27 @@ class Registry:
         return self._entries.get(config_hash)
 
     def reserve(self, config_hash: str, config: llem_pb2.ModelConfig, device_index: int) -> Entry:
-        """Count one more request on this config; creates a LOADING entry if new (or retrying a failed one)."""
+        """Count one more request on this config; creates a LOADING entry if new.
+
+        While requests hold an entry it stays the one entry for its hash (a failed one is
+        retried in place), so every request reports its load to the entry that is listed.
+        """
         entry = self._entries.get(config_hash)
-        if entry is None or entry.state == FAILED:
+        if entry is None:
             entry = Entry(config_hash, config, device_index)
             self._entries[config_hash] = entry
+            self.on_change(config_hash, LOADING)
+        elif entry.state == FAILED:
+            entry.state, entry.error, entry.device_index = LOADING, "", device_index
             self.on_change(config_hash, LOADING)
         entry.active += 1
         return entry
 
     def release(self, entry: Entry) -> None:
         entry.active = max(0, entry.active - 1)
+        if entry.active == 0 and entry.state == LOADING:
+            # Nobody left to load it (cancelled, worker died, or it was unloaded under them).
+            self._forget(entry)
 
     def loaded(self, entry: Entry, info: dict, tokenizer_json: str | None) -> None:
         entry.info = info
@@ -91,10 +101,26 @@ class Registry:
             self.on_change(entry.config_hash, FAILED)
 
     def remove(self, config_hash: str) -> Entry | None:
-        entry = self._entries.pop(config_hash, None)
-        if entry is not None:
-            self.on_change(config_hash, None)
+        """The worker no longer holds this model (unloaded, evicted, or its worker restarted).
+
+        Requests still holding the entry (queued behind the unload, or resent to a restarted
+        worker) will load the model again: it stays listed as LOADING until one of them
+        reports the load, or goes when the last of them is done.
+        """
+        entry = self._entries.get(config_hash)
+        if entry is None:
+            return None
+        if entry.active == 0:
+            self._forget(entry)
+        else:
+            entry.state, entry.info = LOADING, {}
+            self.on_change(config_hash, LOADING)
         return entry
+
+    def _forget(self, entry: Entry) -> None:
+        if self._entries.get(entry.config_hash) is entry:
+            del self._entries[entry.config_hash]
+            self.on_change(entry.config_hash, None)
 
     def drop_device(self, device_index: int) -> None:
         for h in [h for h, e in self._entries.items() if e.device_index == device_index]:

@@ -125,9 +125,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         status = health_pb2.HealthCheckResponse.SERVING if state == READY else health_pb2.HealthCheckResponse.NOT_SERVING
         if state is None:
             status = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
-        task = asyncio.ensure_future(self.health.set(config_hash, status))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._in_background(self.health.set(config_hash, status))
 
     def _check_open(self) -> None:
         if self.draining:
@@ -140,7 +138,8 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         size = request.ByteSize()
         if size > self.settings.max_message_bytes:
             text = f"the request is {size} bytes, over this server's limit of {self.settings.max_message_bytes} (max_message_bytes)"
-            raise ServiceError(_S.INVALID_ARGUMENT, text)
+            raise ServiceError(_S.INVALID_ARGUMENT, text,
+                               violations=[("prompts", f"{text}: send fewer or shorter prompts per request")])
 
     def _resolve_model(self, name: str, field_path: str):
         if not name:
@@ -263,9 +262,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                     if window is not None:
                         self.meter.discard(window)
                     data = _hide_root(data, model)
-                    if entry.state != READY:
-                        self.registry.failed(entry, data.get("message", ""))
-                    self._drop_evicted(entry, data)
+                    self._job_failed(entry, data)
                     raise error_from_worker(data)
         except (asyncio.CancelledError, GeneratorExit):
             # Client cancelled, went away or its deadline passed (a closed stream sees
@@ -333,9 +330,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                               energy_j=energy.total_j if energy.available else None,
                               reason=None if energy.available else energy.unavailable_reason[:200])
 
-        task = asyncio.ensure_future(settle())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._in_background(settle())
 
     async def GetEnergy(self, request, context):
         try:
@@ -384,6 +379,13 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                                       device=self.meter_devices.get(entry.device_index, entry.device_index))
         self._drop_evicted(entry, data)
 
+    def _job_failed(self, entry, data: dict) -> None:
+        """A job's error: a failed load is listed with its reason; other errors (cancelled,
+        worker died) leave the entry to the registry's count of who still holds it."""
+        if data.get("load_failed"):
+            self.registry.failed(entry, data.get("message", ""))
+        self._drop_evicted(entry, data)
+
     def _drop_evicted(self, entry, data: dict) -> None:
         """Forget the models the worker evicted to make room (reported with the load, or with its error)."""
         for evicted_hash, _freed in data.get("evicted", []):
@@ -416,9 +418,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                     elif kind in ("done", "error"):
                         break
                 if kind == "error":
-                    if entry.state != READY:
-                        self.registry.failed(entry, data.get("message", ""))
-                    self._drop_evicted(entry, data)
+                    self._job_failed(entry, data)
                 tokens = sum(c["output_tokens"] for c in data.get("completions", [])) if kind == "done" else 0
                 energy = None
                 if w is not None and kind == "done" and data.get("window"):
@@ -437,9 +437,29 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             finally:
                 self.registry.release(entry)
 
-        task = asyncio.ensure_future(finish())
+        self._in_background(finish())
+
+    def _in_background(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def _load_outcome_of(self, entry, kind: str, data: dict, model) -> None:
+        """A load job's answer into the registry; raises the client's error for a failed one."""
+        if kind == "error":
+            data = _hide_root(data, model)
+            self._job_failed(entry, data)
+            raise error_from_worker(data)
+        if not data["cache_hit"]:
+            self._note_load(entry, data)
+
+    async def _load_outcome(self, job, entry, model) -> None:
+        try:
+            self._load_outcome_of(entry, *(await job.events.get()), model)
+        except ServiceError:
+            pass  # nobody is waiting for this load's error; the registry has it
+        finally:
+            self.registry.release(entry)
 
     def _response(self, request_id, config_hash, entry, resolved, result, energy, energy_warnings, job, t_arrival,
                   energy_wait_ms: float = 0.0, deferred: bool = False):
@@ -517,18 +537,21 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                 job = self._submit(worker, "load", {
                     "config_hash": config_hash, "source": model.source, "load_kwargs": load.load_kwargs(),
                     "compile_kwargs": load.compile_kwargs(), "pinned": self.registry.hashes_on(worker.index)})
+            except ServiceError:
+                self.registry.release(entry)
+                raise
+            try:
                 kind, data = await job.events.get()
-                if kind == "error":
-                    data = _hide_root(data, model)
-                    if entry.state != READY:
-                        self.registry.failed(entry, data.get("message", ""))
-                    self._drop_evicted(entry, data)
-                    raise error_from_worker(data)
+            except asyncio.CancelledError:
+                # The caller gave up; the worker still finishes the load: list it when it lands.
+                self._in_background(self._load_outcome(job, entry, model))
+                raise
+            try:
+                self._load_outcome_of(entry, kind, data, model)
             finally:
                 self.registry.release(entry)
             cache_hit = data["cache_hit"]
             if not cache_hit:
-                self._note_load(entry, data)
                 t0, t1 = data["model"]["load_window"]
                 window = self.meter.open_window(self._meter_indices(worker), t0, request.request_id or "load")
                 entry.load_energy, _ = await self._energy(window, t1, None)
@@ -550,6 +573,9 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
 
     async def UnloadModel(self, request, context):
         try:
+            if not request.config_hash.strip():
+                raise ServiceError(_S.INVALID_ARGUMENT, "config_hash: the hash of the model to unload is required",
+                                   violations=[("config_hash", "required (ListModels shows each model's hash)")])
             entry = self.registry.get(request.config_hash)
             if entry is None:
                 raise ServiceError(_S.NOT_FOUND, f"no cached model has config hash {request.config_hash!r}")

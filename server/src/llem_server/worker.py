@@ -91,7 +91,7 @@ def worker_main(conn, device: str, cuda_index: int | None, cancel_flag, max_mode
     import torch
 
     from .generation import run_generate
-    from .models import JobError, ModelCache, load_model
+    from .models import JobError, LoadError, ModelCache, load_model
 
     cache = ModelCache(max_models)
     conn.send({"type": "hello", "pid": os.getpid(), "capabilities": _capabilities(torch, device)})
@@ -146,7 +146,7 @@ def worker_main(conn, device: str, cuda_index: int | None, cancel_flag, max_mode
         except JobError as exc:
             # Out of memory while loading: retrying can help once other models are unloaded.
             send({"type": "error", "job": job, "status": exc.status, "message": exc.message,
-                  "violations": list(exc.violations),
+                  "violations": list(exc.violations), "load_failed": isinstance(exc, LoadError),
                   "retryable": exc.status == "RESOURCE_EXHAUSTED", "evicted": evicted})
         except torch.cuda.OutOfMemoryError as exc:
             oom = True
