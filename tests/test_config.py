@@ -250,7 +250,8 @@ SINGLE = [
     ("max_memory_bad_key", make(pytorch={"max_memory": {"gpu0": "1GiB"}}), PT + "max_memory", IA, GPU),
     ("max_memory_negative_key", make(pytorch={"max_memory": {"-1": "1GiB"}}), PT + "max_memory", IA, GPU),
     ("max_memory_bad_value", make(pytorch={"max_memory": {"cpu": "ten gigs"}}), PT + "max_memory", IA, CPU),
-    ("max_memory_space", make(pytorch={"max_memory": {"cpu": "10 GiB"}}), PT + "max_memory", IA, CPU),
+    ("max_memory_bits", make(pytorch={"max_memory": {"cpu": "10gb"}}), PT + "max_memory", IA, CPU),
+    ("max_memory_disk", make(pytorch={"max_memory": {"disk": "10GiB"}}), PT + "max_memory", IA, CPU),
     ("max_memory_negative", make(pytorch={"max_memory": {"cpu": "-1GiB"}}), PT + "max_memory", IA, CPU),
     ("max_memory_fraction_bytes", make(pytorch={"max_memory": {"cpu": "1.5"}}), PT + "max_memory", IA, CPU),
     ("max_memory_duplicate", make(pytorch={"max_memory": {"0": "1GiB", "00": "2GiB"}}), PT + "max_memory", IA, GPU),
@@ -311,7 +312,7 @@ VALID = [
     ("remote_code_allowed", {"pytorch": {"trust_remote_code": True}}, Capabilities(allow_remote_code=True)),
     ("device_map_cuda1", {"pytorch": {"device_map": "cuda:1"}}, GPU),
     ("device_map_strategies", {"pytorch": {"device_map": "balanced_low_0",
-                                           "max_memory": {"0": "1GiB", "1": "2GB", "cpu": "1024", "disk": "1TiB"}}},
+                                           "max_memory": {"0": "1GiB", "1": "2GB", "cpu": "1024"}}},
      GPU),
     ("min_new_equals_max", {"decoder": {"min_new_tokens": 10}, "max_output_tokens": 10}, CPU),
     ("request_id_uuid", {"request_id": "0b7e4c1e-6a61-4d4c-9a1b-0e1d2c3b4a59"}, CPU),
@@ -609,13 +610,13 @@ def test_generation_fields_never_change_the_hash():
 def test_map_order_and_equivalent_sizes_hash_the_same():
     a = make(pytorch={})
     a.model.pytorch.max_memory["cpu"] = "1GiB"
-    a.model.pytorch.max_memory["disk"] = "500MB"
+    a.model.pytorch.max_memory["0"] = "500MB"
     b = make(pytorch={})
-    b.model.pytorch.max_memory["disk"] = "500000000"
-    b.model.pytorch.max_memory["cpu"] = "1024MiB"
-    la, lb = ok(a).load, ok(b).load
+    b.model.pytorch.max_memory["0"] = "500000000"
+    b.model.pytorch.max_memory["cpu"] = "1024 mib"
+    la, lb = ok(a, GPU).load, ok(b, GPU).load
     assert la.config_hash() == lb.config_hash()
-    assert la.max_memory == (("cpu", "1073741824"), ("disk", "500000000"))
+    assert la.max_memory == (("0", "500000000"), ("cpu", "1073741824"))
     assert h(GPU, pytorch={"max_memory": {"01": "1GiB"}}) == h(GPU, pytorch={"max_memory": {"1": "1GiB"}})
 
 
@@ -713,7 +714,7 @@ def test_load_kwargs_8bit():
 
 @pytest.mark.parametrize("size,expected", [
     ("1024", 1024), ("1KB", 1000), ("1KiB", 1024), ("1.5GiB", 3 * 2**29), ("0.5MB", 500000), ("2TB", 2 * 10**12),
-    ("0", 0),
+    ("0", 0), ("10 GiB", 10 * 2**30), ("10gib", 10 * 2**30), ("3 KB", 3000), ("1kB", 1000),
 ])
 def test_max_memory_sizes(size, expected):
     assert load_of(pytorch={"max_memory": {"cpu": size}}).load_kwargs()["max_memory"] == {"cpu": expected}

@@ -34,7 +34,7 @@ The object has exactly these 16 keys, always present::
     load_in_4bit               true | false
     load_in_8bit               true | false
     max_memory                 object: key = GPU index in decimal without leading zeros, or
-                               "cpu" | "disk"; value = the budget in bytes as a decimal
+                               "cpu"; value = the budget in bytes as a decimal
                                string ("1GiB" -> "1073741824", "500MB" -> "500000000")
     model                      the model string exactly as sent
     num_processes              1
@@ -255,7 +255,9 @@ _MEMORY_UNITS = {
     "GiB": 2**30,
     "TiB": 2**40,
 }
-_MEMORY_RE = re.compile(r"^(\d+(?:\.\d+)?)(KB|MB|GB|TB|KiB|MiB|GiB|TiB)?$")
+# As accelerate reads them: units in any case, spaces allowed ("10 gib"); but accelerate takes a
+# decimal unit ending in a lower-case "b" ("10gb") as bits, which is refused as ambiguous.
+_MEMORY_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)?\s*$", re.IGNORECASE)
 _CUDA_DEVICE_RE = re.compile(r"^cuda(?::(\d+))?$")
 
 # ---------------------------------------------------------------------------
@@ -499,9 +501,10 @@ def _nonempty(col: _Collector, path: str, value: str) -> bool:
 
 def _parse_memory(value: str) -> int | None:
     m = _MEMORY_RE.match(value)
-    if not m:
+    if not m or (m.group(2) and m.group(2)[-1] == "b" and m.group(2)[-2] != "i"):
         return None
     number, unit = m.group(1), m.group(2) or ""
+    unit = unit[:-2].upper() + "iB" if unit[-2:].lower() == "ib" else unit.upper()
     if "." in number and unit == "":
         return None  # fractional bytes make no sense
     # Integer arithmetic where possible; accelerate truncates a fractional byte count.
@@ -649,15 +652,20 @@ def _resolve_load(
                 col.bad(path, f"key {key!r}: GPU {int(key)} does not exist on this server "
                               f"({caps.device_count if caps.cuda else 0} CUDA device(s)); accelerate would "
                               "ignore the budget", FAILED_PRECONDITION)
-        elif key in ("cpu", "disk"):
+        elif key == "cpu":
             norm = key
+        elif key == "disk":
+            col.bad(path, "key 'disk': this server does not serve disk offload (weights that fit in no budget "
+                          "fail the load); keys are GPU indexes (0, 1, ...) or 'cpu'")
+            continue
         else:
-            col.bad(path, f"key {key!r} is not a GPU index (0, 1, ...), 'cpu' or 'disk'")
+            col.bad(path, f"key {key!r} is not a GPU index (0, 1, ...) or 'cpu'")
             continue
         size = _parse_memory(value)
         if size is None:
             col.bad(path, f"value {value!r} for key {key!r} is not a size; write bytes ('1024') or a number "
-                          "with a unit: KB, MB, GB, TB, KiB, MiB, GiB, TiB (e.g. '10GiB')")
+                          "with a unit: KB, MB, GB, TB, KiB, MiB, GiB, TiB (e.g. '10GiB'); a decimal unit "
+                          "ending in a lower-case b ('10gb') is ambiguous: accelerate reads it as bits")
             continue
         if norm in mem:
             col.bad(path, f"key {key!r} names the same device as another key")

@@ -315,8 +315,9 @@ Global___ModelState: _TypeAlias = ModelState  # noqa: Y015
 
 @_typing.final
 class PyTorchConfig(_message.Message):
-    """PyTorchConfig mirrors the llem `pytorch:` block. Fields 1-16 are load fields
-    (cache key); fields 20-27 are generation fields (per request).
+    """PyTorchConfig mirrors the llem `pytorch:` block. Fields 1-14 are load fields
+    (cache key, with ModelConfig's model and precision); fields 20-27 are
+    generation fields (per request).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -419,8 +420,10 @@ class PyTorchConfig(_message.Message):
     """
     @_builtins.property
     def max_memory(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """from_pretrained(max_memory=): keys a GPU index or "cpu", values like "10GiB".
-        Default: none.
+        """from_pretrained(max_memory=): keys a GPU index or "cpu", values like "10GiB"
+        (units as accelerate reads them, any case; "10gb" is refused: accelerate
+        reads a lower-case b as bits). Default: none. A budget too small for the
+        model (weights that would be offloaded to disk) fails the load.
         """
 
     def __init__(
