@@ -78,7 +78,7 @@ def load_of(caps=CPU, local=False, **kw) -> LoadConfig:
 def test_defaults_on_cpu():
     r = ok()
     assert r.load == LoadConfig(
-        model="org/model", precision="fp32", attn_implementation=None, torch_compile=False,
+        model="org/model", precision="fp32", attn_implementation="sdpa", torch_compile=False,
         torch_compile_mode=None, torch_compile_backend=None, load_in_4bit=False, load_in_8bit=False,
         bnb_4bit_compute_dtype=None, bnb_4bit_quant_type=None, bnb_4bit_use_double_quant=None,
         device_map="auto", max_memory=(), revision="main", trust_remote_code=False, num_processes=1,
@@ -570,6 +570,7 @@ def h(caps=CPU, local=False, **kw) -> str:
 
 
 EXPLICIT_DEFAULTS = [
+    {"pytorch": {"attn_implementation": pb.ATTN_IMPLEMENTATION_SDPA}},  # config.md: unset is sdpa
     {"pytorch": {"device_map": "auto"}},
     {"pytorch": {"revision": "main"}},
     {"pytorch": {"torch_compile": False}},
@@ -624,12 +625,11 @@ def test_load_fields_change_the_hash():
     hashes = {
         h(), h(model="org/other"), h(precision=pb.PRECISION_BF16), h(pytorch={"torch_compile": True}),
         h(pytorch={"torch_compile": True, "torch_compile_mode": "max-autotune"}),
-        h(pytorch={"attn_implementation": pb.ATTN_IMPLEMENTATION_SDPA}),
         h(pytorch={"attn_implementation": pb.ATTN_IMPLEMENTATION_EAGER}),
         h(pytorch={"load_in_4bit": True}), h(pytorch={"load_in_8bit": True}),
         h(pytorch={"device_map": "cpu"}), h(pytorch={"max_memory": {"cpu": "1GiB"}}), h(pytorch={"revision": "v1"}),
     }
-    assert len(hashes) == 12
+    assert len(hashes) == 11
 
 
 GOLDEN_CANONICAL = (
@@ -642,12 +642,12 @@ GOLDEN_CANONICAL = (
 # Computed outside Python: printf '%s' "$GOLDEN_CANONICAL" | sha256sum
 GOLDEN_HASH = "c5b14f150782e1a8b3372926f4f46d24f0cde591664705e44b3ba0ad52ea9423"
 GOLDEN_DEFAULT_CPU_CANONICAL = (
-    '{"attn_implementation":null,"bnb_4bit_compute_dtype":null,"bnb_4bit_quant_type":null,'
+    '{"attn_implementation":"sdpa","bnb_4bit_compute_dtype":null,"bnb_4bit_quant_type":null,'
     '"bnb_4bit_use_double_quant":null,"device_map":"auto","load_in_4bit":false,"load_in_8bit":false,'
     '"max_memory":{},"model":"org/model","num_processes":1,"precision":"fp32","revision":"main",'
     '"torch_compile":false,"torch_compile_backend":null,"torch_compile_mode":null,"trust_remote_code":false}'
 )
-GOLDEN_DEFAULT_CPU_HASH = "1f278e70b93f4971b6002a901e32c7f91d9951cdf95826c3277a60f3a14eaf40"
+GOLDEN_DEFAULT_CPU_HASH = "7e7ea4e8988cfe5041637c3de3257efbdb2e0342289857aea52d43db7b7a185b"
 
 
 def test_golden_canonical_form_and_hash():
@@ -684,7 +684,7 @@ def test_canonical_json_rules():
 def test_load_kwargs_default():
     load = load_of()
     assert load.load_kwargs() == {"dtype": "float32", "device_map": "auto", "revision": "main",
-                                  "trust_remote_code": False}
+                                  "trust_remote_code": False, "attn_implementation": "sdpa"}
     assert load.compile_kwargs() is None
     assert load.tokenizer_kwargs() == {"revision": "main", "trust_remote_code": False}
 
@@ -740,7 +740,8 @@ def test_to_proto_is_explicit_and_round_trips():
 
 def test_to_proto_of_defaults_leaves_library_defaults_unset():
     p = load_of().to_proto().pytorch
-    assert p.attn_implementation == 0 and p.bnb_4bit_quant_type == 0
+    assert p.attn_implementation == pb.ATTN_IMPLEMENTATION_SDPA  # the effective value, named (config.md)
+    assert p.bnb_4bit_quant_type == 0
     assert not p.HasField("torch_compile_mode") and not p.HasField("bnb_4bit_use_double_quant")
     assert resolve_load(load_of().to_proto(), CPU, model_is_local=True)[0] == load_of()
 

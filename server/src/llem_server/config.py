@@ -24,8 +24,8 @@ The model cache key is ``sha256(canonical).hexdigest()`` (lower-case hex), where
 defaults are resolved, so that unset and explicitly-default values hash the same.
 The object has exactly these 16 keys, always present::
 
-    attn_implementation        null | "sdpa" | "eager" | "flash_attention_2" | "flash_attention_3"
-                               (null = library default; unset is not the same as "sdpa")
+    attn_implementation        "sdpa" (default: transformers' own) | "eager" | "flash_attention_2"
+                               | "flash_attention_3"
     bnb_4bit_compute_dtype     null unless load_in_4bit; else "float16" | "bfloat16" | "float32" (default)
     bnb_4bit_quant_type        null unless load_in_4bit; else "nf4" (default) | "fp4"
     bnb_4bit_use_double_quant  null unless load_in_4bit; else true | false (default)
@@ -288,7 +288,7 @@ def canonical_json(obj: Any) -> str:
 class LoadConfig:
     model: str
     precision: str
-    attn_implementation: str | None
+    attn_implementation: str
     torch_compile: bool
     torch_compile_mode: str | None
     torch_compile_backend: str | None
@@ -341,8 +341,7 @@ class LoadConfig:
             "revision": self.revision,
             "trust_remote_code": self.trust_remote_code,
         }
-        if self.attn_implementation is not None:
-            kw["attn_implementation"] = self.attn_implementation
+        kw["attn_implementation"] = self.attn_implementation
         if self.max_memory:
             # Byte counts as ints: accelerate rejects a unit-less string such as "1024".
             # Keys stay strings so the dict survives json.dumps(sort_keys=True); the
@@ -380,8 +379,7 @@ class LoadConfig:
             trust_remote_code=self.trust_remote_code,
             num_processes=self.num_processes,
         )
-        if self.attn_implementation is not None:
-            pt.attn_implementation = _reverse(_ATTN)[self.attn_implementation]
+        pt.attn_implementation = _reverse(_ATTN)[self.attn_implementation]
         if self.torch_compile:
             pt.torch_compile_mode = self.torch_compile_mode
             pt.torch_compile_backend = self.torch_compile_backend
@@ -534,7 +532,10 @@ def _resolve_load(
         precision = "bf16" if caps.cuda else "fp32"
 
     # attention (rule 9)
-    attn = _enum(col, f"{pp}.attn_implementation", p.attn_implementation, _ATTN, "attn_implementation")
+    # Unset is transformers' default, sdpa (config.md), and is asked for by name so that the cached
+    # model is the one the key says: a model without sdpa fails the load naming this field,
+    # where transformers would quietly fall back to eager.
+    attn = _enum(col, f"{pp}.attn_implementation", p.attn_implementation, _ATTN, "attn_implementation") or "sdpa"
     if attn in _FLASH_MIN_CC:
         need = _FLASH_MIN_CC[attn]
         package = "flash_attn" if attn == "flash_attention_2" else "flash_attn_interface (flash-attn 3)"

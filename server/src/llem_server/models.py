@@ -133,6 +133,10 @@ def _classify_load_error(exc: BaseException, source: str) -> LoadError:
     if any(k in low for k in ("safetensor", "header", "deserializ", "corrupt", "unpickl", "invalid load key",
                               "pytorchstreamreader", "incomplete metadata")):
         return LoadError("FAILED_PRECONDITION", f"model {source} has corrupt weights: {text}")
+    if "scaled_dot_product_attention" in low and "does not support" in low:
+        what = f"{source} does not support sdpa attention (the default)"
+        return LoadError("INVALID_ARGUMENT", f"{what}: set model.pytorch.attn_implementation to eager",
+                         violations=(("model.pytorch.attn_implementation", f"{what}; use eager"),))
     if isinstance(exc, ValueError):
         return LoadError("FAILED_PRECONDITION", f"transformers refused to load {source} with this configuration: {exc}")
     return LoadError("INTERNAL", f"unexpected error loading {source}: {text}")
