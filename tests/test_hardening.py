@@ -38,6 +38,20 @@ def pki(tmp_path_factory):
     return make_test_pki(tmp_path_factory.mktemp("pki"))
 
 
+HUB_ID, HUB_COMMIT = "test-org/tiny-llama", "0123456789abcdef0123456789abcdef01234567"
+
+
+def _fake_hub(home, model_dir):
+    """An offline hub cache (the layout huggingface_hub writes) holding HUB_ID at HUB_COMMIT, "main"."""
+    import shutil
+
+    repo = home / "hub" / ("models--" + HUB_ID.replace("/", "--"))
+    shutil.copytree(model_dir, repo / "snapshots" / HUB_COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(HUB_COMMIT)
+    return home
+
+
 @pytest.fixture(scope="module")
 def secure(pki, hard_root, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("secure-server")
@@ -48,7 +62,7 @@ def secure(pki, hard_root, tmp_path_factory):
     srv = start_server(tmp, hard_root, "--auth-token-file", str(tokens),
                        "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
                        "--tls-client-ca", str(pki.ca_cert), "--allow-hub", "--allow-remote-code", *limits,
-                       env={"HF_HUB_OFFLINE": "1"})
+                       env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(_fake_hub(tmp / "hf", hard_root / "llama"))})
     yield srv
     stop_server(srv)
 
@@ -169,6 +183,17 @@ def test_hub_ids_need_allow_hub(stub, secure, pki):
             c.generate_request(req)
     assert err.value.code in {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION}, err.value
     assert "some-org/some-model" in err.value.details
+
+
+def test_a_hub_model_records_the_commit_its_revision_resolved_to(secure, pki):
+    """config.md §5: where the model is a hub id, the resolved commit is recorded beside the key."""
+    with _client(secure, pki) as c:
+        r = c.generate(["hi"], model=HUB_ID, max_output_tokens=2)
+        assert r.effective_config.resolved_revision == HUB_COMMIT
+        listed = [m for m in c.list_models().models if m.config_hash == r.config_hash]
+        assert [m.resolved_revision for m in listed] == [HUB_COMMIT]
+        local = c.generate(["hi"], model="llama", max_output_tokens=2)
+        assert local.effective_config.resolved_revision == ""
 
 
 def test_remote_code_needs_allow_remote_code(stub, secure, pki):

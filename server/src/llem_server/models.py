@@ -54,6 +54,7 @@ class LoadedModel:
     last_used_unix: float = field(default_factory=time.time)
     use_count: int = 0
     tokenizer_json: str | None = None  # the fast tokenizer, so the front process can decode streams
+    resolved_revision: str = ""  # the hub commit a hub id's revision resolved to ("" for a local model)
 
     def info(self) -> dict:
         return {
@@ -61,6 +62,7 @@ class LoadedModel:
             "load_time_s": self.load_time_s, "compile_time_s": self.compile_time_s, "compiled": self.compiled,
             "loaded_unix": self.loaded_unix, "last_used_unix": self.last_used_unix, "use_count": self.use_count,
             "load_window": self.load_window, "warnings": list(self.warnings),
+            "resolved_revision": self.resolved_revision,
         }
 
 
@@ -80,6 +82,20 @@ def to_from_pretrained_kwargs(load_kwargs: dict) -> dict:
     if "max_memory" in kwargs:
         kwargs["max_memory"] = {(int(k) if str(k).isdigit() else k): v for k, v in kwargs["max_memory"].items()}
     return kwargs
+
+
+def _hub_commit(source: str, revision: str | None) -> str:
+    """The commit a hub id's revision ("main", a tag) resolved to, read from the local hub cache
+    that from_pretrained just used: the snapshot folder is named by it. "" for a local model."""
+    if os.path.isdir(source):
+        return ""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(source, "config.json", revision=revision or "main")
+    except Exception:  # noqa: BLE001 - provenance only: never fail a load over it
+        return ""
+    return os.path.basename(os.path.dirname(path)) if isinstance(path, str) else ""
 
 
 def _model_device(model) -> str:
@@ -231,6 +247,7 @@ def load_model(config_hash: str, source: str, load_kwargs: dict, compile_kwargs:
         pad_id=int(tokenizer.pad_token_id), device=_model_device(model),
         memory_bytes=int(model.get_memory_footprint()), load_time_s=load_time, compile_time_s=compile_time,
         compiled=compiled, load_window=(t0, t1), warnings=warnings, tokenizer_json=tokenizer_json,
+        resolved_revision=_hub_commit(source, kwargs.get("revision")),
     )
 
 

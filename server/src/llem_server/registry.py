@@ -36,6 +36,7 @@ class Entry:
             compile_time_s=float(info.get("compile_time_s", 0.0)), compiled=bool(info.get("compiled", False)),
             loaded_unix=float(info.get("loaded_unix", 0.0)), last_used_unix=self.last_used_unix,
             use_count=self.use_count, error=self.error, active_requests=self.active,
+            resolved_revision=info.get("resolved_revision", ""),
         )
         msg.config.CopyFrom(self.config)
         if self.load_energy is not None:

@@ -494,6 +494,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         resp.warnings.extend(energy_warnings)
         eff = resp.effective_config
         eff.model.CopyFrom(resolved.load.to_proto())
+        eff.resolved_revision = result["model"].get("resolved_revision", "")
         decoder = resolved.plan.decoder_proto()
         for k, v in result.get("effective_decoder", {}).items():
             if not decoder.HasField(k) and k in llem_pb2.DecoderConfig.DESCRIPTOR.fields_by_name:
