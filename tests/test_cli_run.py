@@ -384,3 +384,35 @@ def test_run_with_deferred_energy_fetches_it_after_the_phase(sim_server, tmp_pat
     out = p.stdout + p.stderr
     assert "deferred energy:" in out
     assert "request 1/2: " in out and "energy deferred" in out and "ENERGY_DELIVERY_DEFERRED" not in out
+
+
+def test_round_robin_loads_on_every_replica_before_measuring(server, sim_server, tmp_path):
+    from llem_client import Client
+
+    model = "gpt2"
+    for address in (server.address, sim_server.address):  # start cold on both
+        with Client(address) as c:
+            for m in c.list_models().models:
+                if m.config.model == model:
+                    c.unload_model(m.config_hash)
+    # Warm-up off: a warm-up request must not be what happens to load a replica.
+    cfg = write_config(tmp_path / "exp.yaml", model=model, n=6, dataset={"n": 6, "input_len": 8, "seed": 1},
+                       pytorch={"batch_size": 1}, warmup={"enabled": False}, baseline={"enabled": False})
+    both = f"{server.address},{sim_server.address}"
+    p = llem("run", cfg, "--server", both, "--in-flight", "1", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    res = only_result(tmp_path / "out")
+    # no measured request paid for a load, and both servers hold the model
+    assert [r["cache_hit"] for r in res["requests"]] == [True] * 6
+    for address in (server.address, sim_server.address):
+        with Client(address) as c:
+            assert any(m.config.model == model for m in c.list_models().models), address
+    loads = res["model_load"]["replicas"]
+    assert [r["address"] for r in loads] == [server.address, sim_server.address]
+    assert [r["address"] for r in res["server"]["replicas"]] == [server.address, sim_server.address]
+    assert len({r["config_hash"] for r in loads}) == 1
+    e = res["aggregates"]["energy"]
+    if e["requests_with_energy"] and e["requests_without_energy"]:  # requests reached both servers
+        missing = e["requests_without_energy"]
+        line = next(x for x in p.stdout.splitlines() if "requests without energy" in x)
+        assert f"{missing} of 6: the total covers the other {6 - missing} only" in line, p.stdout

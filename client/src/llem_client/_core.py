@@ -97,6 +97,14 @@ class ChannelSettings:
     options: list[tuple[str, Any]] = field(default_factory=list)
     metadata: tuple[tuple[str, str], ...] = ()
     timeout: float | None = None
+    # The HOST:PORT servers of a multi-server target (h1:p,h2:p): each can be dialled alone
+    # when every replica must see a call (a model load); empty for one server or a dns: target.
+    replicas: tuple[str, ...] = ()
+
+    def replica(self, address: str) -> ChannelSettings:
+        """These settings for one of the replicas alone (no round robin)."""
+        opts = [(k, v) for k, v in self.options if k != "grpc.service_config"]
+        return ChannelSettings(address, self.credentials, opts, self.metadata, self.timeout)
 
 
 def channel_settings(
@@ -157,7 +165,8 @@ def channel_settings(
     metadata: tuple[tuple[str, str], ...] = ()
     if token:
         metadata = (("authorization", f"Bearer {token}"),)
-    return ChannelSettings(resolved, creds, opts, metadata, timeout)
+    replicas = tuple(t.strip() for t in targets) if targets and len(targets) > 1 else ()
+    return ChannelSettings(resolved, creds, opts, metadata, timeout, replicas)
 
 
 # ---------------------------------------------------------------------------

@@ -234,6 +234,7 @@ def cmd_run(args: argparse.Namespace, display) -> int:
         code = _server_error(e, display, args.server, connecting=runner.stage == "connect")
         status, error = "failed", e
     finally:
+        runner.close()
         client.close()
 
     result = runner.finish(status, error)

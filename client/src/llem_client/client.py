@@ -71,6 +71,25 @@ class _Base:
         """The gRPC target the channel was opened to (after resolving ``targets``)."""
         return self._settings.target
 
+    @property
+    def replica_addresses(self) -> list[str]:
+        """The servers of a multi-server target (``"h1:p,h2:p"``); ``[]`` for one server.
+
+        A ``dns:///`` target's addresses are the resolver's and are not known here.
+        """
+        return list(self._settings.replicas)
+
+    def replica(self, address: str) -> Any:
+        """A new client of the same kind and credentials for one of :attr:`replica_addresses`
+        alone: calls that every replica must see (LoadModel, MeasureBaseline) go through it.
+        Close it when done."""
+        if address not in self._settings.replicas:
+            raise ValueError(f"{address!r} is not one of this client's servers {list(self._settings.replicas)}")
+        new = object.__new__(type(self))
+        new._settings = self._settings.replica(address)
+        new._open()
+        return new
+
     def _timeout(self, timeout: Any) -> float | None:
         return self._settings.timeout if timeout is UNSET else timeout
 

@@ -248,7 +248,8 @@ def summary_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
             rows.append(("adjusted energy", _fmt(e["adjusted_j"], " J", 3) if e["adjusted_j"] is not None else "n/a (no baseline)"))
             rows.append(("J per output token", _fmt(e["joules_per_output_token"], " J", 4)))
             if missing:
-                rows.append(("requests without energy", f"{missing}: " + "; ".join(e["unavailable_reasons"])))
+                rows.append(("requests without energy", f"{missing} of {a['requests']}: the total covers the other "
+                             f"{e['requests_with_energy']} only; " + "; ".join(e["unavailable_reasons"])))
     in_flight = (result.get("measurement") or {}).get("in_flight")
     if in_flight is not None:
         rows.append(("requests in flight", f"{in_flight}; throughput over the measured phase's {_fmt(a['wall_time_s'], ' s', 3)}"))

@@ -70,6 +70,21 @@ def _energy_text(e: llem_pb2.Energy | dict | None) -> str:
     return f"{e.total_j:.3f} J"
 
 
+_NOT_HERE = "no deferred energy for this request id on this server"
+
+
+def _pick_deferred(items: list[llem_pb2.RequestEnergy]) -> llem_pb2.RequestEnergy:
+    """One request's deferred energy from the replicas' answers: the measured one, else
+    the reason of the server that knew the request, else the first answer."""
+    for item in items:
+        if item.energy.available:
+            return item
+    for item in items:
+        if not item.energy.unavailable_reason.startswith(_NOT_HERE):
+            return item
+    return items[0]
+
+
 class _InFlight:
     """Generate calls on up to ``depth`` worker threads; ``close(cancel=True)`` cancels them.
 
@@ -127,7 +142,12 @@ class _InFlight:
 
 
 class Runner:
-    """One experiment against one server. ``result`` is valid at every point."""
+    """One experiment against one server or a set of replicas. ``result`` is valid at every point.
+
+    With several servers (``h1:p,h2:p``) the measured requests go round robin, so the
+    model is loaded, warmed up and baselined on every replica first: a load (or a cold
+    first request) on one of them must not fall inside the measured phase.
+    """
 
     def __init__(self, client: Client, exp: Experiment, prompts: list[Prompt], dataset_info: dict[str, Any], display: Display, address: str,
                  *, in_flight: int = DEFAULT_IN_FLIGHT, energy_delivery: str = "response"):
@@ -146,7 +166,12 @@ class Runner:
         self.stage = "connect"
         self.record_energy = exp.energy_backend != "null"
         self.records: list[dict[str, Any]] = []
-        self.info: llem_pb2.GetServerInfoResponse | None = None
+        self.info: llem_pb2.GetServerInfoResponse | None = None  # the first replica's
+        self.infos: list[llem_pb2.GetServerInfoResponse] = []  # one per replica
+        # (address, client) per replica; one server: its address and the client itself
+        self.replicas: list[tuple[str, Client]] = [(address, client)]
+        if client.replica_addresses:
+            self.replicas = [(a, client.replica(a)) for a in client.replica_addresses]
         self.result: dict[str, Any] = {
             "schema": SCHEMA,
             "schema_version": SCHEMA_VERSION,
@@ -180,6 +205,16 @@ class Runner:
             "provenance": None,
             "warnings": [],
         }
+
+    @property
+    def _multi(self) -> bool:
+        return len(self.replicas) > 1
+
+    def close(self) -> None:
+        """Close the per-replica clients (the caller closes the one it passed in)."""
+        for _, c in self.replicas:
+            if c is not self.client:
+                c.close()
 
     # Phases -----------------------------------------------------------------
 
@@ -226,15 +261,22 @@ class Runner:
         }
 
     def _server_info(self) -> None:
-        self.info = info = self.client.server_info(timeout=SERVER_INFO_TIMEOUT_S)
-        self.result["server"].update(message_to_dict(info))
-        self.display.line(f"server: llem-server {info.server_version or '?'} at {self.result['server']['address']}")
-        for s in _sensor_summary(info):
-            self.display.line(f"  device {s}")
-        if self.exp.energy_backend == "nvml" and not any(d.energy_sensor.available for d in info.devices):
-            reasons = "; ".join(_sensor_summary(info)) or "the server reports no devices"
+        infos = []
+        for address, client in self.replicas:
+            info = client.server_info(timeout=SERVER_INFO_TIMEOUT_S)
+            infos.append(info)
+            self.display.line(f"server: llem-server {info.server_version or '?'} at {address}")
+            for s in _sensor_summary(info):
+                self.display.line(f"  device {s}")
+        self.info, self.infos = infos[0], infos
+        self.result["server"].update(message_to_dict(infos[0]))
+        if self._multi:
+            self.result["server"]["replicas"] = [{"address": a, **message_to_dict(i)} for (a, _), i in zip(self.replicas, infos)]
+        blind = [(a, i) for (a, _), i in zip(self.replicas, infos) if not any(d.energy_sensor.available for d in i.devices)]
+        if self.exp.energy_backend == "nvml" and blind:
+            reasons = "; ".join(f"{a}: " + ("; ".join(_sensor_summary(i)) or "the server reports no devices") for a, i in blind)
             raise EnergyRequirementError(
-                f"energy.backend is nvml but the server measures no GPU energy ({reasons}); "
+                f"energy.backend is nvml but {'a server' if self._multi else 'the server'} measures no GPU energy ({reasons}); "
                 "use energy.backend: auto to run without energy, or a server with an NVIDIA GPU"
             )
         if not self.record_energy:
@@ -242,11 +284,24 @@ class Runner:
 
     def _load(self) -> None:
         self.stage = "load"
-        self.display.line(f"loading {self.exp.model} ...")
-        resp = self.client.load_model(self.exp.model_config, strip_generation_fields=True, request_id=f"{self.run_id}-load", timeout=None)
+        loads = []
+        for address, client in self.replicas:
+            self.display.line(f"loading {self.exp.model}" + (f" on {address}" if self._multi else "") + " ...")
+            resp = client.load_model(self.exp.model_config, strip_generation_fields=True,
+                                     request_id=f"{self.run_id}-load", timeout=None)
+            loads.append(self._load_record(resp))
+            self._show_load(resp)
+        self.result["config_hash"] = loads[0]["config_hash"]
+        self.result["model_load"] = dict(loads[0])
+        if self._multi:
+            self.result["model_load"]["replicas"] = [{"address": a, **rec} for (a, _), rec in zip(self.replicas, loads)]
+            if len({rec["config_hash"] for rec in loads}) > 1:
+                self.result["warnings"].append({"code": "REPLICA_CONFIG_HASH_DIFFERS",
+                                                "message": "the replicas hash the configuration differently (server versions differ?)"})
+
+    def _load_record(self, resp: llem_pb2.LoadModelResponse) -> dict[str, Any]:
         m = resp.model
-        self.result["config_hash"] = resp.config_hash
-        self.result["model_load"] = {
+        return {
             "config_hash": resp.config_hash,
             "cache_hit": resp.cache_hit,
             "load_time_s": m.load_time_s,
@@ -258,6 +313,9 @@ class Runner:
             "warnings": [{"code": w.code, "message": w.message} for w in resp.warnings],
             "model": {k: v for k, v in message_to_dict(m).items() if k != "load_energy"},  # energy is above
         }
+
+    def _show_load(self, resp: llem_pb2.LoadModelResponse) -> None:
+        m = resp.model
         how = "already loaded (cache hit)" if resp.cache_hit else f"loaded in {m.load_time_s:.2f} s"
         if m.compile_time_s or m.compiled:
             how += f", compile {m.compile_time_s:.2f} s"
@@ -274,10 +332,10 @@ class Runner:
         start = (k * size) % len(self.prompts)
         return [self.prompts[(start + j) % len(self.prompts)].text for j in range(size)]
 
-    def _timed(self, prompts: list[str], request_id: str) -> tuple[llem_pb2.GenerateResponse, float]:
+    def _timed(self, client: Client, prompts: list[str], request_id: str) -> tuple[llem_pb2.GenerateResponse, float]:
         req = self.exp.request(prompts, request_id)
         t0 = time.perf_counter()
-        resp = self.client.generate_request(req, timeout=None)
+        resp = client.generate_request(req, timeout=None)
         return resp, time.perf_counter() - t0
 
     def _warmup(self) -> None:
@@ -290,42 +348,61 @@ class Runner:
         conv = cfg["convergence_detection"]
         rec["mode"] = "convergence" if conv else "fixed"
         limit = cfg["max_prompts"] if conv else cfg["n_warmup"]
-        need = max(cfg["min_prompts"], cfg["window_size"])
-        if conv:
-            rec["converged"] = False
-            rec["final_cv"] = None
         self.display.line(
             f"warm-up: {'until latency CV < ' + format(cfg['cv_threshold'], 'g') + f' (at most {limit})' if conv else limit} request(s)"
+            + (f" on each of {len(self.replicas)} servers" if self._multi else "")
         )
-        for k in range(limit):
-            resp, wall = self._timed(self._batch(k), f"{self.run_id}-w{k}")
-            if self.result["effective_config"] is None:
-                self.result["effective_config"] = message_to_dict(resp.effective_config)
-            rec["requests"] += 1
-            rec["latencies_ms"].append(wall * 1000.0)
-            if conv and rec["requests"] >= need:
-                window = rec["latencies_ms"][-cfg["window_size"]:]
-                mean = statistics.fmean(window)
-                cv = statistics.pstdev(window) / mean if mean > 0 else 0.0
-                rec["final_cv"] = cv
-                if cv < cfg["cv_threshold"]:
-                    rec["converged"] = True
-                    break
-        if conv:
-            state = "converged" if rec["converged"] else "did not converge"
-            cv_text = "n/a" if rec["final_cv"] is None else f"{rec['final_cv']:.3f}"
-            self.display.line(f"warm-up: {rec['requests']} request(s), {state} (CV {cv_text})")
-            if not rec["converged"]:
-                self.result["warnings"].append(
-                    {"code": "WARMUP_NOT_CONVERGED", "message": f"latency CV {cv_text} after {rec['requests']} warm-up requests"}
-                )
-        else:
-            self.display.line(f"warm-up: {rec['requests']} request(s) done")
+        if self._multi:
+            rec["replicas"] = []
+        for r, (address, client) in enumerate(self.replicas):
+            part = rec
+            if self._multi:  # each replica warms up on its own; rec keeps the totals
+                part = {"address": address, "requests": 0, "latencies_ms": []}
+                rec["replicas"].append(part)
+            self._warm(client, part, rec, limit, f"{self.run_id}-w{r}-" if self._multi else f"{self.run_id}-w")
+        if conv and self._multi:
+            rec["converged"] = all(p["converged"] for p in rec["replicas"])
         floor = cfg["thermal_floor_seconds"]
         if floor > 0:
             self.display.line(f"thermal floor: waiting {floor:g} s")
             time.sleep(floor)
         rec["thermal_floor_waited_s"] = floor
+
+    def _warm(self, client: Client, part: dict[str, Any], rec: dict[str, Any], limit: int, id_prefix: str) -> None:
+        """Warm-up requests on one server until done (or converged); ``part`` is its record."""
+        cfg = self.exp.warmup
+        conv = cfg["convergence_detection"]
+        need = max(cfg["min_prompts"], cfg["window_size"])
+        if conv:
+            part["converged"] = False
+            part["final_cv"] = None
+        for k in range(limit):
+            resp, wall = self._timed(client, self._batch(k), f"{id_prefix}{k}")
+            if self.result["effective_config"] is None:
+                self.result["effective_config"] = message_to_dict(resp.effective_config)
+            part["requests"] += 1
+            part["latencies_ms"].append(wall * 1000.0)
+            if part is not rec:
+                rec["requests"] += 1
+            if conv and part["requests"] >= need:
+                window = part["latencies_ms"][-cfg["window_size"]:]
+                mean = statistics.fmean(window)
+                cv = statistics.pstdev(window) / mean if mean > 0 else 0.0
+                part["final_cv"] = cv
+                if cv < cfg["cv_threshold"]:
+                    part["converged"] = True
+                    break
+        where = f" on {part['address']}" if "address" in part else ""
+        if conv:
+            state = "converged" if part["converged"] else "did not converge"
+            cv_text = "n/a" if part["final_cv"] is None else f"{part['final_cv']:.3f}"
+            self.display.line(f"warm-up{where}: {part['requests']} request(s), {state} (CV {cv_text})")
+            if not part["converged"]:
+                self.result["warnings"].append(
+                    {"code": "WARMUP_NOT_CONVERGED", "message": f"latency CV {cv_text} after {part['requests']} warm-up requests{where}"}
+                )
+        else:
+            self.display.line(f"warm-up{where}: {part['requests']} request(s) done")
 
     def _baseline(self) -> None:
         cfg = self.exp.baseline
@@ -336,24 +413,30 @@ class Runner:
         if not self.record_energy:
             rec["skipped"] = "energy.backend is null"
             return
-        assert self.info is not None
-        if not any(d.energy_sensor.available for d in self.info.devices):
+        sensing = [(a, c) for (a, c), i in zip(self.replicas, self.infos) if any(d.energy_sensor.available for d in i.devices)]
+        if not sensing:
             rec["skipped"] = "the server measures no device energy"
             self.display.line("baseline: skipped (the server measures no device energy)")
             return
         self.stage = "baseline"
         dur = float(cfg["duration_seconds"])
-        self.display.line(f"baseline: measuring idle power for {dur:g} s ...")
-        resp = self.client.measure_baseline(dur, timeout=dur + 120.0)
-        rec["measured"] = True
-        rec["response"] = message_to_dict(resp)
-        for d in resp.devices:
-            if d.available:
-                self.display.line(f"  device {d.index}: {d.baseline.power_w:.1f} W over {d.baseline.duration_s:.1f} s")
+        if self._multi:
+            rec["replicas"] = []
+        for address, client in sensing:
+            self.display.line(f"baseline: measuring idle power for {dur:g} s" + (f" on {address}" if self._multi else "") + " ...")
+            resp = client.measure_baseline(dur, timeout=dur + 120.0)
+            rec["measured"] = True
+            if self._multi:
+                rec["replicas"].append({"address": address, "response": message_to_dict(resp)})
             else:
-                self.display.line(f"  device {d.index}: unavailable ({d.unavailable_reason})")
-        for w in resp.warnings:
-            self.display.line(f"  warning {w.code}: {w.message}")
+                rec["response"] = message_to_dict(resp)
+            for d in resp.devices:
+                if d.available:
+                    self.display.line(f"  device {d.index}: {d.baseline.power_w:.1f} W over {d.baseline.duration_s:.1f} s")
+                else:
+                    self.display.line(f"  device {d.index}: unavailable ({d.unavailable_reason})")
+            for w in resp.warnings:
+                self.display.line(f"  warning {w.code}: {w.message}")
 
     def _measure(self) -> None:
         self.stage = "measure"
@@ -414,8 +497,11 @@ class Runner:
         t["joules"], t["missing"] = 0.0, 0
         for k in range(0, len(recs), 1000):
             chunk = recs[k:k + 1000]
-            got = self.client.get_energy([r["request_id"] for r in chunk], wait_seconds=10.0)
-            for rec, item in zip(chunk, got.results):
+            ids = [r["request_id"] for r in chunk]
+            # Each replica keeps the energies of the requests it served: ask them all.
+            answers = [c.get_energy(ids, wait_seconds=10.0).results for _, c in self.replicas]
+            for j, rec in enumerate(chunk):
+                item = _pick_deferred([a[j] for a in answers])
                 rec["energy"] = message_to_dict(item.energy)
                 rec["warnings"] += [{"code": w.code, "message": w.message} for w in item.warnings]
                 if item.energy.available:
