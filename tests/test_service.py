@@ -126,10 +126,14 @@ def test_random_seed_is_applied_per_request_and_echoed(client):
     assert a.effective_config.random_seed == 7 and c.effective_config.random_seed == 8
 
 
-def test_max_input_tokens_truncates(client):
-    r = client.generate(["one two three four five six seven eight nine ten eleven twelve"], model="llama",
-                        decoder=GREEDY, max_output_tokens=2, max_input_tokens=4)
-    assert r.completions[0].input_tokens == 4
+def test_max_input_tokens_truncates_and_says_which_prompts_it_cut(client):
+    r = client.generate(["Hi", "one two three four five six seven eight nine ten eleven twelve"], model="llama",
+                        decoder=GREEDY, max_output_tokens=2, max_input_tokens=4, pytorch={"batch_size": 2})
+    assert r.completions[1].input_tokens == 4 and r.completions[0].input_tokens < 4
+    (cut,) = [w.message for w in r.warnings if w.code == "INPUT_TRUNCATED"]
+    assert "prompts[1]" in cut and "prompts[0]" not in cut and "max_input_tokens (4)" in cut
+    whole = client.generate(["Hi"], model="llama", decoder=GREEDY, max_output_tokens=2, max_input_tokens=4)
+    assert not [w for w in whole.warnings if w.code == "INPUT_TRUNCATED"]
 
 
 def test_energy_is_absent_with_a_reason_on_a_machine_without_gpu(client):

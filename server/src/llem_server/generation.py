@@ -149,6 +149,7 @@ def run_generate(entry: LoadedModel, prompts: list[str], plan: dict, *, job_id: 
         batch = prompts[start:start + batch_size]
         enc = tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=int(plan["max_input_tokens"]))
         slices.append((start, enc))
+    warnings = _truncation_warning(tok, prompts, slices, int(plan["max_input_tokens"]))
     tokenization_ms = (time.monotonic() - t_tok) * 1e3
     _check_positions(model, slices, max_new)
 
@@ -210,7 +211,26 @@ def run_generate(entry: LoadedModel, prompts: list[str], plan: dict, *, job_id: 
         "window": (results[0].t_start, results[-1].t_end) if results else None,
         "effective_generate_kwargs": {**gen_kwargs, "max_new_tokens": max_new},
         "effective_decoder": _effective_decoder(model, gen_kwargs),
+        "warnings": warnings,
     }
+
+
+def _truncation_warning(tok, prompts: list[str], slices, limit: int) -> list[tuple[str, str]]:
+    """Say which prompts max_input_tokens cut, and from how many tokens: silently measuring a
+    shorter prompt than was sent would skew every per-token figure. Only prompts that reached
+    the limit are tokenized again, whole."""
+    at_limit = [start + row for start, enc in slices
+                for row, n in enumerate(enc["attention_mask"].sum(dim=1).tolist()) if n >= limit]
+    if not at_limit:
+        return []
+    whole = tok([prompts[i] for i in at_limit], truncation=False)["input_ids"]
+    cut = [(i, len(ids)) for i, ids in zip(at_limit, whole) if len(ids) > limit]
+    if not cut:
+        return []
+    shown = ", ".join(f"prompts[{i}] ({n})" for i, n in cut[:10]) + (f" and {len(cut) - 10} more" if len(cut) > 10 else "")
+    side = "first" if getattr(tok, "truncation_side", "right") == "right" else "last"
+    return [("INPUT_TRUNCATED", f"{len(cut)} prompt(s) longer than max_input_tokens ({limit}) were cut to their "
+                                f"{side} {limit} tokens: {shown} tokens; raise max_input_tokens to keep them whole")]
 
 
 def _effective_decoder(model, gen_kwargs: dict) -> dict:

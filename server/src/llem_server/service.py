@@ -489,7 +489,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         timing.total_ms = (time.monotonic() - t_arrival) * 1e3
         timing.energy_wait_ms = energy_wait_ms
         resp.energy.CopyFrom(energy)
-        for code, message in list(resolved.warnings) + list(result["model"].get("warnings", [])):
+        for code, message in [*resolved.warnings, *result["model"].get("warnings", []), *result.get("warnings", [])]:
             resp.warnings.add(code=code, message=message)
         resp.warnings.extend(energy_warnings)
         eff = resp.effective_config
