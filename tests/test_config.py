@@ -229,6 +229,8 @@ SINGLE = [
      PT + "torch_compile_mode", IA, CPU),
     ("compile_backend_missing", make(pytorch={"torch_compile": True, "torch_compile_backend": "tvm"}),
      PT + "torch_compile_backend", FP, CPU),
+    ("compile_backend_typo", make(pytorch={"torch_compile": True, "torch_compile_backend": "inducter"}),
+     PT + "torch_compile_backend", IA, CPU),
     ("compile_cudagraphs_on_cpu", make(pytorch={"torch_compile": True, "torch_compile_backend": "cudagraphs"}),
      PT + "torch_compile_backend", FP, CPU),
     ("compile_reduce_overhead_on_cpu", make(pytorch={"torch_compile": True, "torch_compile_mode": "reduce-overhead"}),

@@ -59,6 +59,7 @@ Generation fields (section 2) never enter the hash.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
@@ -577,11 +578,15 @@ def _resolve_load(
             col.bad(path, f"{value!r} uses CUDA graphs; this server has no CUDA device", FAILED_PRECONDITION)
             continue
         if allowed is None and value not in caps.compile_backends:
+            # A near miss of an installed backend is a typo (the client's to fix); any other name
+            # may be a backend that another server has installed.
+            near = difflib.get_close_matches(value, sorted(caps.compile_backends), n=1, cutoff=0.75)
             col.bad(
                 path,
-                f"{value!r} is not a torch.compile backend on this server; available: "
-                f"{', '.join(sorted(caps.compile_backends))}",
-                FAILED_PRECONDITION,
+                f"{value!r} is not a torch.compile backend on this server"
+                + (f"; did you mean {near[0]!r}?" if near else "")
+                + f" available: {', '.join(sorted(caps.compile_backends))}",
+                INVALID_ARGUMENT if near else FAILED_PRECONDITION,
             )
             continue
         if name == "torch_compile_mode":
