@@ -78,3 +78,24 @@ def test_commands_against_unreachable_server(tmp_path):
         p = llem(*cmd, "--server", "127.0.0.1:1", cwd=tmp_path, timeout=60)
         assert p.returncode == 1, cmd
         assert "cannot reach llem-server at 127.0.0.1:1" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_unload_refuses_an_empty_hash_or_prefix(server, tmp_path):
+    from llem_client import Client, ConfigurationError
+
+    p = llem("load", MODEL, "--server", server.address, "--precision", "fp32", "--json", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    h = json.loads(p.stdout)["config_hash"]
+    for blank in ("", "  "):
+        p = llem("unload", blank, "--server", server.address, cwd=tmp_path)
+        assert p.returncode == 2, p.stdout + p.stderr
+        assert "config_hash: empty" in p.stderr and "unloaded" not in p.stdout
+    listed = json.loads(llem("models", "--server", server.address, "--json", cwd=tmp_path).stdout)
+    assert h in [m["config_hash"] for m in listed["models"]]  # still loaded
+    with Client(server.address) as c:
+        try:
+            c.unload_model("")
+        except ConfigurationError:
+            pass
+        else:
+            raise AssertionError("unload_model('') was sent")

@@ -209,6 +209,12 @@ def model_config(
     return msg  # type: ignore[return-value]
 
 
+def check_config_hash(config_hash: str) -> None:
+    """A blank hash names no model: refuse it rather than send it."""
+    if not isinstance(config_hash, str) or not config_hash.strip():
+        raise ConfigurationError([("config_hash", f"expected a config hash, got {config_hash!r}")])
+
+
 def load_config(model_cfg: llem_pb2.ModelConfig) -> llem_pb2.ModelConfig:
     """The load part of a ModelConfig: LoadModel rejects generation fields."""
     out = llem_pb2.ModelConfig()

@@ -357,9 +357,12 @@ def cmd_load(args: argparse.Namespace, display) -> int:
 
 def cmd_unload(args: argparse.Namespace, display) -> int:
     from .convert import message_to_dict
+    from .errors import ConfigurationError
 
+    h = args.config_hash.strip()
+    if not h:  # "" is a prefix of every hash: it would pick whichever model is cached alone
+        raise ConfigurationError([("config_hash", "empty: give a config hash or a unique prefix of one (see llem-client models)")])
     with _client(args) as c:
-        h = args.config_hash
         if len(h) < 64:  # a prefix, as `models` shows
             matches = [m.config_hash for m in c.list_models().models if m.config_hash.startswith(h)]
             if len(matches) != 1:

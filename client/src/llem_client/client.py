@@ -383,6 +383,7 @@ class Client(_Base):
 
     def unload_model(self, config_hash: str, *, timeout: float | None = UNSET) -> llem_pb2.UnloadModelResponse:
         """Remove a cached model by its config hash."""
+        _core.check_config_hash(config_hash)
         return self._unary(self._stub.UnloadModel, llem_pb2.UnloadModelRequest(config_hash=config_hash), timeout)
 
     def list_models(self, *, timeout: float | None = UNSET) -> llem_pb2.ListModelsResponse:
@@ -568,6 +569,7 @@ class AsyncClient(_Base):
 
     async def unload_model(self, config_hash: str, *, timeout: float | None = UNSET) -> llem_pb2.UnloadModelResponse:
         """See :meth:`Client.unload_model`."""
+        _core.check_config_hash(config_hash)
         return await self._unary(self._stub.UnloadModel, llem_pb2.UnloadModelRequest(config_hash=config_hash), timeout)
 
     async def list_models(self, *, timeout: float | None = UNSET) -> llem_pb2.ListModelsResponse:
