@@ -416,3 +416,32 @@ def test_round_robin_loads_on_every_replica_before_measuring(server, sim_server,
         missing = e["requests_without_energy"]
         line = next(x for x in p.stdout.splitlines() if "requests without energy" in x)
         assert f"{missing} of 6: the total covers the other {6 - missing} only" in line, p.stdout
+
+
+def test_unwritable_output_folder_fails_before_running(tmp_path):
+    (tmp_path / "afile").write_text("not a folder\n")
+    cfg = write_config(tmp_path / "exp.yaml")
+    for out in ("/proc/nope", str(tmp_path / "afile" / "out")):
+        p = llem("run", cfg, "--server", UNREACHABLE, "-o", out, cwd=tmp_path, timeout=60)
+        assert p.returncode == 2, p.stderr
+        assert f"output_dir: cannot write results under {out}" in p.stderr
+        assert "cannot reach" not in p.stderr  # nothing was tried
+    # a folder made for a run that wrote nothing is taken away again
+    p = llem("run", cfg, "--server", UNREACHABLE, "-o", tmp_path / "new" / "deep", cwd=tmp_path, timeout=60)
+    assert p.returncode == 1 and "cannot reach" in p.stderr
+    assert not (tmp_path / "new").exists()
+
+
+def test_result_that_cannot_be_written_still_prints_the_summary(server, tmp_path, monkeypatch, capsys):
+    from llem_client import cli, results
+
+    def refuse(path, data):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(results, "write_atomic", refuse)
+    cfg = write_config(tmp_path / "exp.yaml", n=2, warmup={"enabled": False}, baseline={"enabled": False})
+    code = cli.main(["run", str(cfg), "--server", server.address])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "llem-client run summary" in out and "output tokens/s" in out
+    assert "cannot write the result under" in err and "Permission denied" in err

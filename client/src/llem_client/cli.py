@@ -186,7 +186,7 @@ def cmd_run(args: argparse.Namespace, display) -> int:
     from .datasets import load_prompts
     from .errors import ConfigurationError, LlemError
     from .experiment import build_experiment, read_yaml
-    from .results import summary_rows, write_atomic
+    from .results import prepare_output_dir, remove_unused, summary_rows, write_atomic
     from .runner import EnergyRequirementError, Runner
 
     try:
@@ -211,6 +211,7 @@ def cmd_run(args: argparse.Namespace, display) -> int:
             _dump({"config": exp.effective(), "config_digest": exp.config_digest(), "dataset": dataset_info,
                    "requests": -(-len(prompts) // exp.batch_size)})
             return EXIT_OK
+        made = prepare_output_dir(exp.output_dir)  # fail now, not after a long run
         client = _client(args)
     except ConfigurationError as e:
         return _config_problems(e, display)
@@ -241,18 +242,25 @@ def cmd_run(args: argparse.Namespace, display) -> int:
     # Write whenever something was measured or attempted past loading, and always on
     # Ctrl-C once the server answered: a failed connect or load leaves no file.
     wrote = None
-    if runner.stage not in ("connect", "load") or (status == "interrupted" and runner.info is not None):
+    keep = runner.stage not in ("connect", "load") or (status == "interrupted" and runner.info is not None)
+    write_error = None
+    if keep:
         try:
             wrote = write_atomic(_result_path(result, exp.output_dir), result)
         except OSError as e:
-            display.error(f"cannot write the result under {exp.output_dir}: {e}")
+            write_error = e
             code = code or EXIT_ERROR
+    if wrote is None:
+        remove_unused(made)
     if args.json:
         _dump(result)
-    if wrote is not None or args.json:
+    if keep or args.json:  # the summary even when the file could not be written: the run is not lost
         display.table("llem-client run summary", summary_rows(result), stream=sys.stderr if args.json else sys.stdout)
     if wrote is not None:
         display.line(f"result: {wrote}")
+    if write_error is not None:
+        display.error(f"cannot write the result under {exp.output_dir}: {write_error.strerror or write_error}"
+                      + ("" if args.json else "; rerun with --json to capture it on stdout"))
     return code
 
 

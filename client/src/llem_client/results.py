@@ -181,6 +181,39 @@ def aggregate(records: list[dict[str, Any]], *, energy_recorded: bool) -> dict[s
     return agg
 
 
+def prepare_output_dir(path: Path) -> list[Path]:
+    """Make ``path`` and prove a file can be written there, before anything is run.
+
+    Returns the folders it created (deepest first) so that a run which writes
+    nothing can take them away again (:func:`remove_unused`). Raises
+    ConfigurationError when the folder cannot be made or written.
+    """
+    from .errors import ConfigurationError
+
+    made, p = [], path
+    while not p.exists() and p != p.parent:
+        made.append(p)
+        p = p.parent
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".llem-write-check.", dir=path)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        remove_unused(made)
+        raise ConfigurationError([("output_dir", f"cannot write results under {path}: {e.strerror or e}")]) from None
+    return made
+
+
+def remove_unused(folders: list[Path]) -> None:
+    """Remove folders made by :func:`prepare_output_dir`, deepest first, while they are empty."""
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:
+            return
+
+
 def write_atomic(path: Path, data: dict[str, Any]) -> Path:
     """Write JSON to ``path`` via a temporary file and rename: never a half-written result."""
     path.parent.mkdir(parents=True, exist_ok=True)
