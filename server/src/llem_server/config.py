@@ -642,8 +642,10 @@ def _resolve_load(
                         FAILED_PRECONDITION)
             elif index >= caps.device_count:
                 col.bad(f"{pp}.device_map",
-                        f"device_map {dm!r}: this server has {caps.device_count} CUDA device(s) "
-                        f"(indexes 0-{caps.device_count - 1})", FAILED_PRECONDITION)
+                        f"device_map {dm!r}: a model here sees {caps.device_count} CUDA device(s) "
+                        f"(indexes 0-{caps.device_count - 1}): each worker process drives one GPU, seen "
+                        "as cuda:0, and the server spreads models over its GPUs itself; use 'auto' or "
+                        "'cuda:0'", FAILED_PRECONDITION)
         else:
             col.bad(f"{pp}.device_map",
                     f"{dm!r} is not a device map; allowed: {', '.join(_DEVICE_MAP_STRATEGIES)}, cpu, cuda, cuda:N")
