@@ -657,8 +657,8 @@ def _resolve_load(
         if key.isascii() and key.isdigit():
             norm = str(int(key))
             if not caps.cuda or int(key) >= caps.device_count:
-                col.bad(path, f"key {key!r}: GPU {int(key)} does not exist on this server "
-                              f"({caps.device_count if caps.cuda else 0} CUDA device(s)); accelerate would "
+                col.bad(path, f"key {key!r}: a model here sees {caps.device_count if caps.cuda else 0} CUDA "
+                              "device(s) (each worker process drives one GPU, seen as GPU 0); accelerate would "
                               "ignore the budget", FAILED_PRECONDITION)
         elif key == "cpu":
             norm = key
