@@ -76,6 +76,13 @@ def check_result(res: dict, *, requests: int, prompts: int) -> None:
         assert r["config_hash"] == res["config_hash"]
         assert len(r["completions"]) == r["prompts"]
         assert r["output_tokens"] <= 4 * r["prompts"]
+    # energy.md rule 7: an energy that was not measured is absent with a reason, never 0 J
+    absent = {"available", "unavailable_reason", "method"}
+    for energy in [r["energy"] for r in res["requests"]] + [res["model_load"]["load_energy"]]:
+        if energy is not None and not energy["available"]:
+            assert set(energy) <= absent and energy["unavailable_reason"], energy
+        elif energy is not None and "cpu" in energy and not energy["cpu"]["available"]:
+            assert set(energy["cpu"]) <= absent, energy["cpu"]
     e = a["energy"]
     assert e["recorded"] is True
     assert e["requests_with_energy"] + e["requests_without_energy"] == requests

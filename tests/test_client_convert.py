@@ -167,3 +167,15 @@ def test_import_stays_light():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_unavailable_energy_has_no_zero_figures():
+    absent = llem_pb2.Energy(available=False, unavailable_reason="no NVIDIA GPU")
+    assert message_to_dict(absent) == {"available": False, "unavailable_reason": "no NVIDIA GPU"}
+    measured = llem_pb2.Energy(available=True, method="nvml", total_j=2.5, uncertainty_j=0.1,
+                               cpu=llem_pb2.CpuEnergy(available=False, unavailable_reason="RAPL not readable"))
+    d = message_to_dict(measured)
+    assert d["total_j"] == 2.5 and d["uncertainty_j"] == 0.1
+    assert d["cpu"] == {"available": False, "unavailable_reason": "RAPL not readable"}
+    info = llem_pb2.ModelInfo(load_energy=llem_pb2.Energy(available=False, unavailable_reason="r", method="nvml"))
+    assert message_to_dict(info)["load_energy"] == {"available": False, "unavailable_reason": "r", "method": "nvml"}

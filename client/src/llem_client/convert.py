@@ -268,14 +268,25 @@ def generation_field_numbers(desc: _d.Descriptor) -> set[str]:
     return {f.name for f in desc.fields if f.number >= GENERATION_FIELD_MIN_NUMBER}
 
 
+# Messages whose figures are plain proto3 doubles: with available=false those read 0.0,
+# which a result file must not show as "0 J" (energy.md rule 7: absent, with a reason).
+_ABSENT_UNLESS_AVAILABLE = {"llem.v1.Energy", "llem.v1.CpuEnergy"}
+
+
 def message_to_dict(msg: Message) -> dict[str, Any]:
     """A JSON-able dict with proto field names and enum short names (``"bf16"``).
 
     Fields with presence (``optional`` scalars, messages, oneofs) appear only when
     set, so "unset" stays distinguishable from a zero; plain scalars always appear.
     int64 stays a number (``json_format`` would make it a string), and a
-    non-finite float becomes ``None`` so the result is strict JSON.
+    non-finite float becomes ``None`` so the result is strict JSON. An unavailable
+    ``Energy`` or ``CpuEnergy`` is only ``available``, its reason and method: no zeros.
     """
+    if msg.DESCRIPTOR.full_name in _ABSENT_UNLESS_AVAILABLE and not msg.available:  # type: ignore[attr-defined]
+        absent: dict[str, Any] = {"available": False, "unavailable_reason": msg.unavailable_reason}  # type: ignore[attr-defined]
+        if getattr(msg, "method", ""):
+            absent["method"] = msg.method  # type: ignore[attr-defined]
+        return absent
     out: dict[str, Any] = {}
     for field in msg.DESCRIPTOR.fields:
         value = getattr(msg, field.name)
