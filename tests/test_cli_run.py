@@ -452,3 +452,47 @@ def test_result_that_cannot_be_written_still_prints_the_summary(server, tmp_path
     assert code == 1
     assert "llem-client run summary" in out and "output tokens/s" in out
     assert "cannot write the result under" in err and "Permission denied" in err
+
+
+def _run_on_a_terminal(args: list[str], cwd: Path) -> tuple[int, str]:
+    """The CLI with stderr on a pseudo-terminal (so the rich progress bar is drawn); returns (code, stderr)."""
+    import pty
+
+    master, slave = pty.openpty()
+    env = {**_env(), "COLUMNS": "200", "TERM": "xterm"}
+    proc = subprocess.Popen([sys.executable, "-m", "llem_client.cli", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=slave, text=True)
+    os.close(slave)
+    chunks: list[bytes] = []
+
+    def pump() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    t = threading.Thread(target=pump, daemon=True)
+    t.start()
+    proc.communicate(timeout=180)
+    t.join(10)
+    os.close(master)
+    return proc.returncode, b"".join(chunks).decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize("delivery", ["response", "deferred"])
+def test_progress_shows_no_joules_before_energy_is_known(server, tmp_path, delivery):
+    # The CPU server measures no energy: the bar must never show 0 J, in either delivery.
+    cfg = write_config(tmp_path / "exp.yaml", warmup={"enabled": False}, baseline={"enabled": False})
+    code, err = _run_on_a_terminal(["run", str(cfg), "--server", server.address, "--energy-delivery", delivery], tmp_path)
+    assert code == 0, err
+    assert "measuring" in err and "tok" in err  # the bar was drawn
+    assert " 0 J" not in err and "0.00 J" not in err, err
+    if delivery == "deferred":
+        assert "energy deferred" in err
+        assert "deferred energy: unavailable for all 2 request(s)" in err and "0.000 J" not in err, err
+    else:
+        assert "energy n/a" in err

@@ -18,8 +18,8 @@ class _Bar:
         self._progress = progress
         self._task = task
 
-    def advance(self, *, output_tokens: int, joules: float | None, missing: int, line: str) -> None:
-        energy = "n/a" if joules is None else f"{joules:,.2f} J" + (f" ({missing} missing)" if missing else "")
+    def advance(self, *, output_tokens: int, energy: str, line: str) -> None:
+        """One more request done; ``energy`` is the bar's energy text (no figure until one is known)."""
         if self._progress is not None:
             self._progress.update(self._task, advance=1, tokens=f"{output_tokens:,} tok", energy=energy)
         else:
@@ -51,7 +51,8 @@ class Display:
             print(f"error: {text}", file=self.stream, flush=True)
 
     @contextmanager
-    def progress(self, total: int) -> Iterator[_Bar]:
+    def progress(self, total: int, energy: str = "") -> Iterator[_Bar]:
+        """A bar over ``total`` requests; ``energy``: its energy text until the first request is done."""
         if self._console is None:
             yield _Bar(self, total)
             return
@@ -66,7 +67,7 @@ class Display:
             TimeElapsedColumn(),
             console=self._console,
         ) as p:
-            task = p.add_task("measuring", total=total, tokens="0 tok", energy="0 J")
+            task = p.add_task("measuring", total=total, tokens="0 tok", energy=energy)
             yield _Bar(self, total, p, task)
 
     def table(self, title: str, rows: list[tuple[str, str]], stream: TextIO | None = None) -> None:

@@ -462,7 +462,7 @@ class Runner:
                 pending.append((i, batches[i], pool.submit(req)))
                 meas["requests_sent"] += 1
 
-        with self.display.progress(len(batches)) as bar:
+        with self.display.progress(len(batches), energy=self._bar_energy()) as bar:
             try:
                 top_up()
                 while pending:
@@ -508,8 +508,23 @@ class Runner:
                     t["joules"] += item.energy.total_j
                 else:
                     t["missing"] += 1
-        self.display.line(f"deferred energy: {t['joules']:.3f} J over {len(recs) - t['missing']} request(s)"
-                          + (f", {t['missing']} without energy" if t["missing"] else ""))
+        if t["missing"] == len(recs):
+            reasons = sorted({r["energy"].get("unavailable_reason") or "no reason given" for r in recs})
+            self.display.line(f"deferred energy: unavailable for all {len(recs)} request(s): " + "; ".join(reasons))
+        else:
+            self.display.line(f"deferred energy: {t['joules']:.3f} J over {len(recs) - t['missing']} request(s)"
+                              + (f", {t['missing']} without energy" if t["missing"] else ""))
+
+    def _bar_energy(self) -> str:
+        """The progress bar's energy: a figure only once some request has one."""
+        if not self.record_energy:
+            return "energy not recorded"
+        if self.deferred:
+            return "energy deferred"  # fetched after the measured phase
+        t = self._totals
+        if len(self.records) == t["missing"]:
+            return "energy n/a" if self.records else ""
+        return f"{t['joules']:,.2f} J" + (f" ({t['missing']} without)" if t["missing"] else "")
 
     def _keep(self, bar: Any, total: int, i: int, idx: list[int], resp: llem_pb2.GenerateResponse,
               sent_s: float, received_s: float) -> None:
@@ -533,7 +548,6 @@ class Runner:
             energy_text = "energy not recorded"
         bar.advance(
             output_tokens=t["tokens"],
-            joules=t["joules"] if self.record_energy and t["missing"] < len(self.records) else None,
-            missing=t["missing"],
+            energy=self._bar_energy(),
             line=f"request {i + 1}/{total}: {rec['output_tokens']} output tokens, {rec['wall_s']:.3f} s, {energy_text}",
         )
