@@ -183,3 +183,26 @@ def test_summary_names_the_dataset_file():
               "dataset": {"kind": "txt", "path": "/data/p.txt", "found_in": "config folder", "available": 3, "used": 2},
               "aggregates": aggregate([], energy_recorded=False)}
     assert dict(summary_rows(result))["dataset"] == "/data/p.txt (2 of 3 prompts, found in the config folder)"
+
+
+def _summary(records: list, **extra) -> dict:
+    from llem_client.results import summary_rows
+
+    result = {"status": "completed", "config": {"model": "m"}, "config_hash": None, "warnings": [], "dataset": {},
+              "aggregates": aggregate(records, energy_recorded=True), **extra}
+    return dict(summary_rows(result))
+
+
+def test_summary_shows_the_energy_bound_low_confidence_and_no_negative_zero():
+    e1 = llem_pb2.Energy(available=True, total_j=2.0, uncertainty_j=0.25, low_confidence=True, adjusted_j=-0.00001)
+    e2 = llem_pb2.Energy(available=True, total_j=3.0, uncertainty_j=0.5, adjusted_j=0.0)
+    recs = [request_record(i, [i], _resp(4, e), 0.1, record_energy=True) for i, e in enumerate((e1, e2))]
+    rows = _summary(recs)
+    assert rows["total energy"] == "5.000 J ± 0.750 J"
+    assert rows["low-confidence requests"].startswith("1 of 2")
+    assert rows["adjusted energy"] == "0.000 J"
+
+
+def test_summary_of_a_run_stopped_before_measuring_says_so():
+    rows = _summary([], status="interrupted")
+    assert rows["total energy"] == "n/a: no measured requests"

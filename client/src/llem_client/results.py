@@ -243,6 +243,7 @@ def _fmt(v: Any, unit: str = "", digits: int = 2) -> str:
     if v is None:
         return "n/a"
     if isinstance(v, float):
+        v = round(v, digits) + 0.0  # + 0.0: -0.0 (or -0.0001 at 3 digits) prints as 0.000, not -0.000
         return f"{v:,.{digits}f}{unit}"
     return f"{v:,}{unit}"
 
@@ -273,11 +274,17 @@ def summary_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     else:
         missing = e["requests_without_energy"]
         note = f" ({e['requests_with_energy']} of {a['requests']} requests)" if missing else ""
-        if e["total_j"] is None:
+        if not a["requests"]:
+            rows.append(("total energy", "n/a: no measured requests"))
+        elif e["total_j"] is None:
             reasons = "; ".join(e["unavailable_reasons"]) or "not reported"
             rows.append(("total energy", f"unavailable: {reasons}"))
         else:
-            rows.append(("total energy", _fmt(e["total_j"], " J", 3) + note))
+            bound = f" ± {_fmt(e['uncertainty_j'], ' J', 3)}" if e.get("uncertainty_j") is not None else ""
+            rows.append(("total energy", _fmt(e["total_j"], " J", 3) + bound + note))
+            low = e.get("low_confidence_requests") or 0
+            rows.append(("low-confidence requests", f"{low} of {e['requests_with_energy']}"
+                         + (" (windows under ~1 s or few counter updates)" if low else "")))
             rows.append(("adjusted energy", _fmt(e["adjusted_j"], " J", 3) if e["adjusted_j"] is not None else "n/a (no baseline)"))
             rows.append(("J per output token", _fmt(e["joules_per_output_token"], " J", 4)))
             if missing:
