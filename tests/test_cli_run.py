@@ -309,7 +309,7 @@ def test_ctrl_c_during_thermal_floor_keeps_warmup_and_exits_130(server, tmp_path
     assert res["status"] == "interrupted" and res["stage"] == "warmup"
     assert res["warmup"]["requests"] == 1 and res["requests"] == []
     assert "interrupted" in out  # the summary still prints
-    assert "no measured requests" in out and "not reported" not in out
+    assert "no measured requests" in out and "unavailable: not reported" not in out
 
 
 def test_ctrl_c_mid_run_writes_partial_result_and_exits_130(server, tmp_path):

@@ -291,7 +291,7 @@ def summary_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
                 rows.append(("requests without energy", f"{missing} of {a['requests']}: the total covers the other "
                              f"{e['requests_with_energy']} only; " + "; ".join(e["unavailable_reasons"])))
     in_flight = (result.get("measurement") or {}).get("in_flight")
-    if in_flight is not None:
+    if in_flight is not None and a["requests"]:
         rows.append(("requests in flight", f"{in_flight}; throughput over the measured phase's {_fmt(a['wall_time_s'], ' s', 3)}"))
     lat = a["latency_ms"]
     if lat["count"]:
