@@ -206,3 +206,24 @@ def test_summary_shows_the_energy_bound_low_confidence_and_no_negative_zero():
 def test_summary_of_a_run_stopped_before_measuring_says_so():
     rows = _summary([], status="interrupted")
     assert rows["total energy"] == "n/a: no measured requests"
+
+
+def test_every_bad_scalar_is_reported_and_model_type_is_named():
+    with pytest.raises(ConfigurationError) as ei:
+        build_experiment({**BASE, "random_seed": 1.5, "max_input_tokens": 0, "max_output_tokens": -3})
+    paths = [p for p, _ in ei.value.problems]
+    assert {"random_seed", "max_input_tokens", "max_output_tokens"} <= set(paths), ei.value.problems
+    for bad in (123, ["demo"]):
+        with pytest.raises(ConfigurationError) as ei:
+            build_experiment({**BASE, "model": bad})
+        msg = dict(ei.value.problems)["model"]
+        assert msg.startswith("expected a string") and "required" not in msg
+
+
+def test_warmup_max_prompts_below_min_prompts_is_rejected():
+    warm = {"convergence_detection": True, "min_prompts": 8, "max_prompts": 4}
+    with pytest.raises(ConfigurationError) as ei:
+        build_experiment({**BASE, "warmup": warm})
+    msg = dict(ei.value.problems)["warmup.max_prompts"]
+    assert "warmup.min_prompts (8)" in msg
+    build_experiment({**BASE, "warmup": {**warm, "convergence_detection": False}})  # unused without convergence

@@ -270,7 +270,10 @@ def build_experiment(
         )
 
     model = data.get("model")
-    if not isinstance(model, str) or not model:
+    if model is not None and not isinstance(model, str):
+        problems.append(("model", f"expected a string (the model directory or a hub id), got {type(model).__name__} ({model!r})"))
+        model = ""
+    elif not model:
         problems.append(("model", "required: the model directory under the server's model root (or a hub id)"))
         model = ""
 
@@ -287,14 +290,12 @@ def build_experiment(
             decoder = to_message(llem_pb2.DecoderConfig, data["decoder"], "decoder")
         except ConfigurationError as e:
             problems.extend(e.problems)
-    scalars: llem_pb2.GenerateRequest = llem_pb2.GenerateRequest()
-    try:
-        scalars = to_message(
-            llem_pb2.GenerateRequest,
-            {k: data.get(k) for k in ("random_seed", "max_input_tokens", "max_output_tokens")},
-        )
-    except ConfigurationError as e:
-        problems.extend(e.problems)
+    scalars = llem_pb2.GenerateRequest()
+    for k in ("random_seed", "max_input_tokens", "max_output_tokens"):  # one at a time: a bad one hides no other
+        try:
+            scalars.MergeFrom(to_message(llem_pb2.GenerateRequest, {k: data.get(k)}))
+        except ConfigurationError as e:
+            problems.extend(e.problems)
     for k in ("max_input_tokens", "max_output_tokens"):
         if scalars.HasField(k) and getattr(scalars, k) < 1:
             problems.append((k, f"must be >= 1 (got {getattr(scalars, k)})"))
@@ -337,6 +338,13 @@ def build_experiment(
         problems.append(("dataset", f"expected a path or a synthetic block, got {type(dataset).__name__}"))
 
     warmup = {**WARMUP_DEFAULTS, **_check_block(data.get("warmup"), _WARMUP_RULES, "warmup", problems)}
+    if warmup["convergence_detection"]:
+        # The CV is first computed after max(min_prompts, window_size) requests; a smaller
+        # max_prompts would end the warm-up before it, so cv_threshold would never apply.
+        for key in ("min_prompts", "window_size"):
+            if warmup["max_prompts"] < warmup[key]:
+                problems.append(("warmup.max_prompts", f"{warmup['max_prompts']} is below warmup.{key} ({warmup[key]}): "
+                                 "the latency CV would never be checked; raise max_prompts or lower " + key))
     baseline = {**BASELINE_DEFAULTS, **_check_block(data.get("baseline"), _BASELINE_RULES, "baseline", problems)}
 
     energy_backend = "auto"
