@@ -99,3 +99,15 @@ def test_unload_refuses_an_empty_hash_or_prefix(server, tmp_path):
             pass
         else:
             raise AssertionError("unload_model('') was sent")
+
+
+def test_health_of_an_unknown_service_says_so(server, tmp_path):
+    p = llem("health", "--service", "nope", "--server", server.address, cwd=tmp_path)
+    assert p.returncode == 1
+    assert "no health status for service 'nope'" in p.stderr, p.stderr
+
+
+def test_refused_remote_code_is_said_once(server, tmp_path):
+    p = llem("load", MODEL, "pytorch.trust_remote_code=true", "--server", server.address, cwd=tmp_path)
+    assert p.returncode == 1 and "PERMISSION_DENIED" in p.stderr, p.stderr
+    assert p.stderr.count("trust_remote_code is refused") == 1, p.stderr

@@ -213,3 +213,39 @@ def test_ctrl_c_while_waiting_cancels_the_rpc(fake):
     while fake.cancelled == before and time.time() < deadline:
         time.sleep(0.05)
     assert fake.cancelled == before + 1  # the server saw the cancellation
+
+
+def _cli_error_text(err, **kw) -> str:
+    import io
+
+    from llem_client.cli import _server_error
+    from llem_client.display import Display
+
+    out = io.StringIO()
+    _server_error(err, Display(out, rich=False), "127.0.0.1:50051", **kw)
+    return out.getvalue()
+
+
+def test_a_violation_the_message_already_says_is_not_repeated():
+    said = "model.pytorch.trust_remote_code: remote code is not allowed on this server (start it with --allow-remote-code)"
+    err = llem_client.PermissionDenied(said, field_violations=[
+        ("model.pytorch.trust_remote_code", "remote code is not allowed on this server (start it with --allow-remote-code)")])
+    assert str(err).count("remote code is not allowed") == 1
+    assert _cli_error_text(err).count("remote code is not allowed") == 1
+    bad = llem_client.InvalidArgument(said.replace("trust_remote_code", "load_in_8bit"),
+                                      field_violations=[("model.pytorch.load_in_8bit", "remote code is not allowed on this "
+                                                         "server (start it with --allow-remote-code)")])
+    assert str(bad).count("remote code is not allowed") == 1
+    assert _cli_error_text(bad).count("remote code is not allowed") == 1
+    # distinct violations are all listed
+    two = llem_client.InvalidArgument("2 invalid fields", field_violations=[("decoder.top_p", "must be <= 1"), ("a", "b")])
+    assert "decoder.top_p: must be <= 1" in str(two) and "a: b" in str(two)
+
+
+def test_cli_error_lines_say_what_happened():
+    gone = llem_client.Unavailable("Stream removed")
+    text = _cli_error_text(gone, stage="measure")
+    assert "the server at 127.0.0.1:50051 went away during measure" in text and "Stream removed" in text
+    empty = llem_client.NotFound("")
+    assert _cli_error_text(empty).strip() != "error: NOT_FOUND:"
+    assert "NOT_FOUND (the server gave no details)" in _cli_error_text(empty)

@@ -227,3 +227,13 @@ def test_warmup_max_prompts_below_min_prompts_is_rejected():
     msg = dict(ei.value.problems)["warmup.max_prompts"]
     assert "warmup.min_prompts (8)" in msg
     build_experiment({**BASE, "warmup": {**warm, "convergence_detection": False}})  # unused without convergence
+
+
+def test_yaml_syntax_error_names_the_file(tmp_path):
+    from llem_client.experiment import read_yaml
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigurationError) as ei:
+        read_yaml(bad)
+    assert f'in "{bad}", line' in str(ei.value) and "<unicode string>" not in str(ei.value)

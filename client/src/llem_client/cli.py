@@ -137,24 +137,32 @@ def _yaml_path(field: str) -> str:
     return field
 
 
-def _server_error(err, display, server: str, *, connecting: bool = False) -> int:
+def _server_error(err, display, server: str, *, connecting: bool = False, stage: str | None = None) -> int:
     from .errors import DeadlineExceeded, InvalidArgument, Unauthenticated, Unavailable
 
     if connecting and isinstance(err, (Unavailable, DeadlineExceeded)):
         display.error(f"cannot reach llem-server at {server}: {err.details or err.code.name}")
         return EXIT_ERROR
+    if isinstance(err, Unavailable) and stage:
+        # gRPC's own words ("Stream removed", "Socket closed") do not say the server is gone.
+        display.error(f"the server at {server} went away during {stage} (it stopped, crashed or the network "
+                      f"dropped): UNAVAILABLE: {err.details or 'no details'}")
+        return EXIT_ERROR
     if isinstance(err, InvalidArgument):
         # The violations carry the details already; show the message only without them.
-        display.error("the server rejected the configuration" + ("" if err.field_violations else f": {err.details}"))
-        for field, desc in err.field_violations:
+        # The message is shown when it says something the listed violations do not.
+        new = err.new_violations()
+        said = err.details and (not new or len(new) < len(err.field_violations))
+        display.error("the server rejected the configuration" + (f": {err.details}" if said else ""))
+        for field, desc in new:
             display.line(f"  {_yaml_path(field)}: {desc}")
         return EXIT_CONFIG
     if isinstance(err, Unauthenticated):
         display.error(f"the server refused the credentials ({err.details}); pass --token or set LLEM_TOKEN")
         return EXIT_ERROR
     name = err.code.name if err.code is not None else "ERROR"
-    display.error(f"{name}: {err.details}")
-    for field, desc in err.field_violations:
+    display.error(f"{name}: {err.details}" if err.details else f"{name} (the server gave no details)")
+    for field, desc in err.new_violations():
         display.line(f"  {field}: {desc}")
     if err.retry_delay is not None:
         display.line(f"  the server suggests retrying after {err.retry_delay:g} s")
@@ -232,7 +240,7 @@ def cmd_run(args: argparse.Namespace, display) -> int:
         display.error(str(e))
         status, error, code = "failed", e, EXIT_ERROR
     except LlemError as e:
-        code = _server_error(e, display, args.server, connecting=runner.stage == "connect")
+        code = _server_error(e, display, args.server, connecting=runner.stage == "connect", stage=runner.stage)
         status, error = "failed", e
     finally:
         runner.close()
@@ -390,8 +398,15 @@ def cmd_unload(args: argparse.Namespace, display) -> int:
 def cmd_health(args: argparse.Namespace, display) -> int:
     from grpc_health.v1 import health_pb2
 
+    from .errors import NotFound
+
     with _client(args) as c:
-        resp = c.health(args.service)
+        try:
+            resp = c.health(args.service)
+        except NotFound:
+            display.error(f"the server has no health status for service {args.service!r} "
+                          "(leave --service out for the whole server, or use llem.v1.LlemService)")
+            return EXIT_ERROR
     name = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
     print(name)
     return EXIT_OK if resp.status == health_pb2.HealthCheckResponse.SERVING else EXIT_ERROR

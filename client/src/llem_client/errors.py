@@ -77,10 +77,16 @@ class LlemError(Exception):
         self.retry_delay = retry_delay
         super().__init__(self._render())
 
+    def new_violations(self) -> list[tuple[str, str]]:
+        """The field violations the status message does not already say (servers often
+        put a single violation in the message too)."""
+        return [(f, d) for f, d in self.field_violations
+                if not (d in self.details and f.rsplit(".", 1)[-1] in self.details)]
+
     def _render(self) -> str:
         name = self.code.name if self.code is not None else "ERROR"
         text = f"{name}: {self.details}" if self.details else name
-        for field, desc in self.field_violations:
+        for field, desc in self.new_violations():
             text += f"\n  - {field}: {desc}"
         if self.retry_delay is not None:
             text += f"\n  (retry after {self.retry_delay:g} s)"

@@ -157,7 +157,9 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigurationError([(str(p), f"not valid YAML: {e}")]) from None
+        # PyYAML names a parsed string "<unicode string>": name the file instead.
+        where = str(e).replace('"<unicode string>"', f'"{p}"')
+        raise ConfigurationError([(str(p), f"not valid YAML: {where}")]) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
