@@ -179,3 +179,22 @@ def test_unavailable_energy_has_no_zero_figures():
     assert d["cpu"] == {"available": False, "unavailable_reason": "RAPL not readable"}
     info = llem_pb2.ModelInfo(load_energy=llem_pb2.Energy(available=False, unavailable_reason="r", method="nvml"))
     assert message_to_dict(info)["load_energy"] == {"available": False, "unavailable_reason": "r", "method": "nvml"}
+
+
+def test_wheel_ships_the_py_typed_markers(tmp_path):
+    import shutil
+    import zipfile
+    from pathlib import Path
+
+    pytest.importorskip("setuptools")
+    src = Path(__file__).resolve().parent.parent / "client"
+    # Build from a copy: a build leaves build/ and egg-info behind.
+    copy = tmp_path / "client"
+    shutil.copytree(src, copy, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(tmp_path / "dist"), str(copy)], capture_output=True, text=True, timeout=300)
+    if p.returncode != 0:
+        pytest.skip(f"cannot build a wheel here: {p.stderr[-300:]}")
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "llem_client/py.typed" in names and "llem/py.typed" in names
