@@ -198,3 +198,17 @@ def test_wheel_ships_the_py_typed_markers(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "llem_client/py.typed" in names and "llem/py.typed" in names
+
+
+def test_async_client_has_the_sync_methods_the_readme_says():
+    from pathlib import Path
+
+    from llem_client import AsyncClient, AsyncGenerateStream, Client, GenerateStream
+
+    def public(cls) -> set[str]:
+        return {n for n in dir(cls) if not n.startswith("_")}
+
+    assert public(Client) - public(AsyncClient) == {"generate_future"}
+    assert public(GenerateStream) <= public(AsyncGenerateStream)
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert "except `generate_future`" in readme and "AsyncClient` has the same methods." not in readme

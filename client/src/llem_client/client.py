@@ -445,6 +445,8 @@ class AsyncGenerateStream(AsyncIterator[llem_pb2.GenerateStreamResponse]):
         """Cancel the call (a no-op once it has finished)."""
         self._call.cancel()
 
+    close = cancel  # as GenerateStream.close
+
     async def __aenter__(self) -> AsyncGenerateStream:
         return self
 
