@@ -212,3 +212,18 @@ def test_async_client_has_the_sync_methods_the_readme_says():
     assert public(GenerateStream) <= public(AsyncGenerateStream)
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert "except `generate_future`" in readme and "AsyncClient` has the same methods." not in readme
+
+
+def test_energy_delivery_accepts_the_cli_and_the_proto_spellings(tmp_path):
+    import yaml
+
+    for word in ("response", "in_response", "IN_RESPONSE", "ENERGY_DELIVERY_IN_RESPONSE"):
+        req = _core.generate_request("x", model="m", energy_delivery=word)
+        assert req.energy_delivery == llem_pb2.ENERGY_DELIVERY_IN_RESPONSE, word
+    assert _core.generate_request("x", model="m", energy_delivery="deferred").energy_delivery == llem_pb2.ENERGY_DELIVERY_DEFERRED
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(yaml.safe_dump({"model": "m", "dataset": {"n": 1, "input_len": 2}}))
+    for word in ("response", "in_response", "deferred"):
+        p = subprocess.run([sys.executable, "-m", "llem_client.cli", "run", str(cfg), "--energy-delivery", word, "--dry-run"],
+                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert p.returncode == 0, (word, p.stderr)

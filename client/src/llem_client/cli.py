@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="measured Generate requests kept outstanding (default: %(default)s). The server runs one at a time "
                           "per device, but answers each only after the energy counter's next update (~100 ms); with the "
                           "next request already queued the device never idles during that wait. 1: strictly sequential")
-    run.add_argument("--energy-delivery", choices=["response", "deferred"], default="response",
-                     help="response (default): each answer carries its energy, after the counter's next update. "
+    run.add_argument("--energy-delivery", choices=["response", "in_response", "deferred"], default="response",
+                     help="response (or in_response, as the Python API names it; the default): each answer carries its energy, after the counter's next update. "
                           "deferred: answers come without that wait (clean latencies even with --in-flight 1) and the "
                           "energies are fetched with GetEnergy at the end of the measured phase")
     run.add_argument("--json", action="store_true", help="print the result JSON to stdout (the summary goes to stderr)")

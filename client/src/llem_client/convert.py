@@ -41,6 +41,8 @@ GENERATION_FIELD_MIN_NUMBER = 20
 # enum's own short names so that such a YAML runs unchanged.
 _ALIASES: dict[str, dict[str, str]] = {
     "llem.v1.Precision": {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16", "half": "FP16"},
+    # llem-client run --energy-delivery says "response"
+    "llem.v1.EnergyDelivery": {"response": "IN_RESPONSE"},
 }
 
 _INT_TYPES = {

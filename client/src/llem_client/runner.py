@@ -153,8 +153,8 @@ class Runner:
                  *, in_flight: int = DEFAULT_IN_FLIGHT, energy_delivery: str = "response"):
         if in_flight < 1:
             raise ValueError(f"in_flight must be at least 1, not {in_flight}")
-        if energy_delivery not in ("response", "deferred"):
-            raise ValueError(f"energy_delivery must be 'response' or 'deferred', not {energy_delivery!r}")
+        if energy_delivery not in ("response", "in_response", "deferred"):
+            raise ValueError(f"energy_delivery must be 'response' (or 'in_response') or 'deferred', not {energy_delivery!r}")
         self.client = client
         self.in_flight = in_flight
         # deferred: measured requests ask for ENERGY_DELIVERY_DEFERRED, energies come from GetEnergy
