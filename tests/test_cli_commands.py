@@ -24,6 +24,8 @@ def test_health_and_info(server, tmp_path):
     p = llem("info", "--server", server.address, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert "server version" in p.stdout and "device" in p.stdout
+    for line in p.stdout.splitlines()[1:]:  # every row has a value (no bare "cuda" row on a CPU server)
+        assert len(line.split(None, 1)) == 2 or ":" in line, line
     p = llem("info", "--server", server.address, "--json", cwd=tmp_path)
     info = json.loads(p.stdout)
     assert info["server_version"] and info["devices"]

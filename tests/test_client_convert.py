@@ -227,3 +227,21 @@ def test_energy_delivery_accepts_the_cli_and_the_proto_spellings(tmp_path):
         p = subprocess.run([sys.executable, "-m", "llem_client.cli", "run", str(cfg), "--energy-delivery", word, "--dry-run"],
                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
         assert p.returncode == 0, (word, p.stderr)
+
+
+def test_an_address_without_a_port_means_50051():
+    for given, dialled in (("127.0.0.1", "127.0.0.1:50051"), ("localhost", "localhost:50051"), ("::1", "[::1]:50051"),
+                           ("[::1]", "[::1]:50051"), ("h:7", "h:7"), ("dns:///h:7", "dns:///h:7")):
+        assert _core.channel_settings(given).target == dialled, given
+    assert _core.channel_settings("127.0.0.1,127.0.0.2:7").replicas == ("127.0.0.1:50051", "127.0.0.2:7")
+
+
+def test_every_json_flag_has_help():
+    from llem_client.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        for a in p._actions:
+            if a.option_strings:
+                assert a.help, f"{name} {a.option_strings} has no help"

@@ -24,6 +24,9 @@ from .errors import ConfigurationError
 #: token ids, which passes gRPC's 4 MiB default quickly.
 DEFAULT_MAX_RECEIVE_BYTES = 64 * 1024 * 1024
 
+#: llem-server's default port: an address without one means it (gRPC alone would dial 443).
+DEFAULT_PORT = 50051
+
 _ROUND_ROBIN = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
 
@@ -50,6 +53,18 @@ def _read_pem(value: bytes | str | os.PathLike | None, what: str) -> bytes | Non
             return fh.read()
     except OSError as e:
         raise ConfigurationError([(what, f"cannot read {text!r}: {e.strerror or e}")]) from None
+
+
+def with_default_port(addr: str) -> str:
+    """``HOST`` -> ``HOST:50051`` (``[v6]:50051``); a port or a scheme (``dns:``, ``unix:``) is kept."""
+    a = addr.strip()
+    if a.startswith("["):
+        return a if "]:" in a else f"{a}:{DEFAULT_PORT}"
+    try:
+        ip = ipaddress.ip_address(a)
+    except ValueError:
+        return a if ":" in a else f"{a}:{DEFAULT_PORT}"
+    return f"[{a}]:{DEFAULT_PORT}" if ip.version == 6 else f"{a}:{DEFAULT_PORT}"
 
 
 def _split_host_port(addr: str) -> tuple[str, str]:
@@ -131,11 +146,11 @@ def channel_settings(
     if targets:
         if target:
             raise ConfigurationError([("targets", "give either target or targets, not both")])
-        targets = list(targets)
+        targets = [with_default_port(t) for t in targets]
         resolved = targets[0] if len(targets) == 1 else _multi_address_target(targets)
         balance = len(targets) > 1
     elif target:
-        resolved = target
+        resolved = target = with_default_port(target)
         balance = target.startswith("dns:") or target.startswith(("ipv4:", "ipv6:"))
     else:
         raise ConfigurationError([("target", "no server address given (HOST:PORT)")])

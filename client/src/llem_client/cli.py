@@ -28,7 +28,7 @@ def _connection_parent() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("connection")
     g.add_argument("--server", default=os.environ.get("LLEM_SERVER", DEFAULT_SERVER),
-                   help="HOST:PORT, h1:p,h2:p (round robin) or dns:///host:port (default: $LLEM_SERVER or %(default)s)")
+                   help="HOST[:PORT] (port 50051 when left out), h1:p,h2:p (round robin) or dns:///host:port (default: $LLEM_SERVER or %(default)s)")
     g.add_argument("--token", default=os.environ.get("LLEM_TOKEN"), help="bearer token (default: $LLEM_TOKEN)")
     g.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
     g.add_argument("--ca-cert", metavar="FILE", help="CA certificate (PEM) to trust; implies --tls")
@@ -84,18 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="validate the config and print the effective configuration; send nothing")
 
     info = sub.add_parser("info", parents=[conn], help="server version, devices, energy sensors, limits")
-    info.add_argument("--json", action="store_true")
+    info.add_argument("--json", action="store_true", help="print the GetServerInfo answer as JSON")
     models = sub.add_parser("models", parents=[conn], help="list cached models")
-    models.add_argument("--json", action="store_true")
+    models.add_argument("--json", action="store_true", help="print the ListModels answer as JSON")
     load = sub.add_parser("load", parents=[conn], help="load a model ahead of time",
                           description="Load a model (by name, or model/precision/pytorch from an experiment YAML).")
     load.add_argument("target", metavar="MODEL|CONFIG.yaml")
     load.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. pytorch.attn_implementation=eager")
-    load.add_argument("--precision")
-    load.add_argument("--json", action="store_true")
+    load.add_argument("--precision", help="fp32, fp16 or bf16 (default: the server's)")
+    load.add_argument("--json", action="store_true", help="print the LoadModel answer as JSON")
     unload = sub.add_parser("unload", parents=[conn], help="unload a model by config hash (a unique prefix is enough)")
     unload.add_argument("config_hash")
-    unload.add_argument("--json", action="store_true")
+    unload.add_argument("--json", action="store_true", help="print the UnloadModel answer as JSON")
     health = sub.add_parser("health", parents=[conn], help="grpc.health.v1 check; exit 0 when SERVING")
     health.add_argument("--service", default="", help="service name (default: the whole server)")
     return parser
@@ -286,7 +286,7 @@ def cmd_info(args: argparse.Namespace, display) -> int:
         _dump(message_to_dict(info))
         return EXIT_OK
     rows = [("server version", info.server_version or "?")]
-    rows += [(f"  {k}", v) for k, v in sorted(info.versions.items())]
+    rows += [(f"  {k}", v) for k, v in sorted(info.versions.items()) if v]  # an empty version (no CUDA) says nothing
     for d in info.devices:
         s = d.energy_sensor
         energy = f"energy: {s.method}" if s.available else f"energy unavailable: {s.unavailable_reason}"
