@@ -75,6 +75,16 @@ def test_overrides_and_flags():
         build_experiment(BASE, overrides=["pytorch.batch_size"])
 
 
+def test_a_top_level_null_means_unset_as_inside_blocks():
+    nulls = {k: None for k in ("backend", "dataset_order", "output_dir", "energy", "warmup", "random_seed", "decoder")}
+    exp = build_experiment({**BASE, **nulls})
+    default = build_experiment(BASE)
+    assert (exp.dataset_order, exp.output_dir, exp.energy_backend, exp.random_seed) == \
+        (default.dataset_order, default.output_dir, default.energy_backend, default.random_seed)
+    with pytest.raises(ConfigurationError, match="model"):
+        build_experiment({**BASE, "model": None})
+
+
 def test_output_len_and_max_output_tokens_must_agree():
     with pytest.raises(ConfigurationError, match="conflicts with max_output_tokens"):
         build_experiment({**BASE, "dataset": {"n": 2, "output_len": 4}, "max_output_tokens": 8})

@@ -265,6 +265,9 @@ def build_experiment(
             hint = suggest(str(key), EXPERIMENT_KEYS)
             problems.append((str(key), f"unknown key{hint}" if hint else f"unknown key; known keys: {', '.join(EXPERIMENT_KEYS)}"))
 
+    # A top-level null means unset, as it does inside the blocks (`output_dir: null` is the default).
+    data = {k: v for k, v in data.items() if v is not None}
+
     backend = data.get("backend", "pytorch")
     if backend != "pytorch":
         problems.append(
