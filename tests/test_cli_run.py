@@ -382,7 +382,7 @@ def test_run_with_deferred_energy_fetches_it_after_the_phase(sim_server, tmp_pat
     check_result(res, requests=2, prompts=4)
     assert res["measurement"]["energy_delivery"] == "deferred"
     for r in res["requests"]:
-        assert r["timing"].get("energy_wait_ms", 0.0) < 1.0  # nothing waited for the counter
+        # (that the answers did not wait for the counter is a timing, measured by bench/metering.py)
         e = r["energy"]
         assert e["available"], e
         assert abs(e["total_j"] - 150.0 * e["duration_s"]) <= e["uncertainty_j"] + 1e-6
