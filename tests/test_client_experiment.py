@@ -204,13 +204,14 @@ def _summary(records: list, **extra) -> dict:
 
 
 def test_summary_shows_the_energy_bound_low_confidence_and_no_negative_zero():
-    e1 = llem_pb2.Energy(available=True, total_j=2.0, uncertainty_j=0.25, low_confidence=True, adjusted_j=-0.00001)
-    e2 = llem_pb2.Energy(available=True, total_j=3.0, uncertainty_j=0.5, adjusted_j=0.0)
+    e1 = llem_pb2.Energy(available=True, total_j=2.0, uncertainty_j=0.25, low_confidence=True, adjusted_j=-0.00001,
+                         adjusted_uncertainty_j=0.5)
+    e2 = llem_pb2.Energy(available=True, total_j=3.0, uncertainty_j=0.5, adjusted_j=0.0, adjusted_uncertainty_j=1.0)
     recs = [request_record(i, [i], _resp(4, e), 0.1, record_energy=True) for i, e in enumerate((e1, e2))]
     rows = _summary(recs)
     assert rows["total energy"] == "5.000 J ± 0.750 J"
     assert rows["low-confidence requests"].startswith("1 of 2")
-    assert rows["adjusted energy"] == "0.000 J"
+    assert rows["adjusted energy"] == "0.000 J ± 1.500 J"  # the baseline's bound travels with it
 
 
 def test_summary_of_a_run_stopped_before_measuring_says_so():

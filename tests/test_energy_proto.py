@@ -40,8 +40,10 @@ def test_available_report():
 
 
 def test_baseline_fields_and_zero_tokens():
-    m = energy_proto.energy(_report(adjusted_j=4.5, baseline_power_w=4.0, joules_per_output_token=None))
+    m = energy_proto.energy(_report(adjusted_j=4.5, baseline_power_w=4.0, joules_per_output_token=None,
+                                    adjusted_uncertainty_j=1.25))
     assert m.adjusted_j == 4.5 and m.baseline_power_w == 4.0 and not m.HasField("joules_per_output_token")
+    assert m.adjusted_uncertainty_j == 1.25
 
 
 def test_unavailable_report_carries_reason_and_no_numbers():

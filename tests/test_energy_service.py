@@ -6,6 +6,8 @@ over any window is 150 W x its length. Only the hardware is simulated.
 """
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from llem_client import Client
@@ -60,10 +62,14 @@ def test_load_energy_is_measured(client):
 
 
 def test_baseline_is_measured_and_subtracted(client):
+    before = time.time()
     b = client.measure_baseline(duration_s=0.6)
     dev = b.devices[0]
     assert dev.available and 0 < dev.baseline.uncertainty_w
     assert abs(dev.baseline.power_w - POWER_W) <= dev.baseline.uncertainty_w + 1e-6
+    assert dev.baseline.measured_unix >= before + 0.6  # its age counts from the end of the measurement
+    # under 1 s: said so, with the bound that adjusted figures will carry
+    assert [w.code for w in b.warnings] == ["BASELINE_UNCERTAIN"]
     info = client.server_info()
     assert info.devices[0].baseline.power_w == pytest.approx(dev.baseline.power_w)
     assert info.devices[0].energy_sensor.available
@@ -71,6 +77,21 @@ def test_baseline_is_measured_and_subtracted(client):
     e = r.energy
     assert e.HasField("adjusted_j") and e.baseline_power_w == pytest.approx(dev.baseline.power_w)
     assert e.adjusted_j == pytest.approx(e.total_j - e.baseline_power_w * e.duration_s)
+    # energy.md rule 5: the baseline's own bound travels with the adjusted figure
+    assert e.adjusted_uncertainty_j == pytest.approx(e.uncertainty_j + dev.baseline.uncertainty_w * e.duration_s)
+
+
+def test_a_baseline_whose_caller_went_away_is_abandoned_not_stored(client):
+    """The devices are freed when the caller goes away, so requests may run during the rest of
+    the duration: that measurement must not become the baseline adjusted_j subtracts."""
+    from llem_client import DeadlineExceeded
+
+    kept = client.measure_baseline(duration_s=0.6).devices[0].baseline
+    with pytest.raises(DeadlineExceeded):
+        client.measure_baseline(duration_s=3.0, timeout=0.5)
+    time.sleep(3.5)  # past the abandoned measurement's end (it is stored at its end, if at all)
+    now = client.server_info().devices[0].baseline
+    assert (now.measured_unix, now.duration_s) == (kept.measured_unix, kept.duration_s)
 
 
 def test_bad_baseline_duration_is_invalid(client):
@@ -92,7 +113,7 @@ def test_deferred_energy_answers_at_once_and_is_fetched_later(client):
                         energy_delivery="deferred")
     assert r.request_id == "deferred-1" and r.usage.output_tokens == 4
     assert not r.energy.available and "GetEnergy" in r.energy.unavailable_reason
-    assert r.timing.energy_wait_ms < 1.0  # no wait for the counter
+    assert r.timing.energy_wait_ms == 0.0  # no wait for the counter
     got = client.get_energy(["deferred-1", "never-sent"], wait_seconds=5)
     assert [x.request_id for x in got.results] == ["deferred-1", "never-sent"]
     e = got.results[0].energy

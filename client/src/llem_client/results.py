@@ -167,6 +167,9 @@ def aggregate(records: list[dict[str, Any]], *, energy_recorded: bool) -> dict[s
             "total_j": total,
             # adjusted_j only where every summed request has one, else the partial sum would mislead
             "adjusted_j": sum(r["energy"]["adjusted_j"] for r in adj) if adj and len(adj) == len(with_e) else None,
+            # the baseline's error is the same in every request: bounds add up, linearly
+            "adjusted_uncertainty_j": (sum(r["energy"].get("adjusted_uncertainty_j", 0.0) for r in adj)
+                                       if adj and len(adj) == len(with_e) else None),
             "requests_with_adjusted_energy": len(adj),
             "joules_per_output_token": (total / out_with_e) if total is not None and out_with_e > 0 else None,
             "joules_per_output_token_basis": "total_j / output tokens of the requests with energy",
@@ -285,7 +288,10 @@ def summary_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
             low = e.get("low_confidence_requests") or 0
             rows.append(("low-confidence requests", f"{low} of {e['requests_with_energy']}"
                          + (" (windows under ~1 s or few counter updates)" if low else "")))
-            rows.append(("adjusted energy", _fmt(e["adjusted_j"], " J", 3) if e["adjusted_j"] is not None else "n/a (no baseline)"))
+            adj_bound = (f" ± {_fmt(e['adjusted_uncertainty_j'], ' J', 3)}"
+                         if e.get("adjusted_uncertainty_j") is not None else "")
+            rows.append(("adjusted energy", _fmt(e["adjusted_j"], " J", 3) + adj_bound if e["adjusted_j"] is not None
+                         else "n/a (no baseline)"))
             rows.append(("J per output token", _fmt(e["joules_per_output_token"], " J", 4)))
             if missing:
                 rows.append(("requests without energy", f"{missing} of {a['requests']}: the total covers the other "

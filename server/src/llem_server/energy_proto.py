@@ -22,6 +22,8 @@ def energy(report: EnergyReport) -> llem_pb2.Energy:
     msg.approximate = report.approximate
     if report.adjusted_j is not None:
         msg.adjusted_j = report.adjusted_j
+    if report.adjusted_uncertainty_j is not None:
+        msg.adjusted_uncertainty_j = report.adjusted_uncertainty_j
     if report.baseline_power_w is not None:
         msg.baseline_power_w = report.baseline_power_w
     if report.joules_per_output_token is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -306,8 +307,10 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         else:
             energy, energy_warnings = await self._energy(window, t_end, out_tokens)
         energy_warnings.extend(stream_warnings)
+        # Deferred: nothing waited for the counter (registering the settlement is bookkeeping).
+        wait_ms = 0.0 if deferred else (time.monotonic() - t_wait) * 1e3
         yield self._response(request_id, config_hash, entry, resolved, result, energy, energy_warnings, job,
-                             t_arrival, energy_wait_ms=(time.monotonic() - t_wait) * 1e3, deferred=deferred)
+                             t_arrival, energy_wait_ms=wait_ms, deferred=deferred)
 
     def _defer_energy(self, request_id: str, config_hash: str, window, t_end, out_tokens, device) -> None:
         """Settle a deferred request's energy in the background, kept for GetEnergy."""
@@ -652,17 +655,24 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                 for w in self.workers:
                     resp.devices.add(index=w.index, available=False, unavailable_reason=self.energy_reason)
                 return resp
-            # Idle means idle: wait for running requests, and hold new ones, until done.
-            locks = [w.exclusive for w in sorted(metered.values(), key=lambda w: w.index)]
-            for lock in locks:
-                await lock.acquire()
+            # Idle means idle: wait for running requests, and hold new ones, until done. A caller
+            # that goes away frees the devices at once, so the measurement is abandoned too.
+            cancel, held = threading.Event(), []
             try:
-                results = await asyncio.to_thread(self.meter.measure_baseline, duration)
+                for w in sorted(metered.values(), key=lambda w: w.index):
+                    await w.exclusive.acquire()
+                    held.append(w.exclusive)
+                results = await asyncio.to_thread(self.meter.measure_baseline, duration, cancel)
+            except asyncio.CancelledError:
+                cancel.set()
+                raise
             finally:
-                for lock in locks:
+                for lock in held:
                     lock.release()
             for _idx, res in sorted(results.items()):
                 resp.devices.append(energy_proto.device_baseline(res))
+                if res.warning():
+                    resp.warnings.add(code=res.warning()[0], message=res.warning()[1])
             return resp
         except ServiceError as err:
             await abort(context, err)

@@ -856,7 +856,7 @@ class Timing(_message.Message):
     """Part of total_ms spent after generation waiting for the GPU energy counter's next
     update (it updates every ~100 ms; the window's end is interpolated between
     updates), ms. The device is free during it: the next request is already running.
-    0 when nothing is metered.
+    0 when nothing is metered, and for ENERGY_DELIVERY_DEFERRED (nothing waits).
     """
     @_builtins.property
     def inter_token_latency(self) -> Global___LatencyStats:
@@ -1079,6 +1079,7 @@ class Energy(_message.Message):
     APPROXIMATE_FIELD_NUMBER: _builtins.int
     PROVENANCE_FIELD_NUMBER: _builtins.int
     CPU_FIELD_NUMBER: _builtins.int
+    ADJUSTED_UNCERTAINTY_J_FIELD_NUMBER: _builtins.int
     available: _builtins.bool
     """True when total_j was measured."""
     unavailable_reason: _builtins.str
@@ -1103,6 +1104,10 @@ class Energy(_message.Message):
     """True when no other request shared the window on these GPUs."""
     approximate: _builtins.bool
     """True where the figure integrates NVML's ~1 s average power (no counter)."""
+    adjusted_uncertainty_j: _builtins.float
+    """Error bound of adjusted_j, joules: uncertainty_j plus the baseline's
+    uncertainty_w x duration_s (absent with no baseline).
+    """
     @_builtins.property
     def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceEnergy]:
         """Per-GPU figures."""
@@ -1133,19 +1138,24 @@ class Energy(_message.Message):
         approximate: _builtins.bool = ...,
         provenance: Global___Provenance | None = ...,
         cpu: Global___CpuEnergy | None = ...,
+        adjusted_uncertainty_j: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_adjusted_j", b"_adjusted_j", "_baseline_power_w", b"_baseline_power_w", "_joules_per_output_token", b"_joules_per_output_token", "adjusted_j", b"adjusted_j", "baseline_power_w", b"baseline_power_w", "cpu", b"cpu", "joules_per_output_token", b"joules_per_output_token", "provenance", b"provenance"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_adjusted_j", b"_adjusted_j", "_adjusted_uncertainty_j", b"_adjusted_uncertainty_j", "_baseline_power_w", b"_baseline_power_w", "_joules_per_output_token", b"_joules_per_output_token", "adjusted_j", b"adjusted_j", "adjusted_uncertainty_j", b"adjusted_uncertainty_j", "baseline_power_w", b"baseline_power_w", "cpu", b"cpu", "joules_per_output_token", b"joules_per_output_token", "provenance", b"provenance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_adjusted_j", b"_adjusted_j", "_baseline_power_w", b"_baseline_power_w", "_joules_per_output_token", b"_joules_per_output_token", "adjusted_j", b"adjusted_j", "approximate", b"approximate", "available", b"available", "baseline_power_w", b"baseline_power_w", "cpu", b"cpu", "devices", b"devices", "duration_s", b"duration_s", "exclusive", b"exclusive", "joules_per_output_token", b"joules_per_output_token", "low_confidence", b"low_confidence", "method", b"method", "provenance", b"provenance", "total_j", b"total_j", "unavailable_reason", b"unavailable_reason", "uncertainty_j", b"uncertainty_j"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_adjusted_j", b"_adjusted_j", "_adjusted_uncertainty_j", b"_adjusted_uncertainty_j", "_baseline_power_w", b"_baseline_power_w", "_joules_per_output_token", b"_joules_per_output_token", "adjusted_j", b"adjusted_j", "adjusted_uncertainty_j", b"adjusted_uncertainty_j", "approximate", b"approximate", "available", b"available", "baseline_power_w", b"baseline_power_w", "cpu", b"cpu", "devices", b"devices", "duration_s", b"duration_s", "exclusive", b"exclusive", "joules_per_output_token", b"joules_per_output_token", "low_confidence", b"low_confidence", "method", b"method", "provenance", b"provenance", "total_j", b"total_j", "unavailable_reason", b"unavailable_reason", "uncertainty_j", b"uncertainty_j"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__adjusted_j: _TypeAlias = _typing.Literal["adjusted_j"]  # noqa: Y015
     _WhichOneofArgType__adjusted_j: _TypeAlias = _typing.Literal["_adjusted_j", b"_adjusted_j"]  # noqa: Y015
+    _WhichOneofReturnType__adjusted_uncertainty_j: _TypeAlias = _typing.Literal["adjusted_uncertainty_j"]  # noqa: Y015
+    _WhichOneofArgType__adjusted_uncertainty_j: _TypeAlias = _typing.Literal["_adjusted_uncertainty_j", b"_adjusted_uncertainty_j"]  # noqa: Y015
     _WhichOneofReturnType__baseline_power_w: _TypeAlias = _typing.Literal["baseline_power_w"]  # noqa: Y015
     _WhichOneofArgType__baseline_power_w: _TypeAlias = _typing.Literal["_baseline_power_w", b"_baseline_power_w"]  # noqa: Y015
     _WhichOneofReturnType__joules_per_output_token: _TypeAlias = _typing.Literal["joules_per_output_token"]  # noqa: Y015
     _WhichOneofArgType__joules_per_output_token: _TypeAlias = _typing.Literal["_joules_per_output_token", b"_joules_per_output_token"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__adjusted_j) -> _WhichOneofReturnType__adjusted_j | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__adjusted_uncertainty_j) -> _WhichOneofReturnType__adjusted_uncertainty_j | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__baseline_power_w) -> _WhichOneofReturnType__baseline_power_w | None: ...
     @_typing.overload

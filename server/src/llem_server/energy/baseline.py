@@ -11,6 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 STALE_AFTER_S = 3600.0  # older baselines are flagged ENERGY_BASELINE_STALE
+# A baseline shorter than this (under ~10 counter updates), or with a bound over this share
+# of its power, is answered with BASELINE_UNCERTAIN: its bound then dominates adjusted_j's.
+SHORT_S = 1.0
+UNCERTAIN_SHARE = 0.05
 
 
 @dataclass(frozen=True)
@@ -29,3 +33,10 @@ class BaselineResult:
     @property
     def stale(self) -> bool:
         return self.available and self.age_s > STALE_AFTER_S
+
+    def warning(self) -> tuple[str, str] | None:
+        if not self.available or (self.duration_s >= SHORT_S and self.uncertainty_w <= UNCERTAIN_SHARE * self.power_w):
+            return None
+        return ("BASELINE_UNCERTAIN", f"GPU {self.index}: idle power {self.power_w:.2f} ± {self.uncertainty_w:.2f} W "
+                                      f"from {self.duration_s:.2f} s; responses carry this bound in "
+                                      "adjusted_uncertainty_j; a longer baseline (30 s by default) is tighter")

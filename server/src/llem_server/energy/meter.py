@@ -118,6 +118,7 @@ class EnergyReport:
     devices: list[DeviceReport] = field(default_factory=list)
     baseline_power_w: float | None = None
     adjusted_j: float | None = None
+    adjusted_uncertainty_j: float | None = None
     joules_per_output_token: float | None = None
     output_tokens: int | None = None
     provenance: dict[str, str] = field(default_factory=dict)
@@ -417,6 +418,7 @@ class EnergyMeter:
                        " (sampler stalled)" if d.sampler.running else " (sampler not running)")), cpu=cpu)
         dur = t1 - t0
         out: list[DeviceReport] = []
+        bl_unc_w: list = []  # each device's baseline bound, beside out
         warnings: list[tuple[str, str]] = []
         shared_tokens = shared_time = False
         approximate = False
@@ -455,6 +457,7 @@ class EnergyMeter:
                     reasons |= r
             st = d.static
             bl = self._baselines.get(d.index)
+            bl_unc_w.append(bl.uncertainty_w if bl and bl.available else None)
             out.append(DeviceReport(
                 index=d.index, name=st.get("name"), uuid=st.get("uuid"), energy_j=e_j, avg_power_w=avg_w,
                 power_limit_w=st.get("power_limit_w"), persistence_mode=st.get("persistence_mode"),
@@ -479,9 +482,10 @@ class EnergyMeter:
             warnings.append(("ENERGY_SHARED_WINDOW",
                              f"other requests ran on the same GPU during this one: the shared energy was split {how} "
                              "(energy.md rule 3)"))
-        baseline_w = None
+        baseline_w = baseline_unc_w = None
         if all(r.baseline_power_w is not None for r in out):
             baseline_w = sum(r.baseline_power_w for r in out)
+            baseline_unc_w = sum(bl_unc_w)
         tokens = window.output_tokens
         return EnergyReport(
             available=True, method=METHOD_POWER if approximate else METHOD_COUNTER,
@@ -490,6 +494,7 @@ class EnergyMeter:
             exclusive=exclusive, total_j=total, duration_s=dur, uncertainty_j=unc, low_confidence=low,
             approximate=approximate, devices=out, baseline_power_w=baseline_w,
             adjusted_j=total - baseline_w * dur if baseline_w is not None else None,
+            adjusted_uncertainty_j=unc + baseline_unc_w * dur if baseline_unc_w is not None else None,
             joules_per_output_token=total / tokens if tokens else None, output_tokens=tokens,
             provenance=self.provenance(), cpu=cpu, warnings=warnings)
 
@@ -597,8 +602,12 @@ class EnergyMeter:
         return 0.0 if first is None or last is None else (last[1] - first[1]) / 1000.0
 
     # -- baseline --------------------------------------------------------------------
-    def measure_baseline(self, duration_s: float) -> dict[int, BaselineResult]:
-        """Blocking; the caller guarantees no request runs on these devices meanwhile."""
+    def measure_baseline(self, duration_s: float, cancel: threading.Event | None = None) -> dict[int, BaselineResult]:
+        """Blocking; the caller guarantees no request runs on these devices meanwhile.
+
+        ``cancel`` set during the measurement abandons it: the caller no longer holds the
+        devices idle, so nothing is stored.
+        """
         out: dict[int, BaselineResult] = {}
         live = []
         for i, d in self._devs.items():
@@ -619,9 +628,11 @@ class EnergyMeter:
         for d in live:
             d.sampler.wait_phase(deadline)
         t0 = self._clock()
-        unix0 = time.time()
-        time.sleep(duration_s)
+        if (cancel or threading.Event()).wait(duration_s):
+            return {**out, **{d.index: BaselineResult(d.index, False, "cancelled: the devices were no longer held "
+                                                                       "idle, so nothing was measured") for d in live}}
         t1 = self._clock()
+        unix1 = time.time()  # a baseline's age counts from the end of its measurement
         deadline = time.monotonic() + 2.0
         for d in live:
             if not d.sampler.wait_for_point(t1, deadline):
@@ -643,7 +654,7 @@ class EnergyMeter:
                                                 tr.known_period_err)
                 if counted is not None and abs(counted - power) <= unc + c_unc:
                     power, unc = counted, c_unc  # whole updates: far tighter, and it agrees
-                res = BaselineResult(d.index, True, "", power, t1 - t0, unix0, t0, d.state.method,
+                res = BaselineResult(d.index, True, "", power, t1 - t0, unix1, t1, d.state.method,
                                      uncertainty_w=unc)
                 with self._lock:
                     self._baselines[d.index] = res
