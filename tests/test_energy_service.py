@@ -57,8 +57,27 @@ def test_load_energy_is_measured(client):
         e = loaded.model.load_energy
         assert e.available and e.duration_s > 0
         assert abs(e.total_j - POWER_W * e.duration_s) <= e.uncertainty_j + 1e-6
+        assert ("ENERGY_SHORT_WINDOW" in [w.code for w in loaded.warnings]) == e.low_confidence
     listed = {m.config_hash: m for m in client.list_models().models}[loaded.config_hash]
     assert listed.load_energy.available == loaded.model.load_energy.available
+
+
+def test_a_load_made_by_generate_has_its_energy_measured_too(client):
+    """A cache miss in Generate loads the model: ListModels must show that load's energy
+    (it was absent with no reason when only LoadModel measured it)."""
+    r = client.generate(["x"], model="llama", pytorch={"max_memory": {"cpu": "5GiB"}}, decoder=GREEDY,
+                        max_output_tokens=2)
+    assert not r.cache_hit
+    deadline = time.monotonic() + 10
+    while True:
+        (m,) = [m for m in client.list_models().models if m.config_hash == r.config_hash]
+        e = m.load_energy
+        if e.available or time.monotonic() > deadline:
+            break
+        assert e.unavailable_reason  # measuring: absent with a reason, never a bare zero
+        time.sleep(0.1)
+    assert e.available, e.unavailable_reason
+    assert abs(e.total_j - POWER_W * e.duration_s) <= e.uncertainty_j + 1e-6
 
 
 def test_baseline_is_measured_and_subtracted(client):

@@ -296,6 +296,7 @@ def test_unload_returns_the_memory_and_forgets_the_model(client):
     loaded = client.load_model(model="gpt2", pytorch={"device_map": "cpu"})
     assert loaded.model.state == pb.MODEL_STATE_READY and loaded.model.load_time_s > 0
     assert not loaded.model.load_energy.available and loaded.model.load_energy.unavailable_reason
+    assert "ENERGY_UNAVAILABLE" in [w.code for w in loaded.warnings]
     gone = client.unload_model(loaded.config_hash)
     # freed_bytes is only claimed when the worker saw the module collected (weakref dead)
     assert gone.unloaded and gone.freed_bytes == loaded.model.memory_bytes > 0

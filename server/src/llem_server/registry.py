@@ -23,6 +23,8 @@ class Entry:
     active: int = 0
     info: dict = field(default_factory=dict)  # from the worker: memory, load/compile time, use count, ...
     load_energy: llem_pb2.Energy | None = None
+    load_energy_warnings: list = field(default_factory=list)
+    load_energy_task: Any = None  # asyncio.Task measuring load_energy once the counter passes the load
     error: str = ""
     tokenizer: Any = None  # tokenizers.Tokenizer for decoding streams in this process
     last_used_unix: float = field(default_factory=time.time)

@@ -381,6 +381,17 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             self.metrics.model_loaded(data["model"].get("load_time_s", 0.0) + data["model"].get("compile_time_s", 0.0),
                                       device=self.meter_devices.get(entry.device_index, entry.device_index))
         self._drop_evicted(entry, data)
+        # Every load's energy (LoadModel or a Generate's cache miss), measured off the request
+        # path: the window is registered after the fact; its energy comes from the samples.
+        entry.load_energy = llem_pb2.Energy(available=False, unavailable_reason=(
+            "being measured: the energy counter has not yet passed the end of the load"))
+        entry.load_energy_warnings = []
+        entry.load_energy_task = self._in_background(self._measure_load(entry, *data["model"]["load_window"]))
+
+    async def _measure_load(self, entry, t0: float, t1: float) -> None:
+        worker = self.workers[entry.device_index]
+        window = self.meter.open_window(self._meter_indices(worker), t0, f"load-{entry.config_hash[:16]}")
+        entry.load_energy, entry.load_energy_warnings = await self._energy(window, t1, None)
 
     def _job_failed(self, entry, data: dict) -> None:
         """A job's error: a failed load is listed with its reason; other errors (cancelled,
@@ -442,10 +453,11 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
 
         self._in_background(finish())
 
-    def _in_background(self, coro) -> None:
+    def _in_background(self, coro) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     def _load_outcome_of(self, entry, kind: str, data: dict, model) -> None:
         """A load job's answer into the registry; raises the client's error for a failed one."""
@@ -555,13 +567,13 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             finally:
                 self.registry.release(entry)
             cache_hit = data["cache_hit"]
-            if not cache_hit:
-                t0, t1 = data["model"]["load_window"]
-                window = self.meter.open_window(self._meter_indices(worker), t0, request.request_id or "load")
-                entry.load_energy, _ = await self._energy(window, t1, None)
+            if not cache_hit and entry.load_energy_task is not None:
+                await asyncio.shield(entry.load_energy_task)  # this answer carries the load's energy
             resp = llem_pb2.LoadModelResponse(config_hash=config_hash, cache_hit=cache_hit, model=entry.to_proto())
             for code, message in list(warnings) + list(data["model"].get("warnings", [])):
                 resp.warnings.add(code=code, message=message)
+            if not cache_hit:
+                resp.warnings.extend(entry.load_energy_warnings)
             if self.log is not None:
                 e = entry.load_energy
                 self.log.info("load_model", request_id=request.request_id or None, config_hash=config_hash,
