@@ -152,9 +152,34 @@ def test_deferred_energy_in_a_stream(client):
     msgs = list(client.generate_stream(["streamed"], model="llama", decoder=GREEDY, max_output_tokens=4,
                                        request_id="deferred-stream", energy_delivery="deferred"))
     final = msgs[-1].final
-    assert not final.energy.available and final.timing.energy_wait_ms < 1.0
+    assert not final.energy.available and final.timing.energy_wait_ms == 0.0
     e = client.get_energy("deferred-stream", wait_seconds=5).results[0].energy
     assert e.available and abs(e.total_j - POWER_W * e.duration_s) <= e.uncertainty_j + 1e-6
+
+
+def test_get_energy_waits_for_a_deferred_request_still_generating(client):
+    """Asked while the request still runs, GetEnergy waits for it (it answered 'never sent'),
+    and a deferred request that failed leaves its reason."""
+    from llem.v1 import llem_pb2
+
+    req = llem_pb2.GenerateRequest(model=llem_pb2.ModelConfig(model="llama"), prompts=["long"],
+                                   max_output_tokens=600, request_id="deferred-running",
+                                   energy_delivery=llem_pb2.ENERGY_DELIVERY_DEFERRED)
+    req.decoder.min_new_tokens = 600
+    call = client.generate_future(req)
+    time.sleep(0.3)  # it has arrived; 600 tokens take longer than this on any machine here
+    got = client.get_energy("deferred-running", wait_seconds=30).results[0]
+    assert call.result().usage.output_tokens == 600
+    assert got.energy.available, got.energy.unavailable_reason
+    assert abs(got.energy.total_j - POWER_W * got.energy.duration_s) <= got.energy.uncertainty_j + 1e-6
+
+    bad = llem_pb2.GenerateRequest(model=llem_pb2.ModelConfig(model="no-such-model"), prompts=["x"],
+                                   request_id="deferred-failed", energy_delivery=llem_pb2.ENERGY_DELIVERY_DEFERRED)
+    with pytest.raises(Exception):
+        client.generate_request(bad)
+    e = client.get_energy("deferred-failed").results[0].energy
+    assert not e.available and e.unavailable_reason.startswith("the request did not finish")
+    assert e.cpu.unavailable_reason  # every absent part says why
 
 
 def test_get_energy_rejects_bad_arguments(client):

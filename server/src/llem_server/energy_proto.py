@@ -39,6 +39,12 @@ def energy(report: EnergyReport) -> llem_pb2.Energy:
     return msg
 
 
+def absent(reason: str) -> llem_pb2.Energy:
+    """Energy not (yet) measured, for a reason that holds for the GPU and CPU parts alike."""
+    return llem_pb2.Energy(available=False, unavailable_reason=reason,
+                           cpu=llem_pb2.CpuEnergy(available=False, unavailable_reason=reason))
+
+
 def provenance(p: dict[str, str]) -> llem_pb2.Provenance:
     return llem_pb2.Provenance(driver_version=p.get("driver_version", ""), cuda_version=p.get("cuda_version", ""),
                                torch_version=p.get("torch_version", ""),

@@ -72,6 +72,13 @@ def _hide_root(data: dict, model) -> dict:
     return data
 
 
+@dataclass
+class _Deferred:
+    """A deferred request's energy to come: known from the request's arrival."""
+    fut: asyncio.Future  # -> (Energy, [Warning])
+    generating: bool = True  # until its tokens are done; then the counter's update is awaited
+
+
 class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
     def __init__(self, settings: Settings, workers: list[DeviceWorker], meter, *, meter_devices: dict[int, int],
                  energy_reason: str = "", log=None, metrics=None, health=None,
@@ -89,8 +96,8 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         self.registry = Registry(on_change=self._on_model_change)
         self.draining = False
         self._background: set[asyncio.Task] = set()
-        # request_id -> future of (Energy, [Warning]) for ENERGY_DELIVERY_DEFERRED requests
-        self._deferred: OrderedDict[str, asyncio.Future] = OrderedDict()
+        # request_id -> its (Energy, [Warning]) to come, for ENERGY_DELIVERY_DEFERRED requests
+        self._deferred: OrderedDict[str, _Deferred] = OrderedDict()
         for w in workers:
             w.on_restart = self._on_worker_restart
 
@@ -172,7 +179,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                       output_tokens: int | None) -> tuple[llem_pb2.Energy, list[llem_pb2.Warning]]:
         """Waits (off the device) for the counter to pass the window's end, then attributes."""
         if window is None:
-            return llem_pb2.Energy(available=False, unavailable_reason="no generation ran for this request"), []
+            return energy_proto.absent("no generation ran for this request"), []
         self.meter.close_window(window, t_end, output_tokens)
         if not window.devices and not self.meter.cpu_sensor().available:
             # Nothing to wait for (no metered GPU, no RAPL): the report is immediate, so skip the
@@ -215,10 +222,32 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                           message=err.message[:300])
 
     async def _generate(self, request: llem_pb2.GenerateRequest, context, *, stream: bool) -> AsyncIterator:
+        request_id = request.request_id or uuid.uuid4().hex
+        if request.energy_delivery != llem_pb2.ENERGY_DELIVERY_DEFERRED:
+            async for event in self._generate_request(request, request_id, context, stream=stream):
+                yield event
+            return
+        # GetEnergy knows a deferred request from its arrival: asked while it still runs, it
+        # waits for it; a request that fails leaves a reason, not "never sent".
+        deferred = self._reserve_deferred(request_id)
+        inner = self._generate_request(request, request_id, context, stream=stream, deferred=deferred)
+        try:
+            async for event in inner:
+                yield event
+        except BaseException as exc:
+            if not deferred.fut.done():
+                why = exc.message if isinstance(exc, ServiceError) else "the request was cancelled"
+                deferred.fut.set_result((energy_proto.absent((
+                    f"the request did not finish: {why}")), []))
+            raise
+        finally:
+            await inner.aclose()
+
+    async def _generate_request(self, request: llem_pb2.GenerateRequest, request_id: str, context, *,
+                                stream: bool, deferred: _Deferred | None = None) -> AsyncIterator:
         t_arrival = time.monotonic()
         self._check_open()
         self._check_size(request)
-        request_id = request.request_id or uuid.uuid4().hex
         model = self._resolve_model(request.model.model, "model.model")
         try:
             resolved = config.resolve_generate(request, self.capabilities(), model_is_local=model.is_local)
@@ -297,34 +326,40 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                 if tail:
                     yield llem_pb2.TokenChunk(index=index, text=tail)
         t_wait = time.monotonic()
-        deferred = resolved.plan.energy_delivery == "deferred"
-        if deferred:
-            self._defer_energy(request_id, config_hash, window, t_end, out_tokens,
+        if deferred is not None:
+            self._defer_energy(deferred, request_id, config_hash, window, t_end, out_tokens,
                                self.meter_devices.get(entry.device_index, entry.device_index))
-            energy, energy_warnings = llem_pb2.Energy(available=False, unavailable_reason=(
+            energy, energy_warnings = energy_proto.absent((
                 "deferred (energy_delivery = ENERGY_DELIVERY_DEFERRED): fetch it with GetEnergy(request_id) once "
                 "the energy counter has passed this request's end (~100 ms)")), []
         else:
             energy, energy_warnings = await self._energy(window, t_end, out_tokens)
         energy_warnings.extend(stream_warnings)
         # Deferred: nothing waited for the counter (registering the settlement is bookkeeping).
-        wait_ms = 0.0 if deferred else (time.monotonic() - t_wait) * 1e3
+        wait_ms = 0.0 if deferred is not None else (time.monotonic() - t_wait) * 1e3
         yield self._response(request_id, config_hash, entry, resolved, result, energy, energy_warnings, job,
-                             t_arrival, energy_wait_ms=wait_ms, deferred=deferred)
+                             t_arrival, energy_wait_ms=wait_ms, deferred=deferred is not None)
 
-    def _defer_energy(self, request_id: str, config_hash: str, window, t_end, out_tokens, device) -> None:
-        """Settle a deferred request's energy in the background, kept for GetEnergy."""
-        fut = asyncio.get_running_loop().create_future()
+    def _reserve_deferred(self, request_id: str) -> _Deferred:
+        """A deferred request's place for GetEnergy, from its arrival (most recent kept)."""
+        held = _Deferred(asyncio.get_running_loop().create_future())
         self._deferred.pop(request_id, None)  # a reused id: the latest request wins
-        self._deferred[request_id] = fut
+        self._deferred[request_id] = held
         while len(self._deferred) > max(self.settings.deferred_energy_keep, 1):
             self._deferred.popitem(last=False)
+        return held
+
+    def _defer_energy(self, held: _Deferred, request_id: str, config_hash: str, window, t_end, out_tokens,
+                      device) -> None:
+        """Settle a deferred request's energy in the background, kept for GetEnergy."""
+        held.generating = False
+        fut = held.fut
 
         async def settle():
             try:
                 energy, warnings = await self._energy(window, t_end, out_tokens)
             except Exception as exc:  # noqa: BLE001 - a reason, never a lost future
-                energy, warnings = llem_pb2.Energy(available=False, unavailable_reason=f"energy failed: {exc!r}"), []
+                energy, warnings = energy_proto.absent(f"energy failed: {exc!r}"), []
             fut.set_result((energy, warnings))
             if self.metrics is not None:  # counted once, when known: the answer itself did not count it
                 self.metrics.record_energy_message(energy, device)
@@ -352,20 +387,21 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             deadline = time.monotonic() + wait
             resp = llem_pb2.GetEnergyResponse()
             for rid in ids:
-                fut = self._deferred.get(rid)
+                held = self._deferred.get(rid)
                 item = resp.results.add(request_id=rid)
-                if fut is None:
-                    item.energy.CopyFrom(llem_pb2.Energy(available=False, unavailable_reason=(
+                if held is None:
+                    item.energy.CopyFrom(energy_proto.absent((
                         "no deferred energy for this request id on this server: it was not sent with "
                         "ENERGY_DELIVERY_DEFERRED, is older than the last "
                         f"{self.settings.deferred_energy_keep} deferred requests, or went to another server")))
                     continue
                 try:
-                    energy, warnings = await asyncio.wait_for(asyncio.shield(fut),
+                    energy, warnings = await asyncio.wait_for(asyncio.shield(held.fut),
                                                               max(0.0, deadline - time.monotonic()))
                 except asyncio.TimeoutError:
-                    item.energy.CopyFrom(llem_pb2.Energy(available=False, unavailable_reason=(
-                        f"not settled within wait_seconds={wait:g}: ask again")))
+                    state = "still generating" if held.generating else "not settled"
+                    item.energy.CopyFrom(energy_proto.absent((
+                        f"{state} within wait_seconds={wait:g}: ask again")))
                     continue
                 item.energy.CopyFrom(energy)
                 item.warnings.extend(warnings)
@@ -383,7 +419,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         self._drop_evicted(entry, data)
         # Every load's energy (LoadModel or a Generate's cache miss), measured off the request
         # path: the window is registered after the fact; its energy comes from the samples.
-        entry.load_energy = llem_pb2.Energy(available=False, unavailable_reason=(
+        entry.load_energy = energy_proto.absent((
             "being measured: the energy counter has not yet passed the end of the load"))
         entry.load_energy_warnings = []
         entry.load_energy_task = self._in_background(self._measure_load(entry, *data["model"]["load_window"]))
