@@ -923,7 +923,10 @@ class DeviceEnergy(_message.Message):
     temperature_end_c: _builtins.float
     """GPU temperature at the window end, degrees Celsius."""
     counter_resolution_mj: _builtins.float
-    """Counter resolution: smallest step seen, millijoules."""
+    """Counter resolution as observed: the smallest step between two counter readings
+    seen, millijoules. The counter counts in mJ but changes only at its updates
+    (counter_update_ms apart), so this is about one update's energy.
+    """
     counter_update_ms: _builtins.float
     """Median time between counter updates, milliseconds."""
     counter_updates: _builtins.int
