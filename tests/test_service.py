@@ -45,6 +45,21 @@ def test_client_imports_without_torch_or_transformers():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_the_front_process_never_loads_torch(server, client):
+    """Only workers import torch (docs/architecture.md): the front stays small and starts fast.
+    A torch object in a worker's message would import it while unpickling."""
+    client.generate(["Hi"], model="llama", decoder=GREEDY, max_output_tokens=2)
+    client.server_info()
+    maps = open(f"/proc/{server.proc.pid}/maps").read()
+    assert "libtorch" not in maps
+
+
+def test_compile_backends_offered_are_usable_ones(client):
+    backends = set(client.server_info().compile_backends)
+    assert {"inductor", "eager", "aot_eager"} <= backends
+    assert not [b for b in backends if "TESTING_ONLY" in b or "minifier" in b or b == "tvm"]
+
+
 # -- generation ---------------------------------------------------------------------
 
 def test_generate_returns_completions_in_prompt_order_with_real_token_counts(client):

@@ -38,8 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-client-ca", type=Path, help="require client certificates signed by this CA (mTLS)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     p.add_argument("--grace-seconds", type=float, default=30.0, help="time in-flight calls get on SIGTERM")
-    p.add_argument("--log-format", choices=["json", "console"], default="json")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-format", choices=["auto", "json", "console"], default="auto",
+                   help="log lines: json (one object per line), console (readable), or auto: "
+                        "console on a terminal, json otherwise (default)")
+    p.add_argument("--log-level", default="info", help="debug, info, warning, error or critical (default: info)")
     return p
 
 
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from .logs import configure, get_logger
 
-    configure(json=args.log_format == "json", level=args.log_level)
+    configure(json={"json": True, "console": False}.get(args.log_format), level=args.log_level)
     if args.auth_token_file:
         from .auth import load_tokens
 

@@ -27,6 +27,21 @@ def _has_module(name: str) -> bool:
         return False
 
 
+# Registered torch.compile backends that need a package of their own to run.
+_BACKEND_PACKAGES = {"tvm": "tvm", "openxla": "torch_xla", "onnxrt": "onnxruntime", "tensorrt": "torch_tensorrt",
+                     "torch_tensorrt": "torch_tensorrt", "ipex": "intel_extension_for_pytorch"}
+
+
+_DEBUG_BACKENDS = ("eager", "aot_eager")  # tagged "debug" by torch, but config.md names them
+
+
+def _compile_backends(listed, registered) -> list[str]:
+    """The backends a request may name here: torch's own list (no debug or experimental
+    ones, no test fixtures) plus eager and aot_eager, less those whose package is missing."""
+    names = set(listed) | {b for b in _DEBUG_BACKENDS if b in registered}
+    return sorted(b for b in names if b not in _BACKEND_PACKAGES or _has_module(_BACKEND_PACKAGES[b]))
+
+
 def _capabilities(torch, device: str) -> dict:
     import transformers
     from transformers.generation.configuration_utils import ALL_CACHE_IMPLEMENTATIONS
@@ -42,13 +57,16 @@ def _capabilities(torch, device: str) -> dict:
         "bitsandbytes": _has_module("bitsandbytes"),
         "quantized_cache": any(_has_module(m) for m in ("optimum.quanto", "hqq")),
         "cache_implementations": list(ALL_CACHE_IMPLEMENTATIONS),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "cuda": torch.version.cuda or "", "python": sys.version.split()[0]},
+        # Plain strings: torch.__version__ is a TorchVersion, and unpickling one in the front
+        # process would import torch there.
+        "versions": {"torch": str(torch.__version__), "transformers": str(transformers.__version__),
+                     "cuda": str(torch.version.cuda or ""), "python": sys.version.split()[0]},
     }
     try:
         import torch._dynamo
 
-        info["compile_backends"] = sorted(torch._dynamo.list_backends(exclude_tags=()))
+        info["compile_backends"] = _compile_backends(torch._dynamo.list_backends(),
+                                                     torch._dynamo.list_backends(exclude_tags=()))
     except Exception:  # noqa: BLE001
         info["compile_backends"] = ["inductor"]
     if _has_module("bitsandbytes"):
