@@ -263,6 +263,8 @@ def test_worker_restart_is_counted(obs, ostub):
     while _total(_scrape(obs), "llem_worker_restarts_total") == before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _total(_scrape(obs), "llem_worker_restarts_total") == before + 1
+    (died,) = [l for l in json_lines(obs) if l.get("event") == "worker_died" and l.get("restarts") == before + 1]
+    assert died["level"] == "warning" and died["exit_code"] == -9
     r = ostub.Generate(llem_pb2.GenerateRequest(model=_model("llama"), prompts=["back"], max_output_tokens=2),
                        timeout=120)  # served by the new worker (after a fresh load)
     assert r.usage.output_tokens == 2 and not r.cache_hit
@@ -289,6 +291,28 @@ def test_json_logs_carry_request_fields(obs, ostub):
     assert line["level"] == "info" and "timestamp" in line
     bad = [l for l in lines if l.get("request_id") == "log-bad-1"]
     assert len(bad) == 1 and bad[0]["status"] == "INVALID_ARGUMENT" and "max_output_tokens" in bad[0]["message"]
+
+
+def test_failed_and_stopped_requests_are_logged_with_their_ids_and_status(obs, ostub):
+    """A failure is findable in the log: the server's own request id where the client sent none,
+    the config hash once known; a stopped request says whether it was cancelled or timed out."""
+    with pytest.raises(grpc.RpcError):  # no request_id: the server makes one
+        ostub.Generate(llem_pb2.GenerateRequest(model=_model("no-such-model"), prompts=["a"]), timeout=10)
+    with pytest.raises(grpc.RpcError) as late:
+        ostub.Generate(llem_pb2.GenerateRequest(model=_model("llama"), prompts=["a"], max_output_tokens=3000,
+                                                decoder=llem_pb2.DecoderConfig(min_new_tokens=3000),
+                                                request_id="log-late-1"), timeout=1)
+    assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 30
+    while not [l for l in json_lines(obs) if l.get("event") == "request_stopped"
+               and l.get("request_id") == "log-late-1"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    lines = json_lines(obs)
+    (missing,) = [l for l in lines if l.get("event") == "generate" and l.get("status") == "NOT_FOUND"
+                  and "no-such-model" in l.get("message", "")]
+    assert len(missing["request_id"]) == 32
+    (stopped,) = [l for l in lines if l.get("event") == "request_stopped" and l.get("request_id") == "log-late-1"]
+    assert stopped["status"] == "DEADLINE_EXCEEDED" and len(stopped["config_hash"]) == 64
 
 
 # -- replicas --------------------------------------------------------------------------------------------------

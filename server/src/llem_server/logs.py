@@ -22,12 +22,13 @@ from typing import Any
 import structlog
 from structlog.contextvars import bound_contextvars, clear_contextvars
 
-__all__ = ["configure", "get_logger", "bound", "clear_contextvars"]
+__all__ = ["configure", "get_logger", "bind", "bound", "clear_contextvars"]
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "warn": logging.WARNING, "error": logging.ERROR, "critical": logging.CRITICAL}
 
 bound = bound_contextvars
+bind = structlog.contextvars.bind_contextvars  # for the rest of this asyncio task (one RPC)
 
 
 def _enum_names(_logger: Any, _method: str, event: dict) -> dict:

@@ -60,7 +60,7 @@ class DeviceWorker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._hello: asyncio.Future | None = None
         self._dispatcher: asyncio.Task | None = None
-        self.on_restart = None  # callback(index) after a crash, to clear the front's cache mirror
+        self.on_restart = None  # callback(index, exit code) after a crash: the front's cache mirror, logs
 
     # -- process lifecycle -------------------------------------------------
     async def start(self) -> None:
@@ -132,7 +132,7 @@ class DeviceWorker:
         self.state = "restarting"
         self.restarts += 1
         if self.on_restart:
-            self.on_restart(self.index)
+            self.on_restart(self.index, proc.exitcode)
         asyncio.ensure_future(self._restart())
 
     async def _restart(self) -> None:

@@ -24,6 +24,7 @@ from llem.v1 import llem_pb2, llem_pb2_grpc
 from . import __version__, config
 from . import energy_proto
 from .errors import ServiceError, abort
+from .logs import bind
 from .paths import ModelPathError, resolve_model
 from .registry import FAILED, READY, Registry
 from .scheduler import DeviceWorker, QueueFull, error_from_worker
@@ -101,7 +102,11 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         for w in workers:
             w.on_restart = self._on_worker_restart
 
-    def _on_worker_restart(self, index: int) -> None:
+    def _on_worker_restart(self, index: int, exitcode: int | None = None) -> None:
+        if self.log is not None:
+            self.log.warning("worker_died", device=self.workers[index].device if index < len(self.workers) else index,
+                             exit_code=exitcode, restarts=self.workers[index].restarts if index < len(self.workers)
+                             else None, note="its running request failed with UNAVAILABLE; restarting it")
         self.registry.drop_device(index)
         if self.metrics is not None:
             self.metrics.record_worker_restart(self.meter_devices.get(index, index))
@@ -217,12 +222,12 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             await events.aclose()
 
     def _log_failed(self, request, err: ServiceError) -> None:
-        if self.log is not None:
-            self.log.info("generate", request_id=request.request_id or None, status=err.code.name,
-                          message=err.message[:300])
+        if self.log is not None:  # request_id and config_hash (once known) are bound to the RPC's task
+            self.log.info("generate", status=err.code.name, message=err.message[:300])
 
     async def _generate(self, request: llem_pb2.GenerateRequest, context, *, stream: bool) -> AsyncIterator:
         request_id = request.request_id or uuid.uuid4().hex
+        bind(request_id=request_id)  # every line of this RPC, its failure's included, carries it
         if request.energy_delivery != llem_pb2.ENERGY_DELIVERY_DEFERRED:
             async for event in self._generate_request(request, request_id, context, stream=stream):
                 yield event
@@ -255,6 +260,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             raise _config_error(err) from None
         load, plan = resolved.load, resolved.plan
         config_hash = load.config_hash()
+        bind(config_hash=config_hash)
         worker = self._route(config_hash)
         entry = self.registry.reserve(config_hash, load.to_proto(), worker.index)
         payload = {
@@ -298,7 +304,10 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             # Client cancelled, went away or its deadline passed (a closed stream sees
             # GeneratorExit): stop within one decode step, account for the work in the background.
             worker.cancel(job)
-            self._finish_in_background(worker, job, entry, window, request_id)
+            # For the log only: grpc cancels at the deadline a hair early by the server's clock.
+            remaining = context.time_remaining() if context is not None else None
+            status = "DEADLINE_EXCEEDED" if remaining is not None and remaining < 0.05 else "CANCELLED"
+            self._finish_in_background(worker, job, entry, window, request_id, status)
             raise
         finally:
             if result is not None or not job.cancelled:
@@ -454,7 +463,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             chunks.append(llem_pb2.TokenChunk(index=index, token_ids=ids, text=dec.push(ids)))
         return chunks
 
-    def _finish_in_background(self, worker, job, entry, window, request_id) -> None:
+    def _finish_in_background(self, worker, job, entry, window, request_id, status: str) -> None:
         """After a cancel: wait for the worker's partial result, then log its tokens and energy."""
         async def finish():
             w = window
@@ -482,7 +491,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                         self.metrics.record_energy_message(energy, device)
                 if self.log is not None:
                     self.log.info("request_stopped", request_id=request_id, config_hash=entry.config_hash,
-                                  output_tokens=tokens,
+                                  status=status, output_tokens=tokens,
                                   energy_j=energy.total_j if energy is not None and energy.available else None)
             finally:
                 self.registry.release(entry)
