@@ -3,8 +3,8 @@
 * ``hard_root``: a model root of its own (so nothing here disturbs the shared ``server``'s
   cache or root) with copies of the tiny models, broken ones, and links that escape;
 * ``hard_server``: a server on that root with the test-only fault hooks armed
-  (``LLEM_FAULT_OOM`` / ``LLEM_FAULT_OOM_LOAD`` / ``LLEM_FAULT_SLOW_LOAD``, see
-  ``llem_server.models``) and a queue of 2 per device;
+  (``LLEM_FAULT_OOM`` / ``LLEM_FAULT_OOM_LOAD`` / ``LLEM_FAULT_SLOW_LOAD`` /
+  ``LLEM_FAULT_COMPILE``, see ``llem_server.models``) and a queue of 2 per device;
 * helpers to read a call's status, its ``google.rpc.RetryInfo`` and the JSON log lines.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ CLIENT_STATUSES = {
 }
 
 # Small models in hard_root: copies of the session's llama/gpt2, broken copies, fault triggers.
-OOM_GEN, OOM_LOAD, SLOW_LOAD = "oom-gen", "oom-load", "slow-load"
+OOM_GEN, OOM_LOAD, SLOW_LOAD, COMPILE_FAIL = "oom-gen", "oom-load", "slow-load", "compile-fail"
 
 
 def make_hard_root(base: Path, model_root: Path) -> Path:
@@ -41,7 +41,7 @@ def make_hard_root(base: Path, model_root: Path) -> Path:
     root.mkdir(parents=True)
     for name in ("llama", "gpt2"):
         shutil.copytree(model_root / name, root / name)
-    for name in ("corrupt", "garbled", "missing", OOM_GEN, OOM_LOAD, SLOW_LOAD, "other"):
+    for name in ("corrupt", "garbled", "missing", OOM_GEN, OOM_LOAD, SLOW_LOAD, COMPILE_FAIL, "other"):
         shutil.copytree(model_root / "llama", root / name)
     weights = root / "corrupt" / "model.safetensors"
     data = weights.read_bytes()
@@ -79,7 +79,7 @@ def hard_server(hard_root, tmp_path_factory, request):
     if "server" not in _shared:
         srv = start_server(tmp_path_factory.mktemp("hard-server"), hard_root, "--max-queue", "2", "--max-models", "2",
                            env={"LLEM_FAULT_OOM": OOM_GEN, "LLEM_FAULT_OOM_LOAD": OOM_LOAD, "LLEM_FAULT_SLOW_LOAD": SLOW_LOAD,
-                                "HF_HUB_OFFLINE": "1"})
+                                "LLEM_FAULT_COMPILE": COMPILE_FAIL, "HF_HUB_OFFLINE": "1"})
         _shared["server"] = srv
         request.addfinalizer(lambda: stop_server(srv))
     return _shared["server"]

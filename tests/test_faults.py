@@ -26,7 +26,7 @@ from llem.v1 import llem_pb2, llem_pb2_grpc
 from llem_client import Client
 from llem_client.errors import ResourceExhausted
 
-from _hardening import OOM_GEN, OOM_LOAD, SLOW_LOAD, code_of, hard_root, hard_server, json_lines, retry_delay  # noqa: F401
+from _hardening import COMPILE_FAIL, OOM_GEN, OOM_LOAD, SLOW_LOAD, code_of, hard_root, hard_server, json_lines, retry_delay  # noqa: F401
 from conftest import start_server, stop_server
 
 GREEDY = llem_pb2.DecoderConfig(do_sample=False)
@@ -107,6 +107,17 @@ def test_a_load_whose_caller_gave_up_still_lands_in_the_cache(hstub, rpc):
     assert call(120).cache_hit
 
 
+def test_a_compile_failure_is_not_fatal(hstub):
+    """config.md: a compile failure serves the model uncompiled, with a warning saying so."""
+    req = _req(COMPILE_FAIL, n=2)
+    req.model.pytorch.torch_compile = True
+    req.model.pytorch.torch_compile_backend = "eager"
+    r = hstub.Generate(req, timeout=120)
+    assert r.usage.output_tokens == 2 and not r.effective_config.compiled
+    (w,) = [w for w in r.warnings if w.code == "COMPILE_FAILED"]
+    assert "uncompiled" in w.message and "simulated compile failure" in w.message
+
+
 # -- broken weights -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("model,code,reason", [
@@ -157,6 +168,43 @@ def test_full_queue_is_resource_exhausted_with_retry_info(hard_server, hstub):
         assert "limit 2" in err.details()
         assert retry_delay(err) == pytest.approx(1.0)
     assert all(r.usage.output_tokens == 150 for c, r in results if c == grpc.StatusCode.OK)
+
+
+def _wait_running(stub, model: str) -> None:
+    deadline = time.monotonic() + 60
+    while not any(m.active_requests and m.config.model == model
+                  for m in stub.ListModels(llem_pb2.ListModelsRequest(), timeout=10).models):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_requests_that_give_up_while_queued_free_their_places(hard_server, hstub):
+    """Two queued requests whose deadlines pass (--max-queue 2): their places are free at once,
+    not held until the running request ends (every caller was refused meanwhile)."""
+    hstub.Generate(_req("llama"), timeout=60)
+    running = hstub.Generate.future(_long(4000), timeout=120)
+    _wait_running(hstub, "llama")
+    for _ in range(2):
+        code, _ = code_of(hstub.Generate, _long(4), timeout=0.5)
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    queued = [hstub.Generate.future(_long(4), timeout=120) for _ in range(2)]  # both fit again
+    assert [q.result().usage.output_tokens for q in queued] == [4, 4]
+    assert running.result().usage.output_tokens == 4000
+
+
+def test_max_models_holds_when_every_cached_model_has_requests_waiting(hard_server, hstub):
+    """--max-models 2 is a memory cap: with three configs in flight at once the third load must
+    evict one of the others (their requests load it again), not grow the cache to three."""
+    hstub.Generate(_req("llama"), timeout=60)
+    running = hstub.Generate.future(_long(800), timeout=120)
+    _wait_running(hstub, "llama")
+    other = _req("llama", n=2)
+    other.model.pytorch.max_memory["cpu"] = "4GiB"  # a third load config
+    waiting = [hstub.Generate.future(_req("gpt2", n=2), timeout=120), hstub.Generate.future(other, timeout=120)]
+    assert all(w.result().usage.output_tokens == 2 for w in waiting) and running.result()
+    ready = [m for m in hstub.ListModels(llem_pb2.ListModelsRequest(), timeout=10).models
+             if m.state == llem_pb2.MODEL_STATE_READY]
+    assert len(ready) <= 2, [(m.config.model, dict(m.config.pytorch.max_memory)) for m in ready]
 
 
 def test_32_concurrent_clients_none_lost(hard_server):

@@ -165,11 +165,13 @@ def _classify_load_error(exc: BaseException, source: str) -> LoadError:
 #   LLEM_FAULT_OOM_LOAD: from_pretrained raises torch.cuda.OutOfMemoryError (OOM during load);
 #   LLEM_FAULT_OOM:      the loaded model's forward raises it (OOM during generation);
 #   LLEM_FAULT_SLOW_LOAD: from_pretrained first waits 2 s (a load that outlasts a short deadline:
-#                        a tiny model reloads in ~15 ms, too fast to cancel reliably).
+#                        a tiny model reloads in ~15 ms, too fast to cancel reliably);
+#   LLEM_FAULT_COMPILE:  torch.compile's warm-up raises (a backend that fails to compile).
 # The errors then take the real paths (classification, worker clean-up, status mapping).
 FAULT_OOM_LOAD_ENV = "LLEM_FAULT_OOM_LOAD"
 FAULT_OOM_ENV = "LLEM_FAULT_OOM"
 FAULT_SLOW_LOAD_ENV = "LLEM_FAULT_SLOW_LOAD"
+FAULT_COMPILE_ENV = "LLEM_FAULT_COMPILE"
 
 
 def _fault_matches(env: str, source: str) -> bool:
@@ -234,7 +236,7 @@ def load_model(config_hash: str, source: str, load_kwargs: dict, compile_kwargs:
     warnings: list[tuple[str, str]] = []
     compiled, compile_time = False, 0.0
     if compile_kwargs is not None:
-        compiled, compile_time, warning = _compile(model, tokenizer, compile_kwargs)
+        compiled, compile_time, warning = _compile(model, tokenizer, compile_kwargs, source)
         if warning:
             warnings.append(warning)
     t1 = time.monotonic()
@@ -251,7 +253,7 @@ def load_model(config_hash: str, source: str, load_kwargs: dict, compile_kwargs:
     )
 
 
-def _compile(model, tokenizer, compile_kwargs: dict) -> tuple[bool, float, tuple[str, str] | None]:
+def _compile(model, tokenizer, compile_kwargs: dict, source: str) -> tuple[bool, float, tuple[str, str] | None]:
     """Compile in place and run a tiny forward so that compile errors surface now, not mid-request.
 
     ``torch.compile(model)`` would return a wrapper whose ``.generate`` still calls the
@@ -261,6 +263,8 @@ def _compile(model, tokenizer, compile_kwargs: dict) -> tuple[bool, float, tuple
     t = time.monotonic()
     try:
         model.compile(**compile_kwargs)
+        if _fault_matches(FAULT_COMPILE_ENV, source):
+            raise RuntimeError(f"simulated compile failure ({FAULT_COMPILE_ENV}, test-only)")
         ids = tokenizer(["warm up"], return_tensors="pt").to(_model_device(model))
         with torch.inference_mode():
             model.generate(**ids, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
@@ -291,12 +295,12 @@ class ModelCache:
         return entry
 
     def make_room(self, keep: set[str]) -> list[tuple[str, int]]:
-        """Evict least recently used models (never those in ``keep``) until one more fits."""
+        """Evict least recently used models until one more fits: first those not in ``keep``
+        (models that queued requests will use), then, as ``max_models`` is a memory cap and
+        not a wish, those too (their requests load them again)."""
         evicted = []
         while len(self._models) >= self.max_models:
-            victim = next((h for h in self._models if h not in keep), None)
-            if victim is None:
-                break
+            victim = next((h for h in self._models if h not in keep), next(iter(self._models)))
             evicted.append((victim, self.unload(victim)))
         return evicted
 

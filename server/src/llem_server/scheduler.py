@@ -29,6 +29,7 @@ class Job:
     dispatched: float | None = None
     cancelled: bool = False
     finished: bool = False
+    waiting: bool = True  # counted in its device's queue depth (until dispatched or cancelled)
     over: asyncio.Event = field(default_factory=asyncio.Event)  # set with the job's last event
 
     def finish(self, kind: str, data) -> None:
@@ -48,6 +49,7 @@ class DeviceWorker:
         self.index, self.device, self.cuda_index = index, device, cuda_index
         self.max_models, self.max_queue = max_models, max_queue
         self.queue: asyncio.Queue[Job] = asyncio.Queue()
+        self._waiting = 0  # jobs in the queue that still count: a cancelled one frees its place at once
         self.state = "starting"
         self.capabilities: dict = {}
         self.current: Job | None = None
@@ -167,11 +169,17 @@ class DeviceWorker:
     # -- jobs ----------------------------------------------------------------
     def submit(self, op: str, payload: dict) -> Job:
         """Queue a job or raise QueueFull; the caller awaits ``job.events``."""
-        if self.queue.qsize() >= self.max_queue:
-            raise QueueFull(f"device {self.device} has {self.queue.qsize()} requests waiting (limit {self.max_queue})")
+        if self._waiting >= self.max_queue:
+            raise QueueFull(f"device {self.device} has {self._waiting} requests waiting (limit {self.max_queue})")
         job = Job(op, payload)
+        self._waiting += 1
         self.queue.put_nowait(job)
         return job
+
+    def _unwait(self, job: Job) -> None:
+        if job.waiting:
+            job.waiting = False
+            self._waiting -= 1
 
     def cancel(self, job: Job) -> None:
         """Stop a job: skipped if still queued, stopped within one decode step if running."""
@@ -181,17 +189,20 @@ class DeviceWorker:
         if self.current is job:
             self._cancel.value = job.id
         elif job.dispatched is None:
-            # Still queued: the dispatcher will skip it; end it now so nothing waits for it.
+            # Still queued: the dispatcher will skip it; end it now so nothing waits for it,
+            # and give its place in the queue to the next caller.
+            self._unwait(job)
             job.finish("error", {"status": "CANCELLED", "message": "cancelled before it reached the device"})
 
     def queue_depth(self) -> int:
-        return self.queue.qsize()
+        return self._waiting
 
     async def _dispatch(self) -> None:
         while True:
             job = await self.queue.get()
             if job.cancelled:
                 continue
+            self._unwait(job)
             async with self.exclusive:
                 while self.state != "ready":
                     await asyncio.sleep(0.05)
