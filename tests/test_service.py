@@ -307,6 +307,13 @@ def test_second_request_is_a_cache_hit_without_reload(client):
     assert after.state == pb.MODEL_STATE_READY and after.memory_bytes > 0
 
 
+def test_names_of_one_directory_share_one_cache_entry(client, model_root):
+    first = client.generate(["a"], model="llama", decoder=GREEDY, max_output_tokens=2)
+    for alias in ("./llama", "gpt2/../llama", str(model_root / "llama")):
+        r = client.generate(["a"], model=alias, decoder=GREEDY, max_output_tokens=2)
+        assert (r.config_hash, r.cache_hit, r.effective_config.model.model) == (first.config_hash, True, "llama")
+
+
 def test_unload_returns_the_memory_and_forgets_the_model(client):
     loaded = client.load_model(model="gpt2", pytorch={"device_map": "cpu"})
     assert loaded.model.state == pb.MODEL_STATE_READY and loaded.model.load_time_s > 0

@@ -36,7 +36,8 @@ The object has exactly these 16 keys, always present::
     max_memory                 object: key = GPU index in decimal without leading zeros, or
                                "cpu"; value = the budget in bytes as a decimal
                                string ("1GiB" -> "1073741824", "500MB" -> "500000000")
-    model                      the model string exactly as sent
+    model                      the hub id as sent, or for a local model its directory relative to
+                               the model root (the service names it so: one directory, one key)
     num_processes              1
     precision                  "fp32" | "fp16" | "bf16" (unset: "bf16" with CUDA, "fp32" without)
     revision                   "main" (default) or the string as sent

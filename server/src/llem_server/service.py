@@ -73,6 +73,14 @@ def _hide_root(data: dict, model) -> dict:
     return data
 
 
+def _name_by_directory(model_config: llem_pb2.ModelConfig, model) -> None:
+    """One directory, one cache key: a local model is keyed (and reported) by its real path
+    under the model root, so "./m", "org/../m" and a link to m share m's entry, and a link
+    pointed at new weights gets a new one."""
+    if model.is_local:
+        model_config.model = model.display
+
+
 @dataclass
 class _Deferred:
     """A deferred request's energy to come: known from the request's arrival."""
@@ -254,6 +262,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         self._check_open()
         self._check_size(request)
         model = self._resolve_model(request.model.model, "model.model")
+        _name_by_directory(request.model, model)
         try:
             resolved = config.resolve_generate(request, self.capabilities(), model_is_local=model.is_local)
         except config.ConfigError as err:
@@ -587,6 +596,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         try:
             self._check_open()
             model = self._resolve_model(request.model.model, "model.model")
+            _name_by_directory(request.model, model)
             try:
                 load, warnings = config.resolve_load(request.model, self.capabilities(), model_is_local=model.is_local)
             except config.ConfigError as err:
