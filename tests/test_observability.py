@@ -14,6 +14,7 @@ from __future__ import annotations
 import queue
 import re
 import threading
+import json
 import time
 import urllib.request
 
@@ -291,6 +292,21 @@ def test_json_logs_carry_request_fields(obs, ostub):
     assert line["level"] == "info" and "timestamp" in line
     bad = [l for l in lines if l.get("request_id") == "log-bad-1"]
     assert len(bad) == 1 and bad[0]["status"] == "INVALID_ARGUMENT" and "max_output_tokens" in bad[0]["message"]
+
+
+def test_json_logs_are_only_json_lines_worker_output_included(obs, ostub):
+    """With --log-format json a log shipper sees one JSON object per line: the worker's library
+    output (transformers' load progress bar and notices, bitsandbytes' per-call 8-bit warning)
+    goes through the same renderer (it came out raw, ~115 lines for one 8-bit request)."""
+    req = llem_pb2.GenerateRequest(model=_model("other"), prompts=["eight bits"], max_output_tokens=4)
+    req.model.pytorch.load_in_8bit = True
+    assert ostub.Generate(req, timeout=120).usage.output_tokens >= 1
+    raw = [line for line in obs.log().splitlines()
+           if line.strip() and not line.startswith("llem-server listening")]  # (stdout's start-up line)
+    not_json = [line for line in raw if not line.lstrip().startswith("{")]
+    assert not not_json, not_json[:5]
+    warned = [json.loads(line) for line in raw if "MatMul8bitLt" in line]
+    assert len(warned) <= 1
 
 
 def test_failed_and_stopped_requests_are_logged_with_their_ids_and_status(obs, ostub):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -63,7 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     from .logs import configure, get_logger
 
-    configure(json={"json": True, "console": False}.get(args.log_format), level=args.log_level)
+    as_json = {"json": True, "console": False}.get(args.log_format)
+    if as_json is None:
+        as_json = not sys.stderr.isatty()
+    configure(json=as_json, level=args.log_level)
+    # Worker processes (spawned, so they inherit the environment) log the same way.
+    os.environ["LLEM_LOG_FORMAT"] = "json" if as_json else "console"
+    os.environ["LLEM_LOG_LEVEL"] = args.log_level
     if args.auth_token_file:
         from .auth import load_tokens
 

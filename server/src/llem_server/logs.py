@@ -91,6 +91,22 @@ def configure(json: bool | None = True, level: str = "info", stream=None) -> Non
     root.setLevel(lvl)
 
 
+class OncePerMessage(logging.Filter):
+    """Let each library message (logger and text) through once: some warn on every call
+    (bitsandbytes, on each 8-bit matmul), which would bury the log."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[tuple[str, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, str(record.msg))
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        return True
+
+
 def get_logger(**bind: Any) -> structlog.typing.FilteringBoundLogger:
     """A logger with ``bind`` attached to every line (e.g. request_id, device).
 

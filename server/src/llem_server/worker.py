@@ -101,11 +101,36 @@ def _capabilities(torch, device: str) -> dict:
     return info
 
 
+def _log_like_the_front() -> None:
+    """Library output (transformers, bitsandbytes warnings, progress bars) as the front's log
+    lines: with JSON logs a log shipper must see one JSON object per line, nothing else."""
+    import logging
+    import warnings
+
+    from .logs import OncePerMessage, configure
+
+    as_json = os.environ.get("LLEM_LOG_FORMAT", "json") == "json"
+    configure(json=as_json, level=os.environ.get("LLEM_LOG_LEVEL", "info"))
+    for handler in logging.getLogger().handlers:  # the worker logs only library messages
+        handler.addFilter(OncePerMessage())
+    logging.captureWarnings(True)
+    warnings.simplefilter("once")
+    if as_json:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    import transformers
+
+    transformers.utils.logging.disable_default_handler()
+    transformers.utils.logging.enable_propagation()
+    if as_json:
+        transformers.utils.logging.disable_progress_bar()
+
+
 def worker_main(conn, device: str, cuda_index: int | None, cancel_flag, max_models: int) -> None:
     """Entry point of a worker process (multiprocessing 'spawn')."""
     if cuda_index is not None:
         # Each worker sees exactly its own GPU; set before torch initialises CUDA.
         os.environ["CUDA_VISIBLE_DEVICES"] = str(cuda_index)
+    _log_like_the_front()  # (imports torch: after the line above)
     import torch
 
     from .generation import run_generate
