@@ -148,6 +148,44 @@ def test_incremental_decoder_multibyte_and_invalid_tail(model_root):
             assert joined.endswith("\ufffd")
 
 
+def _byte_fallback_tokenizer():
+    """A Llama-2-style tokenizer: <0xNN> byte tokens (byte_fallback) and a ByteFallback decoder,
+    which turns every byte of a run that is not valid UTF-8 into U+FFFD, valid bytes included."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    vocab = {"<unk>": 0, **{f"<0x{i:02X}>": 1 + i for i in range(256)}}
+    for piece in ("\u2581", "l", "o", "lo", "llo\u2581", "u", "w", "a", "h", "i", "\u2581h"):
+        vocab.setdefault(piece, len(vocab))
+    spec = {"version": "1.0", "added_tokens": [], "normalizer": None, "pre_tokenizer": None,
+            "post_processor": None,
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+            "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "vocab": vocab,
+                      "merges": []}}
+    return Tokenizer.from_str(json.dumps(spec)), vocab
+
+
+@pytest.mark.parametrize("pieces", [
+    ["llo\u2581", "<0x68>", "<0x93>"],                  # "h" then a stray continuation byte
+    ["u", "<0x6D>", "<0x2C>", "<0xE3>", "w"],          # valid ASCII bytes, then a truncated lead byte
+    ["<0xE6>", "<0x97>", "<0xA5>", "a"],               # 日, whole
+    ["a", "<0xF0>", "<0x9F>", "<0x99>", "<0x82>", "<0xE3>", "\u2581h", "i", "<0x80>"],
+])
+def test_incremental_decoder_with_byte_fallback_joins_to_the_full_decode(pieces):
+    """A byte run can turn bytes already decoded into U+FFFD when a later byte makes the run
+    invalid: the stream holds a run back until it ends, so its pieces still join to the final text."""
+    from llem_server.streaming import IncrementalDecoder
+
+    tok, vocab = _byte_fallback_tokenizer()
+    ids = [vocab[p] for p in pieces]
+    dec = IncrementalDecoder(tok)
+    assert "".join(dec.push([i]) for i in ids) + dec.flush() == tok.decode(ids)
+
+
 # -- timing ------------------------------------------------------------------------------------
 
 def check_timing(t: pb.Timing, output_tokens: int) -> None:
