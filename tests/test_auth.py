@@ -163,3 +163,17 @@ def test_reload_rotates_and_keeps_old_tokens_on_a_bad_file(tmp_path: Path):
 def test_no_tokens_is_a_configuration_error():
     with pytest.raises(ValueError):
         BearerTokenInterceptor([])
+
+
+def test_a_world_readable_token_file_is_warned_about_once(tmp_path):
+    from structlog.testing import capture_logs
+
+    from llem_server.auth import load_tokens
+
+    f = tmp_path / "tokens"
+    f.write_text("t" * 32 + "\n")
+    f.chmod(0o644)
+    with capture_logs() as logs:
+        load_tokens(f, warn=False)  # the CLI's start-up check
+        load_tokens(f)  # the server's own load
+    assert [e["event"] for e in logs] == ["auth.token_file_world_readable"]

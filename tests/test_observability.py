@@ -294,6 +294,12 @@ def test_json_logs_carry_request_fields(obs, ostub):
     assert len(bad) == 1 and bad[0]["status"] == "INVALID_ARGUMENT" and "max_output_tokens" in bad[0]["message"]
 
 
+def test_server_started_says_what_serves(obs):
+    (line,) = [l for l in json_lines(obs) if l.get("event") == "server_started"]
+    assert line["version"] and line["energy_backend"] and line["metrics_port"] and line["devices"]
+    assert "no NVIDIA GPU" in line["energy"]  # why energy is absent on this machine, from the start
+
+
 def test_json_logs_are_only_json_lines_worker_output_included(obs, ostub):
     """With --log-format json a log shipper sees one JSON object per line: the worker's library
     output (transformers' load progress bar and notices, bitsandbytes' per-call 8-bit warning)

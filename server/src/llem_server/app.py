@@ -141,7 +141,9 @@ async def serve(settings: Settings, *, port_file: Path | None = None, auth_token
         tmp.replace(port_file)
     print(f"llem-server listening on {settings.host}:{port} ({', '.join(d for d, _ in devices)})", flush=True)
     if log is not None:
-        log.info("server_started", address=f"{settings.host}:{port}", devices=[d for d, _ in devices])
+        log.info("server_started", address=f"{settings.host}:{port}", devices=[d for d, _ in devices],
+                 version=_own_version(), energy_backend=settings.energy_backend,
+                 energy=energy_reason or "measured", metrics_port=metrics_port)
     if ready is not None:
         ready.set()
     await stop.wait()

@@ -41,7 +41,7 @@ MIN_TOKEN_LENGTH = 16
 _log = get_logger(component="auth")
 
 
-def load_tokens(path: Path | str, *, min_length: int = MIN_TOKEN_LENGTH) -> list[str]:
+def load_tokens(path: Path | str, *, min_length: int = MIN_TOKEN_LENGTH, warn: bool = True) -> list[str]:
     """Read tokens: one per line, surrounding whitespace stripped, blank lines and
     lines starting with ``#`` skipped.
 
@@ -67,7 +67,7 @@ def load_tokens(path: Path | str, *, min_length: int = MIN_TOKEN_LENGTH) -> list
                 tokens.append(line)
     if not tokens:
         raise ValueError(f"{path}: no tokens (one per line; blank lines and # comments are ignored)")
-    if os.name == "posix" and path.stat().st_mode & 0o004:
+    if warn and os.name == "posix" and path.stat().st_mode & 0o004:
         _log.warning("auth.token_file_world_readable", path=str(path))
     return tokens
 

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         from .auth import load_tokens
 
         try:
-            load_tokens(args.auth_token_file)  # fail at start-up, not on the first call
+            load_tokens(args.auth_token_file, warn=False)  # fail at start-up, not on the first call
         except (OSError, ValueError) as exc:
             print(f"llem-server: --auth-token-file: {exc}", file=sys.stderr)
             return 2

@@ -7,8 +7,9 @@ never started still counts (cheaply) and simply is not scraped, so the servicer
 calls these methods unconditionally, with or without ``--metrics-port``.
 
 Label values are kept bounded: ``method`` is the RPC's short name (a full path is
-cut to its last segment), ``status`` a gRPC code name, ``device`` a device index
-as a string (``"0"``, ``"cpu"``; ``"unknown"`` when the caller could not say). No
+cut to its last segment), ``status`` a gRPC code name, ``device`` the GPU's index
+(``"0"``, ``"1"``; the worker's index, ``"0"``, on a machine without CUDA; ``"unknown"``
+when the caller could not say). No
 model names or request ids: those belong in logs, not in label sets that grow
 without end. Requests by method and status come from :meth:`Metrics.interceptor`.
 
