@@ -112,9 +112,9 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
 
     def _on_worker_restart(self, index: int, exitcode: int | None = None) -> None:
         if self.log is not None:
-            self.log.warning("worker_died", device=self.workers[index].device if index < len(self.workers) else index,
-                             exit_code=exitcode, restarts=self.workers[index].restarts if index < len(self.workers)
-                             else None, note="its running request failed with UNAVAILABLE; restarting it")
+            w = self.workers[index]
+            self.log.warning("worker_died", device=w.device, exit_code=exitcode, restarts=w.restarts,
+                             note="its running request failed with UNAVAILABLE; restarting it")
         self.registry.drop_device(index)
         if self.metrics is not None:
             self.metrics.record_worker_restart(self.meter_devices.get(index, index))
