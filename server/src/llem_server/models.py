@@ -117,10 +117,6 @@ def _refuse_disk_offload(model, source: str, load_kwargs: dict) -> None:
     if "disk" not in placed and not on_meta:
         return
     share = on_meta / max(1, sum(p.numel() for p in model.parameters()))
-    del model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     what = f"{share:.0%} of the weights of {source} got no memory (transformers would offload them to disk, " \
            "which this server does not serve)"
     if load_kwargs.get("max_memory"):
@@ -219,7 +215,14 @@ def load_model(config_hash: str, source: str, load_kwargs: dict, compile_kwargs:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         raise _classify_load_error(exc, source) from exc
-    _refuse_disk_offload(model, source, load_kwargs)
+    try:
+        _refuse_disk_offload(model, source, load_kwargs)
+    except LoadError:
+        del model, tokenizer  # what did get memory goes back before the error is answered
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise
     model.eval()
     _inject_generate_fault(model, source)
     # Decoder-only models must be left-padded in a batch; GPT-2-style tokenizers pad
