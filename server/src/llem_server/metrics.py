@@ -21,7 +21,7 @@ without end. Requests by method and status come from :meth:`Metrics.interceptor`
 | llem_stopped_output_tokens_total | counter | device (tokens made by requests cancelled or past their deadline; not in output_tokens) |
 | llem_energy_joules_total | counter | device (measured energy only; never estimated, never zero-for-unknown) |
 | llem_energy_unavailable_total | counter | device (requests whose energy could not be measured) |
-| llem_model_cache_hits_total / _misses_total / _evictions_total | counter | device |
+| llem_model_cache_hits_total / _misses_total / _evictions_total | counter | device (hits and misses of completed generations; every load, a stopped request's too, is in llem_model_load_seconds) |
 | llem_queue_depth | gauge | device |
 | llem_model_load_seconds | histogram | device |
 | llem_energy_wait_seconds | histogram | device (an answer's wait for the energy counter's next update) |
