@@ -69,12 +69,37 @@ def say(*a) -> None:
     print(f"[{now():6.1f}s]", *a, flush=True)
 
 
-def verdict(rounds: list[float], ok, margin: float) -> str:
-    """'met' or 'missed' for the median of paired rounds (``ok(median)``); rounds whose
-    quartiles disagree by more than the target's own margin decide nothing."""
-    if (B.pct(rounds, 75) - B.pct(rounds, 25)) / 2 > margin:
-        return "not resolved (quartiles wider than the margin)"
-    return "met" if ok(B.med(rounds)) else "missed"
+def verdict(rounds: list[float], ok) -> str:
+    """'met' when both quartiles of the paired rounds meet the target, 'missed' when both
+    miss it; quartiles on either side of it decide nothing."""
+    q1, q3 = B.pct(rounds, 25), B.pct(rounds, 75)
+    if ok(q1) and ok(q3):
+        return "met"
+    if not ok(q1) and not ok(q3):
+        return "missed"
+    return "not resolved (the quartiles straddle the target)"
+
+
+def rule9_verdict(label: str, pairs: list[tuple[dict, dict]]) -> str:
+    """Rule 9 for deferred delivery, from rounds of (metered deferred, unmetered) Generate calls.
+
+    Wall time varies by ±15 % between identical generate() calls on a shared GPU, far more
+    than the 1 % / 1 ms targets, so the verdict is taken where metering acts: the service's
+    path outside generate() (wall time less the worker's generate time), whose paired
+    differences are tight. Tokens/s on/off then holds generate() at its median. Whether
+    metering slows generate() itself (NVML reads beside it) is reported apart, with its own
+    quartiles (and measured by bench/nvml_interference.py).
+    """
+    outside = [((a["s"] - a["generate_s"]) - (b["s"] - b["generate_s"])) * 1e3 for a, b in pairs]
+    g = B.med([r["generate_s"] for p in pairs for r in p])
+    tps = [(g + b["s"] - b["generate_s"]) / (g + a["s"] - a["generate_s"]) for a, b in pairs]
+    gen = [a["generate_s"] / b["generate_s"] for a, b in pairs]
+    q = lambda xs, f: f"{B.med(xs):{f}} (quartiles {B.pct(xs, 25):{f}} to {B.pct(xs, 75):{f}})"  # noqa: E731
+    return (f"Rule 9 with deferred energy, {label} ({len(pairs)} rounds): p50 latency added on the service's path "
+            f"(wall less generate()) {q(outside, '.2f')} ms: target ≤ 1 ms {verdict(outside, lambda d: d <= 1.0)}; "
+            f"tokens/s on/off with generate() at its median {g * 1e3:.0f} ms: {q(tps, '.4f')}: target ≥ 0.99 "
+            f"{verdict(tps, lambda r: r >= 0.99)}. generate() itself on/off: {q(gen, '.3f')} "
+            f"({verdict(gen, lambda r: r <= 1.01)} at ≤ 1.01; its round-to-round noise is the device's).")
 
 
 class Check:
@@ -301,6 +326,8 @@ class Check:
         req = cfg.request()
         runs = {s: [] for s in sides}
         warm = {}
+        # Kept from the start: a round that fails (or the watchdog) leaves the earlier ones.
+        self.res["rows"][label] = {"bs": bs, "cache": cache or "dynamic", "warmup_s": warm, "runs": runs}
         plain = self.ref.prepare(cfg) if "in" in sides else None
         for s in sides:  # warm-up (for static: the compile)
             t = now()
@@ -323,7 +350,6 @@ class Check:
             per_round = max(per_round, now() - t_round)
             say(f"  {label} round {i + 1}: " + ", ".join(
                 f"{s} {bs * self.args.new / runs[s][-1]['s']:.1f} tok/s" for s in sides))
-        self.res["rows"][label] = {"bs": bs, "cache": cache or "dynamic", "warmup_s": warm, "runs": runs}
 
     def streamed(self, label: str, cache: str | None) -> None:
         """Batch 1: in-process vs unmetered Generate vs unmetered GenerateStream, interleaved."""
@@ -485,14 +511,9 @@ class Check:
                               p50("on", "energy_wait_ms"), diff(gen_on, gen_off), diff(last_on, last_off),
                               p50("son", "energy_wait_ms"), paired("don", "off") if t_don else None,
                               paired_ms("don", "off"), jpt("don")])
-                rs, ds = ratios("don", "off"), diffs_ms("don", "off")
-                if len(rs) >= 3:
-                    verdicts.append(
-                        f"Rule 9 with deferred energy, {label} ({len(rs)} rounds): tokens/s on/off {B.med(rs):.3f} "
-                        f"(quartiles {B.pct(rs, 25):.3f}–{B.pct(rs, 75):.3f}): target ≥ 0.99 "
-                        f"{verdict(rs, lambda r: r >= 0.99, 0.01)}; p50 latency added "
-                        f"{B.med(ds):.2f} ms (quartiles {B.pct(ds, 25):.2f} to {B.pct(ds, 75):.2f}): target ≤ 1 ms "
-                        f"{verdict(ds, lambda d: d <= 1.0, 1.0)}.")
+                pairs = list(zip(runs.get("don") or [], runs.get("off") or []))
+                if len(pairs) >= 3:
+                    verdicts.append(rule9_verdict(label, pairs))
         tables = [
             B.Table("Service vs in-process, 128 in / 128 out, greedy, min_new_tokens=128 (medians)",
                     ["run", "n", "in-process tok/s", "service tok/s", "service / in-process",
@@ -544,18 +565,26 @@ class Check:
         if an:
             keys = ["gpu", "driver", "idle_power_W_counter", "busy_power_W_counter", "idle_counter_update_ms_median",
                     "busy_counter_update_ms_median", "nvml_energy_call_us", "d2d_TBps", "bs1_floor_tok_s", "incomplete"]
-            tables.append(B.Table("anchor.py (same command, first, GPU idle)", ["field", "value"],
+            title = ("anchor.py (same command, first, GPU idle)" if not self.args.anchor_json
+                     else f"anchor.py (from {self.args.anchor_json}: an earlier run, not this command)")
+            tables.append(B.Table(title, ["field", "value"],
                                   [[k, an[k]] for k in keys if k in an]))
         return tables
 
     def write(self) -> None:
+        """Once (main thread or watchdog, whichever first); marked written only when it was."""
         with self._lock:
-            if self._written:
-                return
-            self._written = True
+            if not self._written:
+                self._write()
+                self._written = True
+
+    def _write(self) -> None:
         name = "gpu_check-smoke" if self.args.smoke else "gpu_check"
         if self.args.focus != "all":
             name += "-" + self.args.focus
+        model = re.search(r"\b([ABHL]\d{2,3})\b", str((self.hdr or {}).get("gpu", "")))
+        if model and not self.args.smoke:  # H100 and H200 results side by side, not over each other
+            name += "-" + model.group(1).lower()
         self.res["total_s"] = round(now(), 1)
         notes = [f"Total wall time of gpu_check.py: {now():.0f}s (budget {self.budget:.0f}s)."]
         notes += [f"Skipped: {s}" for s in self.res["skipped"]]
@@ -614,8 +643,15 @@ def main(argv=None) -> int:
         return 2
     atexit.register(ck.kill_servers)
     # Hard stop: whatever happens, results are written and the servers are gone.
-    wd = threading.Timer(args.budget_s + 45, lambda: (say("WATCHDOG: budget exceeded, writing what exists"),
-                                                      ck.write(), ck.kill_servers(), os._exit(3)))
+    def watchdog():
+        say("WATCHDOG: budget exceeded, writing what exists")
+        try:
+            ck.write()
+        finally:
+            ck.kill_servers()
+            os._exit(3)
+
+    wd = threading.Timer(args.budget_s + 45, watchdog)
     wd.daemon = True
     wd.start()
     ck.hdr = B.header()
@@ -625,6 +661,9 @@ def main(argv=None) -> int:
         if args.anchor_json:
             ck.res["anchor"] = json.loads(Path(args.anchor_json).read_text())
             ck.res["skipped"][-1] += f" (anchor numbers from {args.anchor_json}, an earlier run on this kind of GPU)"
+            if not args.smoke and ck.res["anchor"].get("gpu") != ck.hdr.get("gpu"):
+                ck.res["errors"].append(f"--anchor-json was measured on {ck.res['anchor'].get('gpu')!r}, this is "
+                                        f"{ck.hdr.get('gpu')!r}: its ratios compare different GPUs")
     else:
         ck.phase("anchor", 60, ck.anchor)
     ck.phase("setup", 40 if not args.smoke else 10, ck.setup)
@@ -634,11 +673,11 @@ def main(argv=None) -> int:
     elif ck.res["phases"].get("setup", {}).get("ok") and args.focus == "metering":
         sides = ["on", "off", "son", "stream", "don"]
         ck.phase("metering eager b1", 25, ck.measure, "eager b1", 1, None, sides, args.reps)
-        if args.pipelined_s > 0:
-            ck.phase("pipelined", 2 * args.blocks * args.pipelined_s + 5, ck.pipelined)
         ck.phase("metering static b1", args.compile_estimate_s + 10, ck.measure, "static b1", 1, "static",
                  sides, args.reps)
-        ck.phase("conservation", 3, ck.conservation)
+        if args.pipelined_s > 0:  # measured ~9.5 s per block of 4 s on the H200
+            ck.phase("pipelined", 2 * args.blocks * (args.pipelined_s + 6) + args.reserve_s, ck.pipelined)
+        ck.phase("conservation", -args.reserve_s, ck.conservation)  # the servers' own ledger: seconds
     elif ck.res["phases"].get("setup", {}).get("ok") and args.focus == "pipelined":
         ck.phase("pipelined", 2 * args.blocks * (args.pipelined_s + 4) + 5, ck.pipelined)
         ck.phase("conservation", 3, ck.conservation)

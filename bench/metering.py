@@ -31,12 +31,20 @@ import common as B  # noqa: E402
 def pipelined(address: str, req, seconds: float, clients: int = 2, records: list | None = None) -> tuple[int, float, list[float]]:
     """(output tokens, wall s, generate s per request) with ``clients`` back-to-back clients.
     ``records``, if given, gets one dict of server timings per measured request."""
-    toks, gens = [0], []
+    toks, gens, failed = [0], [], []
     lock = threading.Lock()
     stop = [0.0]  # set once every client has warmed up: the block measures only steady state
-    bar = threading.Barrier(clients + 1)
+    # A client that fails breaks the barrier (no one waits for it for ever) and is re-raised.
+    bar = threading.Barrier(clients + 1, timeout=120)
 
     def worker():
+        try:
+            run()
+        except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            failed.append(exc)
+            bar.abort()
+
+    def run():
         with B.client(address) as c:
             c.generate_request(req)
             bar.wait()
@@ -55,12 +63,18 @@ def pipelined(address: str, req, seconds: float, clients: int = 2, records: list
     ts = [threading.Thread(target=worker) for _ in range(clients)]
     for t in ts:
         t.start()
-    bar.wait()
     t0 = time.perf_counter()
-    stop[0] = t0 + seconds
-    bar.wait()
+    try:
+        bar.wait()
+        t0 = time.perf_counter()
+        stop[0] = t0 + seconds
+        bar.wait()
+    except threading.BrokenBarrierError:
+        pass
     for t in ts:
         t.join()
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {clients} pipelined clients failed: {failed[0]!r}") from failed[0]
     return toks[0], time.perf_counter() - t0, gens
 
 
