@@ -212,6 +212,9 @@ def test_summary_shows_the_energy_bound_low_confidence_and_no_negative_zero():
     assert rows["total energy"] == "5.000 J ± 0.750 J"
     assert rows["low-confidence requests"].startswith("1 of 2")
     assert rows["adjusted energy"] == "0.000 J ± 1.500 J"  # the baseline's bound travels with it
+    older = llem_pb2.Energy(available=True, total_j=3.0, uncertainty_j=0.5, adjusted_j=1.0)  # a server without the field
+    recs = [request_record(i, [i], _resp(4, e), 0.1, record_energy=True) for i, e in enumerate((e1, older))]
+    assert _summary(recs)["adjusted energy"] == "1.000 J"  # no bound shown, rather than a made-up ± 0
 
 
 def test_summary_of_a_run_stopped_before_measuring_says_so():

@@ -167,9 +167,11 @@ def aggregate(records: list[dict[str, Any]], *, energy_recorded: bool) -> dict[s
             "total_j": total,
             # adjusted_j only where every summed request has one, else the partial sum would mislead
             "adjusted_j": sum(r["energy"]["adjusted_j"] for r in adj) if adj and len(adj) == len(with_e) else None,
-            # the baseline's error is the same in every request: bounds add up, linearly
-            "adjusted_uncertainty_j": (sum(r["energy"].get("adjusted_uncertainty_j", 0.0) for r in adj)
-                                       if adj and len(adj) == len(with_e) else None),
+            # the baseline's error is the same in every request: bounds add up, linearly (absent,
+            # not 0, where a request has none: a server older than the field)
+            "adjusted_uncertainty_j": (sum(r["energy"]["adjusted_uncertainty_j"] for r in adj)
+                                       if adj and len(adj) == len(with_e)
+                                       and all("adjusted_uncertainty_j" in r["energy"] for r in adj) else None),
             "requests_with_adjusted_energy": len(adj),
             "joules_per_output_token": (total / out_with_e) if total is not None and out_with_e > 0 else None,
             "joules_per_output_token_basis": "total_j / output tokens of the requests with energy",
