@@ -501,10 +501,10 @@ def _nonempty(col: _Collector, path: str, value: str) -> bool:
 
 def _parse_memory(value: str) -> int | None:
     m = _MEMORY_RE.match(value)
-    if not m or (m.group(2) and m.group(2)[-1] == "b" and m.group(2)[-2] != "i"):
+    number, unit = (m.group(1), m.group(2) or "") if m else ("", "")
+    if not m or (unit.endswith("b") and not unit.lower().endswith("ib")):  # "10gb": bits to accelerate
         return None
-    number, unit = m.group(1), m.group(2) or ""
-    unit = unit[:-2].upper() + "iB" if unit[-2:].lower() == "ib" else unit.upper()
+    unit = unit.upper().replace("IB", "iB")  # "gib" -> "GiB", "kb" was refused above
     if "." in number and unit == "":
         return None  # fractional bytes make no sense
     # Integer arithmetic where possible; accelerate truncates a fractional byte count.
@@ -585,8 +585,8 @@ def _resolve_load(
             col.bad(
                 path,
                 f"{value!r} is not a torch.compile backend on this server"
-                + (f"; did you mean {near[0]!r}?" if near else "")
-                + f" available: {', '.join(sorted(caps.compile_backends))}",
+                + (f" (did you mean {near[0]!r}?)" if near else "")
+                + f"; available: {', '.join(sorted(caps.compile_backends))}",
                 INVALID_ARGUMENT if near else FAILED_PRECONDITION,
             )
             continue

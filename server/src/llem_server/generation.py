@@ -103,7 +103,12 @@ def _percentile(sorted_vals: list[float], q: float) -> float:
     return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (k - lo)
 
 
-def _check_positions(model, slices, max_new: int) -> None:
+def _lengths(slices) -> list[int]:
+    """Each prompt's token count after tokenization (padding excluded), in prompt order."""
+    return [n for _, enc in slices for n in enc["attention_mask"].sum(dim=1).tolist()]
+
+
+def _check_positions(model, lengths: list[int], max_new: int) -> None:
     """Refuse empty prompts, and what a model with a learned position table cannot run.
 
     GPT-2-style models index a table of ``n_positions`` (``max_position_embeddings``) rows:
@@ -111,21 +116,20 @@ def _check_positions(model, slices, max_new: int) -> None:
     (a bare INTERNAL). Say so up front, naming the field to change.
     Rotary (RoPE) and ALiBi models have no table and run on past their nominal length.
     """
-    for start, enc in slices:
-        # A prompt with no tokens (an empty string, without a BOS token) would reach the model
-        # as a zero-length sequence: a reshape error, or a crash inside a quantized kernel.
-        for row, n in enumerate(enc["attention_mask"].sum(dim=1).tolist()):
-            if n == 0:
-                path = f"prompts[{start + row}]"
-                raise JobError("INVALID_ARGUMENT", f"{path} has no tokens after tokenization (an empty prompt?); "
-                               "send at least one token", violations=((path, "no tokens after tokenization"),))
+    # A prompt with no tokens (an empty string, without a BOS token) would reach the model
+    # as a zero-length sequence: a reshape error, or a crash inside a quantized kernel.
+    for i, n in enumerate(lengths):
+        if n == 0:
+            path = f"prompts[{i}]"
+            raise JobError("INVALID_ARGUMENT", f"{path} has no tokens after tokenization (an empty prompt?); "
+                           "send at least one token", violations=((path, "no tokens after tokenization"),))
     cfg = model.config
     if any(v is not None for k, v in vars(cfg).items() if "rope" in k):
         return
     limit = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
-    if not isinstance(limit, int) or not slices:
+    if not isinstance(limit, int) or not lengths:
         return
-    longest = max(int(enc["attention_mask"].sum(dim=1).max()) for _, enc in slices)
+    longest = max(lengths)
     if longest + max_new > limit:
         what = f"the prompt ({longest} tokens) plus max_output_tokens ({max_new}) exceed the model's {limit} positions"
         raise JobError("INVALID_ARGUMENT", f"{what}; lower max_output_tokens or max_input_tokens",
@@ -149,9 +153,10 @@ def run_generate(entry: LoadedModel, prompts: list[str], plan: dict, *, job_id: 
         batch = prompts[start:start + batch_size]
         enc = tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=int(plan["max_input_tokens"]))
         slices.append((start, enc))
-    warnings = _truncation_warning(tok, prompts, slices, int(plan["max_input_tokens"]))
+    lengths = _lengths(slices)
+    warnings = _truncation_warning(tok, prompts, lengths, int(plan["max_input_tokens"]))
     tokenization_ms = (time.monotonic() - t_tok) * 1e3
-    _check_positions(model, slices, max_new)
+    _check_positions(model, lengths, max_new)
 
     # The seed is applied once per request, before its first generate call (CPU and CUDA).
     torch.manual_seed(int(plan["random_seed"]))
@@ -215,12 +220,11 @@ def run_generate(entry: LoadedModel, prompts: list[str], plan: dict, *, job_id: 
     }
 
 
-def _truncation_warning(tok, prompts: list[str], slices, limit: int) -> list[tuple[str, str]]:
+def _truncation_warning(tok, prompts: list[str], lengths: list[int], limit: int) -> list[tuple[str, str]]:
     """Say which prompts max_input_tokens cut, and from how many tokens: silently measuring a
     shorter prompt than was sent would skew every per-token figure. Only prompts that reached
     the limit are tokenized again, whole."""
-    at_limit = [start + row for start, enc in slices
-                for row, n in enumerate(enc["attention_mask"].sum(dim=1).tolist()) if n >= limit]
+    at_limit = [i for i, n in enumerate(lengths) if n >= limit]
     if not at_limit:
         return []
     whole = tok([prompts[i] for i in at_limit], truncation=False)["input_ids"]

@@ -738,8 +738,8 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                     lock.release()
             for _idx, res in sorted(results.items()):
                 resp.devices.append(energy_proto.device_baseline(res))
-                if res.warning():
-                    resp.warnings.add(code=res.warning()[0], message=res.warning()[1])
+                if (warning := res.warning()) is not None:
+                    resp.warnings.add(code=warning[0], message=warning[1])
             return resp
         except ServiceError as err:
             await abort(context, err)

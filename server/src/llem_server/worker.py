@@ -187,7 +187,8 @@ def worker_main(conn, device: str, cuda_index: int | None, cancel_flag, max_mode
             else:
                 send({"type": "error", "job": job, "status": "INTERNAL", "message": f"unknown op {op!r}"})
         except JobError as exc:
-            # Out of memory while loading: retrying can help once other models are unloaded.
+            # A load or input the client can act on; after out of memory while loading, a retry
+            # can help once other models are unloaded.
             send({"type": "error", "job": job, "status": exc.status, "message": exc.message,
                   "violations": list(exc.violations), "load_failed": isinstance(exc, LoadError),
                   "retryable": exc.status == "RESOURCE_EXHAUSTED", "evicted": evicted})
