@@ -7,9 +7,12 @@ bash buildscripts/setup.sh
 . .venv/bin/activate
 
 echo "== buf lint proto"
-command -v npm >/dev/null || { echo "npm is needed for buf lint (npm package @bufbuild/buf)" >&2; exit 1; }
+command -v npm >/dev/null || { echo "npm is needed for buf lint (npm package @bufbuild/buf) and the Node driver example" >&2; exit 1; }
 [ -x .tools/node_modules/.bin/buf ] || npm install --silent --no-save --prefix .tools @bufbuild/buf@1.75.0
 .tools/node_modules/.bin/buf lint proto
+
+echo "== Node driver example deps (tests/test_node_driver.py)"
+[ -d examples/node/node_modules ] || npm ci --silent --prefix examples/node
 
 echo "== stubs up to date"
 python buildscripts/gen_stubs.py --check
