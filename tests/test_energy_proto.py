@@ -52,7 +52,11 @@ def test_unavailable_report_carries_reason_and_no_numbers():
     m = energy_proto.energy(r)
     assert not m.available and "NVML_ERROR_LIBRARY_NOT_FOUND" in m.unavailable_reason
     assert len(m.devices) == 0 and not m.HasField("adjusted_j") and not m.HasField("joules_per_output_token")
-    assert not m.cpu.available and "no RAPL" in m.cpu.unavailable_reason
+    # Absent, not 0: a client (or a JSON mapping that prints defaults) cannot mistake it for measured.
+    assert not m.HasField("total_j") and not m.HasField("uncertainty_j")
+    assert m.HasField("duration_s") and m.duration_s == 1.0  # the window itself was stamped
+    assert not m.cpu.available and "no RAPL" in m.cpu.unavailable_reason and not m.cpu.HasField("energy_j")
+    assert not energy_proto.absent("deferred").HasField("duration_s")
 
 
 def test_sensor_and_baseline():

@@ -30,15 +30,17 @@ if (!opt.server || !opt.model || !Number.isInteger(maxOut) || maxOut < 1 || !(Nu
 const def = protoLoader.loadSync(["llem/v1/llem.proto", "grpc/health/v1/health.proto"], {
   includeDirs: [path.resolve(HERE, "../../proto"), PROTOS],
   keepCase: true, // field names exactly as the proto (and the server's error messages) spell them
-  // int64 fields (random_seed, token_ids, usage, *_bytes) as decimal strings: exact past 2^53,
-  // which Number is not. toInt() below turns them into Numbers only once checked safe.
+  // int64 fields (random_seed, *_bytes, use_count) as decimal strings: exact past 2^53,
+  // which Number is not.
+  // (Token ids and token counts are int32: plain Numbers.)
   longs: String,
   enums: String, // enum values by name both ways ("DECODER_PRESET_DETERMINISTIC", "FINISH_REASON_STOP")
   // Decoded non-optional scalars come back with their zero (cache_hit false, energy.available
-  // false) instead of undefined -- so energy.total_j reads 0 when energy is unavailable: check
-  // `available` first. proto3 `optional` fields are NOT filled in: protobufjs models them
-  // as one-member oneofs, so an absent one stays absent (no key) and a present one, even
-  // holding 0/false, has its key (plus a "_name" marker key, from oneofs below).
+  // false) instead of undefined. proto3 `optional` fields are NOT filled in: protobufjs models
+  // them as one-member oneofs, so an absent one stays absent (no key) and a present one, even
+  // holding 0/false, has its key (plus a "_name" marker key, from oneofs below). Every measured
+  // figure (energy.total_j, uncertainty_j, duration_s, cpu.energy_j, ...) is `optional`:
+  // unmeasured energy has no total_j key at all, never a 0.
   defaults: true,
   oneofs: true, // GenerateStreamResponse.event names its set member: "chunk" or "final"
 });
@@ -56,7 +58,6 @@ const fail = (msg) => { throw new Error(msg); };
 const deadline = () => Date.now() + 1000 * Number(opt["timeout-s"]);
 const unary = (client, method, req) => new Promise((resolve, reject) =>
   client[method](req, { deadline: deadline() }, (err, res) => (err ? reject(err) : resolve(res))));
-const toInt = (s) => Number.isSafeInteger(Number(s)) ? Number(s) : fail(`int64 ${s} does not fit a JS number`);
 
 // The request the benchmark sends. Unset fields are simply left out (undefined/null are not
 // sent), which the server reads as "library default". A field set to 0/false IS sent, since
@@ -76,14 +77,15 @@ function energyOf(e) {
   if (e.available) return { available: true, total_j: e.total_j, uncertainty_j: e.uncertainty_j, method: e.method,
     low_confidence: e.low_confidence, ...("adjusted_j" in e ? { adjusted_j: e.adjusted_j } : {}) };
   if (!e.unavailable_reason) fail("energy is unavailable but gives no reason");
+  if ("total_j" in e) fail(`energy is unavailable but carries total_j = ${e.total_j}`);
   return { available: false, unavailable_reason: e.unavailable_reason };
 }
 
 const summary = (r) => ({
   config_hash: r.config_hash, cache_hit: r.cache_hit, request_id: r.request_id,
-  completions: r.completions.map((c) => ({ index: c.index, text: c.text, token_ids: c.token_ids.map(toInt),
+  completions: r.completions.map((c) => ({ index: c.index, text: c.text, token_ids: c.token_ids,
     output_tokens: c.output_tokens, finish_reason: c.finish_reason })),
-  usage: { input_tokens: toInt(r.usage.input_tokens), output_tokens: toInt(r.usage.output_tokens) },
+  usage: { input_tokens: r.usage.input_tokens, output_tokens: r.usage.output_tokens },
   energy: energyOf(r.energy),
   random_seed: r.effective_config?.random_seed, generate_kwargs: r.effective_config?.generate_kwargs,
   warnings: r.warnings.map((w) => w.code),
@@ -139,7 +141,7 @@ async function main() {
     if (msg.event === "chunk") {
       chunks += 1;
       texts[msg.chunk.index] = (texts[msg.chunk.index] ?? "") + msg.chunk.text;
-      (ids[msg.chunk.index] ??= []).push(...msg.chunk.token_ids.map(toInt));
+      (ids[msg.chunk.index] ??= []).push(...msg.chunk.token_ids);
     } else if (msg.event === "final") final = summary(msg.final);
     else fail(`unexpected stream event ${msg.event}`);
   }

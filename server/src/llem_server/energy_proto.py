@@ -11,8 +11,9 @@ def energy(report: EnergyReport) -> llem_pb2.Energy:
                           method=report.method_label, duration_s=report.duration_s,
                           provenance=provenance(report.provenance))
     c = report.cpu
-    msg.cpu.CopyFrom(llem_pb2.CpuEnergy(available=c.available, unavailable_reason=c.reason,
-                                        energy_j=c.energy_j or 0.0, domains=c.domains))
+    msg.cpu.CopyFrom(llem_pb2.CpuEnergy(available=c.available, unavailable_reason=c.reason, domains=c.domains))
+    if c.available and c.energy_j is not None:
+        msg.cpu.energy_j = c.energy_j
     if not report.available:
         return msg  # no numbers at all: absent is never a zero that looks measured
     msg.total_j = report.total_j

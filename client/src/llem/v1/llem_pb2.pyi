@@ -10,6 +10,8 @@ Presence rule: a field marked `optional` that is left unset means "library
 default" and produces no keyword argument in transformers. An enum left at its
 `_UNSPECIFIED` zero means the same. Every field either changes what the server
 does or is rejected with INVALID_ARGUMENT naming it: nothing is ignored.
+In answers, an `optional` figure left unset means "not measured" (never a 0 that
+reads as measured): check presence (HasField, has_*, oneof case) before use.
 """
 
 from collections import abc as _abc
@@ -1000,7 +1002,7 @@ class CpuEnergy(_message.Message):
     unavailable_reason: _builtins.str
     """Why it is absent (never a zero)."""
     energy_j: _builtins.float
-    """Package energy over the window, joules."""
+    """Package energy over the window, joules (absent, not 0, when not measured)."""
     @_builtins.property
     def domains(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """RAPL domains summed, e.g. "package-0"."""
@@ -1010,14 +1012,16 @@ class CpuEnergy(_message.Message):
         *,
         available: _builtins.bool = ...,
         unavailable_reason: _builtins.str = ...,
-        energy_j: _builtins.float = ...,
+        energy_j: _builtins.float | None = ...,
         domains: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_energy_j", b"_energy_j", "energy_j", b"energy_j"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "domains", b"domains", "energy_j", b"energy_j", "unavailable_reason", b"unavailable_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_energy_j", b"_energy_j", "available", b"available", "domains", b"domains", "energy_j", b"energy_j", "unavailable_reason", b"unavailable_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__energy_j: _TypeAlias = _typing.Literal["energy_j"]  # noqa: Y015
+    _WhichOneofArgType__energy_j: _TypeAlias = _typing.Literal["_energy_j", b"_energy_j"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__energy_j) -> _WhichOneofReturnType__energy_j | None: ...
 
 Global___CpuEnergy: _TypeAlias = CpuEnergy  # noqa: Y015
 
@@ -1090,7 +1094,7 @@ class Energy(_message.Message):
     method: _builtins.str
     """How the figure was made, e.g. "nvml_total_energy_counter/exclusive"."""
     total_j: _builtins.float
-    """Raw energy over the window, all GPUs, joules."""
+    """Raw energy over the window, all GPUs, joules (absent, not 0, when not measured)."""
     adjusted_j: _builtins.float
     """total_j minus baseline power x duration, joules (absent with no baseline)."""
     baseline_power_w: _builtins.float
@@ -1098,9 +1102,9 @@ class Energy(_message.Message):
     joules_per_output_token: _builtins.float
     """total_j / output tokens, joules (0 output tokens: absent)."""
     duration_s: _builtins.float
-    """Window length, seconds."""
+    """Window length, seconds (absent where no window was stamped, e.g. deferred)."""
     uncertainty_j: _builtins.float
-    """Error bound on total_j, joules."""
+    """Error bound on total_j, joules (absent with total_j)."""
     low_confidence: _builtins.bool
     """True for windows under ~1 s or with fewer than 10 counter updates."""
     exclusive: _builtins.bool
@@ -1129,12 +1133,12 @@ class Energy(_message.Message):
         available: _builtins.bool = ...,
         unavailable_reason: _builtins.str = ...,
         method: _builtins.str = ...,
-        total_j: _builtins.float = ...,
+        total_j: _builtins.float | None = ...,
         adjusted_j: _builtins.float | None = ...,
         baseline_power_w: _builtins.float | None = ...,
         joules_per_output_token: _builtins.float | None = ...,
-        duration_s: _builtins.float = ...,
-        uncertainty_j: _builtins.float = ...,
+        duration_s: _builtins.float | None = ...,
+        uncertainty_j: _builtins.float | None = ...,
         low_confidence: _builtins.bool = ...,
         exclusive: _builtins.bool = ...,
         devices: _abc.Iterable[Global___DeviceEnergy] | None = ...,
@@ -1143,9 +1147,9 @@ class Energy(_message.Message):
         cpu: Global___CpuEnergy | None = ...,
         adjusted_uncertainty_j: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_adjusted_j", b"_adjusted_j", "_adjusted_uncertainty_j", b"_adjusted_uncertainty_j", "_baseline_power_w", b"_baseline_power_w", "_joules_per_output_token", b"_joules_per_output_token", "adjusted_j", b"adjusted_j", "adjusted_uncertainty_j", b"adjusted_uncertainty_j", "baseline_power_w", b"baseline_power_w", "cpu", b"cpu", "joules_per_output_token", b"joules_per_output_token", "provenance", b"provenance"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_adjusted_j", b"_adjusted_j", "_adjusted_uncertainty_j", b"_adjusted_uncertainty_j", "_baseline_power_w", b"_baseline_power_w", "_duration_s", b"_duration_s", "_joules_per_output_token", b"_joules_per_output_token", "_total_j", b"_total_j", "_uncertainty_j", b"_uncertainty_j", "adjusted_j", b"adjusted_j", "adjusted_uncertainty_j", b"adjusted_uncertainty_j", "baseline_power_w", b"baseline_power_w", "cpu", b"cpu", "duration_s", b"duration_s", "joules_per_output_token", b"joules_per_output_token", "provenance", b"provenance", "total_j", b"total_j", "uncertainty_j", b"uncertainty_j"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_adjusted_j", b"_adjusted_j", "_adjusted_uncertainty_j", b"_adjusted_uncertainty_j", "_baseline_power_w", b"_baseline_power_w", "_joules_per_output_token", b"_joules_per_output_token", "adjusted_j", b"adjusted_j", "adjusted_uncertainty_j", b"adjusted_uncertainty_j", "approximate", b"approximate", "available", b"available", "baseline_power_w", b"baseline_power_w", "cpu", b"cpu", "devices", b"devices", "duration_s", b"duration_s", "exclusive", b"exclusive", "joules_per_output_token", b"joules_per_output_token", "low_confidence", b"low_confidence", "method", b"method", "provenance", b"provenance", "total_j", b"total_j", "unavailable_reason", b"unavailable_reason", "uncertainty_j", b"uncertainty_j"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_adjusted_j", b"_adjusted_j", "_adjusted_uncertainty_j", b"_adjusted_uncertainty_j", "_baseline_power_w", b"_baseline_power_w", "_duration_s", b"_duration_s", "_joules_per_output_token", b"_joules_per_output_token", "_total_j", b"_total_j", "_uncertainty_j", b"_uncertainty_j", "adjusted_j", b"adjusted_j", "adjusted_uncertainty_j", b"adjusted_uncertainty_j", "approximate", b"approximate", "available", b"available", "baseline_power_w", b"baseline_power_w", "cpu", b"cpu", "devices", b"devices", "duration_s", b"duration_s", "exclusive", b"exclusive", "joules_per_output_token", b"joules_per_output_token", "low_confidence", b"low_confidence", "method", b"method", "provenance", b"provenance", "total_j", b"total_j", "unavailable_reason", b"unavailable_reason", "uncertainty_j", b"uncertainty_j"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__adjusted_j: _TypeAlias = _typing.Literal["adjusted_j"]  # noqa: Y015
     _WhichOneofArgType__adjusted_j: _TypeAlias = _typing.Literal["_adjusted_j", b"_adjusted_j"]  # noqa: Y015
@@ -1153,8 +1157,14 @@ class Energy(_message.Message):
     _WhichOneofArgType__adjusted_uncertainty_j: _TypeAlias = _typing.Literal["_adjusted_uncertainty_j", b"_adjusted_uncertainty_j"]  # noqa: Y015
     _WhichOneofReturnType__baseline_power_w: _TypeAlias = _typing.Literal["baseline_power_w"]  # noqa: Y015
     _WhichOneofArgType__baseline_power_w: _TypeAlias = _typing.Literal["_baseline_power_w", b"_baseline_power_w"]  # noqa: Y015
+    _WhichOneofReturnType__duration_s: _TypeAlias = _typing.Literal["duration_s"]  # noqa: Y015
+    _WhichOneofArgType__duration_s: _TypeAlias = _typing.Literal["_duration_s", b"_duration_s"]  # noqa: Y015
     _WhichOneofReturnType__joules_per_output_token: _TypeAlias = _typing.Literal["joules_per_output_token"]  # noqa: Y015
     _WhichOneofArgType__joules_per_output_token: _TypeAlias = _typing.Literal["_joules_per_output_token", b"_joules_per_output_token"]  # noqa: Y015
+    _WhichOneofReturnType__total_j: _TypeAlias = _typing.Literal["total_j"]  # noqa: Y015
+    _WhichOneofArgType__total_j: _TypeAlias = _typing.Literal["_total_j", b"_total_j"]  # noqa: Y015
+    _WhichOneofReturnType__uncertainty_j: _TypeAlias = _typing.Literal["uncertainty_j"]  # noqa: Y015
+    _WhichOneofArgType__uncertainty_j: _TypeAlias = _typing.Literal["_uncertainty_j", b"_uncertainty_j"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__adjusted_j) -> _WhichOneofReturnType__adjusted_j | None: ...
     @_typing.overload
@@ -1162,7 +1172,13 @@ class Energy(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__baseline_power_w) -> _WhichOneofReturnType__baseline_power_w | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__duration_s) -> _WhichOneofReturnType__duration_s | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__joules_per_output_token) -> _WhichOneofReturnType__joules_per_output_token | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__total_j) -> _WhichOneofReturnType__total_j | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__uncertainty_j) -> _WhichOneofReturnType__uncertainty_j | None: ...
 
 Global___Energy: _TypeAlias = Energy  # noqa: Y015
 

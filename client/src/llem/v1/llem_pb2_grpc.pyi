@@ -10,6 +10,8 @@ Presence rule: a field marked `optional` that is left unset means "library
 default" and produces no keyword argument in transformers. An enum left at its
 `_UNSPECIFIED` zero means the same. Every field either changes what the server
 does or is rejected with INVALID_ARGUMENT naming it: nothing is ignored.
+In answers, an `optional` figure left unset means "not measured" (never a 0 that
+reads as measured): check presence (HasField, has_*, oneof case) before use.
 """
 
 from collections import abc as _abc
