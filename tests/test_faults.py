@@ -116,6 +116,9 @@ def test_a_compile_failure_is_not_fatal(hstub):
     assert r.usage.output_tokens == 2 and not r.effective_config.compiled
     (w,) = [w for w in r.warnings if w.code == "COMPILE_FAILED"]
     assert "uncompiled" in w.message and "simulated compile failure" in w.message
+    # ListModels says so too, not only the answers of the moment.
+    listed = {m.config_hash: m for m in hstub.ListModels(llem_pb2.ListModelsRequest(), timeout=10).models}
+    assert [w.code for w in listed[r.config_hash].warnings] == ["COMPILE_FAILED"]
 
 
 # -- broken weights -----------------------------------------------------------------------------------------

@@ -131,6 +131,36 @@ def test_effective_decoder_is_what_generate_used(client, model_root):
     assert (plain.effective_config.decoder.temperature, plain.effective_config.decoder.top_k) == (1.0, 50)
 
 
+def test_generation_settings_shipped_with_a_model_are_used_and_said(client, model_root):
+    """An unset field sends no kwarg, so generate() takes the checkpoint's generation_config:
+    beams and n-gram blocking shipped with the weights change output and energy, and the answer
+    must say so. Beam search from the checkpoint must not trip the per-step hook either."""
+    variant = model_root / "llama-beams"
+    if not variant.exists():
+        import shutil
+
+        shutil.copytree(model_root / "llama", variant)
+        gc_path = variant / "generation_config.json"
+        gc_path.write_text(json.dumps({**json.loads(gc_path.read_text()), "num_beams": 2, "no_repeat_ngram_size": 2}))
+    prompts = ["The energy of", "a b"]
+    r = client.generate(prompts, model="llama-beams", decoder=GREEDY, max_output_tokens=6)
+    (w,) = [w for w in r.warnings if w.code == "MODEL_GENERATION_CONFIG"]
+    assert "num_beams=2" in w.message and "no_repeat_ngram_size=2" in w.message
+    # What ran is what the same settings sent explicitly give on the plain model.
+    explicit = client.generate(prompts, model="llama", decoder=GREEDY, max_output_tokens=6,
+                               pytorch={"num_beams": 2, "no_repeat_ngram_size": 2})
+    assert [list(c.token_ids) for c in r.completions] == [list(c.token_ids) for c in explicit.completions]
+    assert "MODEL_GENERATION_CONFIG" not in [w.code for w in explicit.warnings]
+    streamed = list(client.generate_stream(prompts, model="llama-beams", decoder=GREEDY, max_output_tokens=6))
+    final = streamed[-1].final
+    assert [c.text for c in final.completions] == [c.text for c in r.completions]
+    assert "STREAM_NOT_INCREMENTAL" in [w.code for w in final.warnings]
+    # Set in the request, the field is the request's: nothing to report for it.
+    own = client.generate(prompts, model="llama-beams", decoder=GREEDY, max_output_tokens=6,
+                          pytorch={"num_beams": 1, "no_repeat_ngram_size": 0})
+    assert "MODEL_GENERATION_CONFIG" not in [w.code for w in own.warnings]
+
+
 def test_random_seed_is_applied_per_request_and_echoed(client):
     sample = {"do_sample": True, "temperature": 1.5, "top_k": 0}
     a = client.generate(["Hello"], model="llama", decoder=sample, max_output_tokens=12, random_seed=7)
@@ -339,6 +369,34 @@ def test_server_info_reports_versions_devices_and_limits(client):
     assert info.devices[0].kind == "cpu" and not info.devices[0].energy_sensor.available
     assert info.limits.max_models == 3
     assert "static" in info.cache_implementations and "inductor" in info.compile_backends
+    # Only what a request can name and this CPU server runs: no CUDA-only caches or CUDA graphs,
+    # no quantized cache without its package, nothing the proto has no value for.
+    assert set(info.cache_implementations) == {"static", "dynamic", "sliding_window"}
+    assert "cudagraphs" not in info.compile_backends
+
+
+def test_every_offered_cache_implementation_runs(client):
+    info = client.server_info()
+    for cache in info.cache_implementations:
+        r = client.generate(["Hi"], model="llama", decoder=GREEDY, max_output_tokens=2,
+                            pytorch={"cache_implementation": cache})
+        assert r.usage.output_tokens == 2, cache
+
+
+def test_memory_counts_the_quantization_state(client, model_root):
+    """4-bit weights carry per-block scales beside the packed weights (more of them without
+    double quant, plus a second level with it): the footprint must count them, so nf4 with and
+    without double quant cannot read the same."""
+    sizes = {}
+    for dq in (False, True):
+        r = client.load_model(model="llama", pytorch={"load_in_4bit": True, "bnb_4bit_use_double_quant": dq})
+        sizes[dq] = r.model.memory_bytes
+    assert sizes[False] != sizes[True]
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    ref = AutoModelForCausalLM.from_pretrained(model_root / "llama",
+                                               quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+    assert sizes[False] > ref.get_memory_footprint()  # parameters and buffers alone
 
 
 @pytest.fixture(scope="module")

@@ -323,7 +323,9 @@ def cmd_models(args: argparse.Namespace, display) -> int:
         state = llem_pb2.ModelState.Name(m.state).removeprefix("MODEL_STATE_").lower()
         prec = llem_pb2.Precision.Name(m.config.precision).removeprefix("PRECISION_").lower()
         used = f"{now - m.last_used_unix:.0f} s ago" if m.last_used_unix else "-"
-        rows.append([m.config_hash[:12], m.config.model, prec, state + (f" ({m.error})" if m.error else ""),
+        notes = [m.error] if m.error else []
+        notes += [w.code for w in m.warnings]  # e.g. COMPILE_FAILED: served uncompiled
+        rows.append([m.config_hash[:12], m.config.model, prec, state + (f" ({', '.join(notes)})" if notes else ""),
                      m.device, _mib(m.memory_bytes), str(m.use_count), used])
     display.grid(f"{len(rows)} cached model(s)", ["hash", "model", "precision", "state", "device", "memory", "uses", "last used"], rows,
                  stream=sys.stdout)

@@ -238,6 +238,19 @@ _SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p")
 _COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 _CUDA_ONLY_CACHES = frozenset({"offloaded_static", "offloaded"})
+_CUDA_GRAPH_BACKENDS = frozenset({"cudagraphs"})
+
+
+def usable_cache_implementations(caps: Capabilities) -> list[str]:
+    """What pytorch.cache_implementation can name and this server runs (GetServerInfo): the
+    proto's values that the installed transformers offers, less those validation refuses here."""
+    return sorted(c for c in _CACHE.values() if c in caps.cache_implementations
+                  and (caps.cuda or c not in _CUDA_ONLY_CACHES) and (caps.quantized_cache or c != "quantized"))
+
+
+def usable_compile_backends(caps: Capabilities) -> list[str]:
+    """The torch.compile backends a request may name here (CUDA graphs only with CUDA)."""
+    return sorted(b for b in caps.compile_backends if caps.cuda or b not in _CUDA_GRAPH_BACKENDS)
 _FLASH_MIN_CC = {"flash_attention_2": (8, 0), "flash_attention_3": (9, 0)}
 
 _DEFAULT_BATCH_SIZE = 1
@@ -574,19 +587,20 @@ def _resolve_load(
         if allowed is not None and value not in allowed:
             col.bad(path, f"{value!r} is not a torch.compile mode; allowed: {', '.join(allowed)}")
             continue
-        if value in ("reduce-overhead", "cudagraphs") and not caps.cuda:
+        if (value == "reduce-overhead" or value in _CUDA_GRAPH_BACKENDS) and not caps.cuda:
             # CUDA graphs only: on CPU torch skips them and the choice would do nothing.
             col.bad(path, f"{value!r} uses CUDA graphs; this server has no CUDA device", FAILED_PRECONDITION)
             continue
         if allowed is None and value not in caps.compile_backends:
             # A near miss of an installed backend is a typo (the client's to fix); any other name
             # may be a backend that another server has installed.
-            near = difflib.get_close_matches(value, sorted(caps.compile_backends), n=1, cutoff=0.75)
+            usable = usable_compile_backends(caps)
+            near = difflib.get_close_matches(value, usable, n=1, cutoff=0.75)
             col.bad(
                 path,
                 f"{value!r} is not a torch.compile backend on this server"
                 + (f" (did you mean {near[0]!r}?)" if near else "")
-                + f"; available: {', '.join(sorted(caps.compile_backends))}",
+                + f"; available: {', '.join(usable)}",
                 INVALID_ARGUMENT if near else FAILED_PRECONDITION,
             )
             continue

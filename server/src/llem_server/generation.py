@@ -17,6 +17,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from . import compiling
 from .models import JobError, LoadedModel
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = 1, 2, 3  # llem.v1.FinishReason values
@@ -145,7 +146,9 @@ def run_generate(entry: LoadedModel, prompts: list[str], plan: dict, *, job_id: 
     gen_kwargs = dict(plan["generate_kwargs"])
     max_new = int(plan["max_output_tokens"])
     device = next(model.parameters()).device
-    beams = int(gen_kwargs.get("num_beams", 1) or 1)
+    # The model's generation_config applies where the request sent nothing (a checkpoint may
+    # ship num_beams > 1): beam search has no per-step hook.
+    beams = int(gen_kwargs.get("num_beams") or getattr(model.generation_config, "num_beams", None) or 1)
 
     t_tok = time.monotonic()
     slices = []
@@ -155,6 +158,7 @@ def run_generate(entry: LoadedModel, prompts: list[str], plan: dict, *, job_id: 
         slices.append((start, enc))
     lengths = _lengths(slices)
     warnings = _truncation_warning(tok, prompts, lengths, int(plan["max_input_tokens"]))
+    warnings += _model_defaults_warning(model, gen_kwargs)
     tokenization_ms = (time.monotonic() - t_tok) * 1e3
     _check_positions(model, lengths, max_new)
 
@@ -163,6 +167,8 @@ def run_generate(entry: LoadedModel, prompts: list[str], plan: dict, *, job_id: 
 
     completions: list[dict] = [None] * len(prompts)  # type: ignore[list-item]
     results: list[SliceResult] = []
+    graphs_before = compiling.graphs()
+    model._llem_auto_compiled = False
     cancelled = False
     started = False
     for start, enc in slices:
@@ -209,6 +215,9 @@ def run_generate(entry: LoadedModel, prompts: list[str], plan: dict, *, job_id: 
 
     entry.use_count += 1
     entry.last_used_unix = time.time()
+    auto_compiled = bool(getattr(model, "_llem_auto_compiled", False))
+    warnings += compiling.request_warnings(compiled=entry.compiled, auto_compiled=auto_compiled,
+                                           new_graphs=compiling.graphs() - graphs_before)
     return {
         "completions": [c for c in completions if c is not None],
         "cancelled": cancelled,
@@ -217,6 +226,7 @@ def run_generate(entry: LoadedModel, prompts: list[str], plan: dict, *, job_id: 
         "effective_generate_kwargs": {**gen_kwargs, "max_new_tokens": max_new},
         "effective_decoder": _effective_decoder(model, gen_kwargs),
         "warnings": warnings,
+        "compiled": entry.compiled or auto_compiled,  # this request: transformers may compile by itself
     }
 
 
@@ -235,6 +245,38 @@ def _truncation_warning(tok, prompts: list[str], lengths: list[int], limit: int)
     side = "first" if getattr(tok, "truncation_side", "right") == "right" else "last"
     return [("INPUT_TRUNCATED", f"{len(cut)} prompt(s) longer than max_input_tokens ({limit}) were cut to their "
                                 f"{side} {limit} tokens: {shown} tokens; raise max_input_tokens to keep them whole")]
+
+
+# generation_config entries that are not generation choices (token ids, bookkeeping), or that
+# max_new_tokens overrides.
+_NOT_CHOICES = {"_from_model_config", "transformers_version", "output_attentions", "output_hidden_states",
+                "pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "max_length"}
+_SAMPLING = {"temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff"}
+
+
+def _model_defaults_warning(model, gen_kwargs: dict) -> list[tuple[str, str]]:
+    """Name what the model's own generation_config.json changed in this request.
+
+    An unset field sends no kwarg (config.md), so generate() takes the checkpoint's values
+    before transformers' global defaults: a no_repeat_ngram_size or cache_implementation
+    shipped with the weights changes the output and the energy without appearing in the
+    request. Sampling values count only where sampling ran."""
+    gc = model.generation_config
+    defaults = getattr(type(gc), "_get_default_generation_params", dict)()
+    sampling = bool(gen_kwargs.get("do_sample", getattr(gc, "do_sample", None)))
+    shown = []
+    for name, value in sorted(gc.to_diff_dict().items()):
+        if name in _NOT_CHOICES or name.startswith("_") or name in gen_kwargs or value is None:
+            continue
+        if name in _SAMPLING and not sampling:
+            continue
+        if name in defaults and value == defaults[name]:
+            continue
+        shown.append(f"{name}={value!r}")
+    if not shown:
+        return []
+    return [("MODEL_GENERATION_CONFIG", "generate() used the model's generation_config.json for fields this request "
+                                        "left unset: " + ", ".join(shown) + "; set them in the request to override")]
 
 
 def _effective_decoder(model, gen_kwargs: dict) -> dict:

@@ -41,6 +41,8 @@ class Entry:
             resolved_revision=info.get("resolved_revision", ""),
         )
         msg.config.CopyFrom(self.config)
+        for code, message in info.get("warnings", ()):
+            msg.warnings.add(code=code, message=message)
         if self.load_energy is not None:
             msg.load_energy.CopyFrom(self.load_energy)
         return msg

@@ -576,7 +576,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             eff.generate_kwargs[k] = v
         for k, v in _json_map(resolved.load.load_kwargs()).items():
             eff.load_kwargs[k] = v
-        eff.compiled = bool(result["model"].get("compiled"))
+        eff.compiled = bool(result.get("compiled", result["model"].get("compiled")))
         eff.device = result["model"].get("device", "")
         if self.metrics is not None:
             device = self.meter_devices.get(entry.device_index, entry.device_index)
@@ -677,8 +677,9 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         versions = dict(self.front_versions)
         if self.workers:
             versions.update(self.workers[0].capabilities.get("versions", {}))
-            resp.compile_backends.extend(self.workers[0].capabilities.get("compile_backends", []))
-            resp.cache_implementations.extend(self.workers[0].capabilities.get("cache_implementations", []))
+            caps = self.capabilities()
+            resp.compile_backends.extend(config.usable_compile_backends(caps))
+            resp.cache_implementations.extend(config.usable_cache_implementations(caps))
         for k, v in versions.items():
             resp.versions[k] = str(v)
         sensors = self.meter.sensors()

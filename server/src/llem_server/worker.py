@@ -133,9 +133,11 @@ def worker_main(conn, device: str, cuda_index: int | None, cancel_flag, max_mode
     _log_like_the_front()  # (imports torch: after the line above)
     import torch
 
+    from . import compiling
     from .generation import run_generate
     from .models import JobError, LoadError, ModelCache, load_model
 
+    compiling.configure(torch)
     cache = ModelCache(max_models)
     conn.send({"type": "hello", "pid": os.getpid(), "capabilities": _capabilities(torch, device)})
 

@@ -1465,6 +1465,7 @@ class ModelInfo(_message.Message):
     LOADED_UNIX_FIELD_NUMBER: _builtins.int
     ACTIVE_REQUESTS_FIELD_NUMBER: _builtins.int
     RESOLVED_REVISION_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
     config_hash: _builtins.str
     """Cache key."""
     state: Global___ModelState.ValueType
@@ -1499,6 +1500,12 @@ class ModelInfo(_message.Message):
     def load_energy(self) -> Global___Energy:
         """Energy used by the load, where measurable."""
 
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Warning]:
+        """What holds for every request on this model, e.g. COMPILE_FAILED (served
+        uncompiled): the same warnings its Generate responses carry.
+        """
+
     def __init__(
         self,
         *,
@@ -1517,10 +1524,11 @@ class ModelInfo(_message.Message):
         loaded_unix: _builtins.float = ...,
         active_requests: _builtins.int = ...,
         resolved_revision: _builtins.str = ...,
+        warnings: _abc.Iterable[Global___Warning] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "load_energy", b"load_energy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_requests", b"active_requests", "compile_time_s", b"compile_time_s", "compiled", b"compiled", "config", b"config", "config_hash", b"config_hash", "device", b"device", "error", b"error", "last_used_unix", b"last_used_unix", "load_energy", b"load_energy", "load_time_s", b"load_time_s", "loaded_unix", b"loaded_unix", "memory_bytes", b"memory_bytes", "resolved_revision", b"resolved_revision", "state", b"state", "use_count", b"use_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_requests", b"active_requests", "compile_time_s", b"compile_time_s", "compiled", b"compiled", "config", b"config", "config_hash", b"config_hash", "device", b"device", "error", b"error", "last_used_unix", b"last_used_unix", "load_energy", b"load_energy", "load_time_s", b"load_time_s", "loaded_unix", b"loaded_unix", "memory_bytes", b"memory_bytes", "resolved_revision", b"resolved_revision", "state", b"state", "use_count", b"use_count", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1942,11 +1950,15 @@ class GetServerInfoResponse(_message.Message):
 
     @_builtins.property
     def compile_backends(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Compile backends torch offers here."""
+        """torch_compile_backend values this server runs (installed, and CUDA graphs
+        only with CUDA).
+        """
 
     @_builtins.property
     def cache_implementations(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Cache implementations the installed transformers accepts."""
+        """cache_implementation values this server runs: the installed transformers
+        offers them and nothing here is missing (CUDA, a quantization package).
+        """
 
     def __init__(
         self,
