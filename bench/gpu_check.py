@@ -282,7 +282,8 @@ class Check:
                 "counter_update_ms": d.counter_update_ms if d is not None and d.HasField("counter_update_ms") else None,
                 "avg_power_w": d.avg_power_w if d is not None else None,
                 "counter_updates": d.counter_updates if d is not None else None,
-                "cache_hit": r.cache_hit}
+                "cache_hit": r.cache_hit, "compiled": r.effective_config.compiled,
+                "compile_warnings": sorted({w.code for w in r.warnings if "COMPIL" in w.code})}
 
     def run_stream(self, k: int, req) -> dict:
         """GenerateStream on server k, read to the end; same fields as run_service."""
@@ -308,7 +309,8 @@ class Check:
                 "chunks": chunks, "last_chunk_s": (last_chunk - t) if last_chunk is not None else None,
                 "generate_s": final.timing.generate_ms / 1e3, "energy_wait_ms": final.timing.energy_wait_ms,
                 "outside_generate_ms": final.timing.total_ms - final.timing.generate_ms - final.timing.tokenization_ms,
-                "cache_hit": final.cache_hit}
+                "cache_hit": final.cache_hit, "compiled": final.effective_config.compiled,
+                "compile_warnings": sorted({w.code for w in final.warnings if "COMPIL" in w.code})}
 
     def run_side(self, side: str, req) -> dict:
         if side == "stream":  # unmetered server: compares with 'off'
@@ -350,6 +352,14 @@ class Check:
             per_round = max(per_round, now() - t_round)
             say(f"  {label} round {i + 1}: " + ", ".join(
                 f"{s} {bs * self.args.new / runs[s][-1]['s']:.1f} tok/s" for s in sides))
+        # What the service said of compilation: a measured round that compiled (a new shape)
+        # includes the compile; a static cache is compiled by transformers itself on CUDA.
+        said = {s: (sorted({r.get("compiled") for r in runs[s]}, key=str),
+                    sorted({c for r in runs[s] for c in r.get("compile_warnings", ())}))
+                for s in sides if s != "in" and runs[s]}
+        if said:
+            self.res["notes"].append(f"{label}: service's effective_config.compiled and compile warnings in measured "
+                                     f"rounds, per side: {json.dumps(said)}")
 
     def streamed(self, label: str, cache: str | None) -> None:
         """Batch 1: in-process vs unmetered Generate vs unmetered GenerateStream, interleaved."""
