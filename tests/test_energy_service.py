@@ -27,7 +27,12 @@ def test_generate_reports_the_counter_energy_of_its_window(client):
                         pytorch={"batch_size": 2})
     e = r.energy
     assert e.available, e.unavailable_reason
-    assert e.method.startswith("nvml_total_energy_counter") and e.exclusive
+    # A simulated counter says so (method and warning): fake joules cannot pass for measured ones.
+    assert e.method == "simulated:nvml_total_energy_counter/exclusive" and e.exclusive
+    (w,) = [w for w in r.warnings if w.code == "ENERGY_SIMULATED"]
+    assert "not a measurement" in w.message
+    info = client.server_info()
+    assert info.devices[0].energy_sensor.method.startswith("simulated:")
     assert e.duration_s > 0
     # the window's true energy is known: power x duration, within the reported bound
     assert abs(e.total_j - POWER_W * e.duration_s) <= e.uncertainty_j + 1e-6

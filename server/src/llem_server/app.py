@@ -56,7 +56,7 @@ def make_meter(settings: Settings, devices: list[tuple[str, int | None]], versio
 
         watts = float(settings.extra.get("simulated_power_w", 150.0))
         nvml = SimulatedNvml([SimGpu(power=watts)])
-        return EnergyMeter([0], nvml=nvml, versions=versions), {0: 0}, ""
+        return EnergyMeter([0], nvml=nvml, versions=versions, simulated=True), {0: 0}, ""
     gpus = [phys for _, phys in devices if phys is not None]
     if not gpus:
         reason = ("no NVIDIA GPU: this server generates on the CPU, and NVML found no GPU energy counter "

@@ -44,6 +44,7 @@ from .sampler import MIN_PERIOD_S, Reading, ReadError, Sampler
 METHOD_COUNTER = "nvml_total_energy_counter"
 METHOD_POWER = "nvml_power_average_integrated (approximate)"
 METHOD_RAPL = "rapl_package_energy"
+SIMULATED_PREFIX = "simulated:"
 
 SHORT_WINDOW_S = 1.0
 MIN_UPDATES = 10
@@ -188,11 +189,14 @@ class EnergyMeter:
                  rapl_root: str | None = "/sys/class/powercap", versions: dict[str, str] | None = None,
                  clock: Callable[[], float] = time.monotonic, split: str = "time",
                  min_period_s: float = MIN_PERIOD_S, registration_grace_s: float = 2.0,
-                 capacity: int = 72_000, unavailable_reason: str = ""):
+                 capacity: int = 72_000, unavailable_reason: str = "", simulated: bool = False):
         # min_period_s: tests lower it for a fast simulator; real hardware keeps 50 ms.
         # registration_grace_s: how late (after its start) a window may still be registered
         # before the ledger has already settled that time.
         self._clock = clock
+        # A simulated counter (--energy-backend simulated): every figure says so in its method
+        # and a warning, so that fake joules cannot be filtered in with measured ones.
+        self._simulated = simulated
         self._period = max(period_s, min_period_s)
         self._fast_period = max(period_s / 2, min_period_s)
         self._split = split
@@ -315,8 +319,12 @@ class EnergyMeter:
                 pass
 
     # -- info ------------------------------------------------------------------------
+    def _label(self, method: str) -> str:
+        return f"{SIMULATED_PREFIX}{method}" if self._simulated and method else method
+
     def sensors(self) -> dict[int, SensorState]:
-        return {i: d.state for i, d in self._devs.items()}
+        return {i: SensorState(d.state.available, d.state.reason, self._label(d.state.method))
+                for i, d in self._devs.items()}
 
     def cpu_sensor(self) -> SensorState:
         return self._cpu_state
@@ -487,8 +495,11 @@ class EnergyMeter:
             baseline_w = sum(r.baseline_power_w for r in out)
             baseline_unc_w = sum(bl_unc_w)
         tokens = window.output_tokens
+        if self._simulated:
+            warnings.append(("ENERGY_SIMULATED", "this energy comes from a simulated NVML counter "
+                                                 "(--energy-backend simulated): a test figure, not a measurement"))
         return EnergyReport(
-            available=True, method=METHOD_POWER if approximate else METHOD_COUNTER,
+            available=True, method=self._label(METHOD_POWER if approximate else METHOD_COUNTER),
             attribution="exclusive" if exclusive else (
                 "shared_by_tokens" if shared_tokens and not shared_time else "shared_by_time"),
             exclusive=exclusive, total_j=total, duration_s=dur, uncertainty_j=unc, low_confidence=low,
@@ -654,7 +665,7 @@ class EnergyMeter:
                                                 tr.known_period_err)
                 if counted is not None and abs(counted - power) <= unc + c_unc:
                     power, unc = counted, c_unc  # whole updates: far tighter, and it agrees
-                res = BaselineResult(d.index, True, "", power, t1 - t0, unix1, t1, d.state.method,
+                res = BaselineResult(d.index, True, "", power, t1 - t0, unix1, t1, self._label(d.state.method),
                                      uncertainty_w=unc)
                 with self._lock:
                     self._baselines[d.index] = res
