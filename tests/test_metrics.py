@@ -172,7 +172,8 @@ async def _interceptor_scenario(m: Metrics):
         "StreamFail": grpc.unary_stream_rpc_method_handler(stream_fail),
     })
     token = "tok-0123456789abcdef"
-    server = grpc.aio.server(interceptors=[m.interceptor(), BearerTokenInterceptor([token])])
+    own = [f"/test.Metered/{name}" for name in ("Ok", "Invalid", "Bug", "SetCode", "Slow", "Stream", "StreamFail")]
+    server = grpc.aio.server(interceptors=[m.interceptor(methods=own), BearerTokenInterceptor([token])])
     server.add_generic_rpc_handlers((handlers,))
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -190,6 +191,10 @@ async def _interceptor_scenario(m: Metrics):
                 assert info.value.code().name == code
             with pytest.raises(grpc.aio.AioRpcError):
                 await unary("Ok")(b"", timeout=5)  # no token
+            for i in range(20):  # made-up names, refused by auth: one "unknown" label, not 20
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await ch.unary_unary(f"/x.Made/Up{i}")(b"", timeout=5)
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert [x async for x in ch.unary_stream(f"/{SERVICE}/Stream")(b"", metadata=md, timeout=5)] == [
                 b"\x00", b"\x01", b"\x02"]
             with pytest.raises(grpc.aio.AioRpcError):
@@ -222,3 +227,7 @@ def test_interceptor_counts_every_outcome():
         assert f'llem_requests_total{{method="{method}",status="{status}"}} 1.0' in text, (method, status, text)
     assert "Health" not in text  # probes are not counted
     assert 'llem_request_duration_seconds_count{method="Slow"} 2.0' in text
+    # A caller cannot mint labels: 20 made-up methods are one "unknown" series (they once made
+    # /metrics 135 MB at 40 000 names).
+    assert 'llem_requests_total{method="unknown",status="UNAUTHENTICATED"} 20.0' in text
+    assert "Made" not in text and "Up1" not in text

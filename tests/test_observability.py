@@ -337,6 +337,23 @@ def test_failed_and_stopped_requests_are_logged_with_their_ids_and_status(obs, o
     assert stopped["status"] == "DEADLINE_EXCEEDED" and len(stopped["config_hash"]) == 64
 
 
+def test_an_oversize_request_id_is_refused_before_it_is_logged_or_kept(obs, ostub):
+    """A 15 MB id used to be written to the log and held in the deferred-energy store although
+    the request was refused; LoadModel did not check it at all."""
+    rid = "r" * 100_000
+    gen = llem_pb2.GenerateRequest(model=_model("llama"), prompts=["a"], max_output_tokens=2, request_id=rid,
+                                   energy_delivery=llem_pb2.ENERGY_DELIVERY_DEFERRED)
+    load = llem_pb2.LoadModelRequest(model=_model("llama"), request_id=rid)
+    for call, req in ((ostub.Generate, gen), (ostub.LoadModel, load)):
+        with pytest.raises(grpc.RpcError) as err:
+            call(req, timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "request_id" in err.value.details()
+    time.sleep(0.2)
+    assert rid not in obs.log()
+    got = ostub.GetEnergy(llem_pb2.GetEnergyRequest(request_ids=[rid[:128]]), timeout=10).results[0]
+    assert not got.energy.available
+
+
 # -- replicas --------------------------------------------------------------------------------------------------
 
 def test_client_round_robin_over_two_replicas(server, obs):

@@ -106,3 +106,6 @@ def test_config_errors_name_the_flag(pki, tmp_path: Path):
     enc.write_text("-----BEGIN ENCRYPTED PRIVATE KEY-----\nxx\n-----END ENCRYPTED PRIVATE KEY-----\n")
     with pytest.raises(TLSConfigError, match="encrypted"):
         server_credentials(pki.server_cert, enc)
+    # Another certificate's key: refused at start-up, not "Failed to bind to address" later.
+    with pytest.raises(TLSConfigError, match="does not belong to the certificate"):
+        server_credentials(pki.server_cert, pki.client_key)

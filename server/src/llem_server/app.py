@@ -41,6 +41,20 @@ def detect_devices(spec: str) -> list[tuple[str, int | None]]:
     return [(f"cuda:{i}", i) for i in indices]
 
 
+# What one client connection may hold, so that open endpoints (health, reflection, and the
+# auth refusal itself) cannot be used to hoard the front's memory and descriptors: streams per
+# connection (llem-client keeps a few; 32 concurrent callers on one channel fit easily), a
+# connection that has not finished its HTTP/2 (or TLS) handshake in 10 s is dropped (a peer
+# that only opens sockets held each for ~2 min), and one idle for 10 min is closed (clients
+# reconnect by themselves). A fleet of peers can still exhaust descriptors: put a proxy or a
+# network policy in front (README, Serving real models).
+CONNECTION_LIMITS = [
+    ("grpc.max_concurrent_streams", 256),
+    ("grpc.server_handshake_timeout_ms", 10_000),
+    ("grpc.max_connection_idle_ms", 600_000),
+]
+
+
 def make_meter(settings: Settings, devices: list[tuple[str, int | None]], versions: dict[str, str]):
     """(meter, worker index → metered GPU index, reason energy is absent where it is)."""
     from .energy import EnergyMeter
@@ -103,7 +117,8 @@ async def serve(settings: Settings, *, port_file: Path | None = None, auth_token
     # Twice the limit: the servicer answers requests over --max-message-bytes with INVALID_ARGUMENT
     # naming the limit; beyond this ceiling gRPC refuses them itself (RESOURCE_EXHAUSTED).
     options = [("grpc.max_receive_message_length", 2 * settings.max_message_bytes),
-               ("grpc.max_send_message_length", max(settings.max_message_bytes, 64 * 1024 * 1024))]
+               ("grpc.max_send_message_length", max(settings.max_message_bytes, 64 * 1024 * 1024)),
+               *CONNECTION_LIMITS]
     server = grpc.aio.server(interceptors=interceptors, options=options)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -6,8 +6,9 @@ as they like. Recording is always safe: a ``Metrics`` whose HTTP endpoint was
 never started still counts (cheaply) and simply is not scraped, so the servicer
 calls these methods unconditionally, with or without ``--metrics-port``.
 
-Label values are kept bounded: ``method`` is the RPC's short name (a full path is
-cut to its last segment), ``status`` a gRPC code name, ``device`` the GPU's index
+Label values are kept bounded: ``method`` is the RPC's short name for this server's own
+methods and ``"unknown"`` for any other path (a caller, even one refused by auth, could
+otherwise mint a label per made-up name: 40 000 of them made /metrics 135 MB), ``status`` a gRPC code name, ``device`` the GPU's index
 (``"0"``, ``"1"``; the worker's index, ``"0"``, on a machine without CUDA; ``"unknown"``
 when the caller could not say). No
 model names or request ids: those belong in logs, not in label sets that grow
@@ -60,8 +61,21 @@ SKIP_PREFIXES: tuple[str, ...] = ("/grpc.health.v1.Health/", "/grpc.reflection."
 UNKNOWN_DEVICE = "unknown"  # label for a count whose device the caller did not say
 
 
+def _known_methods() -> frozenset[str]:
+    from llem.v1 import llem_pb2
+
+    return frozenset(f"/{s.full_name}/{m.name}" for s in llem_pb2.DESCRIPTOR.services_by_name.values()
+                     for m in s.methods)
+
+
+_KNOWN_METHODS = _known_methods()
+_KNOWN_SHORT = frozenset(p.rsplit("/", 1)[-1] for p in _KNOWN_METHODS)
+
+
 def _method(name: str) -> str:
-    return name.rsplit("/", 1)[-1] or "unknown"
+    """A full path or short name of this server's methods; "unknown" for anything else."""
+    short = name.rsplit("/", 1)[-1]
+    return short if name in _KNOWN_METHODS or name in _KNOWN_SHORT else "unknown"
 
 
 def _status(code: grpc.StatusCode | str) -> str:
@@ -126,8 +140,11 @@ class Metrics:
     # -- recording: explicit values ------------------------------------------------
 
     def record_request(self, method: str, status: grpc.StatusCode | str, seconds: float) -> None:
-        """One finished RPC (the interceptor calls this; call it yourself only without one)."""
-        m = _method(method)
+        """One finished RPC of this server's (the interceptor counts them; call it yourself only
+        without one)."""
+        self._record(_method(method), status, seconds)
+
+    def _record(self, m: str, status: grpc.StatusCode | str, seconds: float) -> None:
         self.c_requests.labels(method=m, status=_status(status)).inc()
         if seconds >= 0 and math.isfinite(seconds):
             self.h_request_seconds.labels(method=m).observe(seconds)
@@ -210,10 +227,12 @@ class Metrics:
         """Read the queue depth from ``depth()`` at scrape time (no bookkeeping on the hot path)."""
         self.g_queue_depth.labels(device=_device(device)).set_function(lambda: max(0, int(depth())))
 
-    def interceptor(self, skip_prefixes: Iterable[str] = SKIP_PREFIXES) -> MetricsInterceptor:
+    def interceptor(self, skip_prefixes: Iterable[str] = SKIP_PREFIXES,
+                    methods: Iterable[str] | None = None) -> MetricsInterceptor:
         """A server interceptor counting every RPC by method and final status, with latency.
-        Put it first in the list, so calls refused by auth are counted too."""
-        return MetricsInterceptor(self, skip_prefixes)
+        Put it first in the list, so calls refused by auth are counted too. ``methods``: the
+        full paths that get a label of their own (default: llem.v1's); any other is "unknown"."""
+        return MetricsInterceptor(self, skip_prefixes, methods)
 
     # -- exposition ----------------------------------------------------------------
 
@@ -255,9 +274,11 @@ def _final_code(context: grpc.aio.ServicerContext, exc: BaseException | None) ->
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
     """Wraps each handler to record ``llem_requests_total`` and ``llem_request_duration_seconds``."""
 
-    def __init__(self, metrics: Metrics, skip_prefixes: Iterable[str] = SKIP_PREFIXES):
+    def __init__(self, metrics: Metrics, skip_prefixes: Iterable[str] = SKIP_PREFIXES,
+                 methods: Iterable[str] | None = None):
         self._m = metrics
         self._skip = tuple(skip_prefixes)
+        self._methods = _KNOWN_METHODS if methods is None else frozenset(methods)
 
     async def intercept_service(
         self,
@@ -268,10 +289,11 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith(self._skip):
             return handler
-        return _wrap(handler, method, self._m)
+        label = method.rsplit("/", 1)[-1] if method in self._methods else "unknown"
+        return _wrap(handler, label, self._m)
 
 
-def _wrap(handler: grpc.RpcMethodHandler, method: str, m: Metrics) -> grpc.RpcMethodHandler:
+def _wrap(handler: grpc.RpcMethodHandler, label: str, m: Metrics) -> grpc.RpcMethodHandler:
     if handler.unary_unary:
         kind, behavior, factory = "unary_unary", handler.unary_unary, grpc.unary_unary_rpc_method_handler
     elif handler.unary_stream:
@@ -282,7 +304,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, m: Metrics) -> grpc.RpcMe
         kind, behavior, factory = "stream_stream", handler.stream_stream, grpc.stream_stream_rpc_method_handler
 
     def done(context, start: float, exc: BaseException | None) -> None:
-        m.record_request(method, _final_code(context, exc), time.monotonic() - start)
+        m._record(label, _final_code(context, exc), time.monotonic() - start)
 
     if not (inspect.isasyncgenfunction(behavior) or inspect.iscoroutinefunction(behavior)):
         return handler  # a sync handler runs in grpc's thread pool; wrapping it here would block the loop

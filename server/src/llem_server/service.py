@@ -12,6 +12,7 @@ import json
 import math
 import threading
 import time
+import unicodedata
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -64,6 +65,22 @@ def _config_error(err: config.ConfigError) -> ServiceError:
 
 def _json_map(d: dict) -> dict[str, str]:
     return {k: json.dumps(v, sort_keys=True) for k, v in d.items()}
+
+
+_MAX_REQUEST_ID_CHARS = config._MAX_REQUEST_ID_CHARS  # one limit, checked here before anything keeps the id
+
+
+def _check_request_id(request_id: str) -> None:
+    """Before the id is logged, bound to the RPC or kept for GetEnergy: a 15 MB id used to be
+    written to the log and held in the deferred store although the request was refused."""
+    limit = _MAX_REQUEST_ID_CHARS
+    if len(request_id) > limit:
+        why = f"is {len(request_id)} characters; at most {limit}"
+    elif any(unicodedata.category(c) == "Cc" for c in request_id):
+        why = "contains control characters (it goes into logs)"
+    else:
+        return
+    raise ServiceError(_S.INVALID_ARGUMENT, f"request_id: {why}", violations=[("request_id", why)])
 
 
 def _hide_root(data: dict, model) -> dict:
@@ -234,6 +251,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             self.log.info("generate", status=err.code.name, message=err.message[:300])
 
     async def _generate(self, request: llem_pb2.GenerateRequest, context, *, stream: bool) -> AsyncIterator:
+        _check_request_id(request.request_id)
         request_id = request.request_id or uuid.uuid4().hex
         bind(request_id=request_id)  # every line of this RPC, its failure's included, carries it
         if request.energy_delivery != llem_pb2.ENERGY_DELIVERY_DEFERRED:
@@ -594,6 +612,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
     # -- model cache -----------------------------------------------------------
     async def LoadModel(self, request, context):
         try:
+            _check_request_id(request.request_id)
             self._check_open()
             model = self._resolve_model(request.model.model, "model.model")
             _name_by_directory(request.model, model)
@@ -638,8 +657,8 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             return resp
         except ServiceError as err:
             if self.log is not None:
-                self.log.info("load_model", request_id=request.request_id or None, status=err.code.name,
-                              message=err.message[:300])
+                rid = request.request_id if len(request.request_id) <= _MAX_REQUEST_ID_CHARS else None
+                self.log.info("load_model", request_id=rid or None, status=err.code.name, message=err.message[:300])
             await abort(context, err)
 
     async def UnloadModel(self, request, context):

@@ -30,6 +30,20 @@ def _read_pem(path: Path | str, what: str, marker: bytes) -> bytes:
     return data
 
 
+def _check_pair(cert: Path | str, key: Path | str) -> None:
+    """gRPC accepts a key that does not belong to the certificate and fails later, at bind,
+    with "Failed to bind to address": OpenSSL (stdlib ssl) tells at once."""
+    import ssl
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(str(cert), str(key))
+    except ssl.SSLError as exc:
+        reason = getattr(exc, "reason", None) or str(exc)
+        what = ("the key does not belong to the certificate" if "KEY_VALUES_MISMATCH" in str(reason)
+                else f"OpenSSL cannot use them: {reason}")
+        raise TLSConfigError(f"--tls-cert {cert} / --tls-key {key}: {what}") from None
+
+
 def server_credentials(cert: Path | str, key: Path | str, client_ca: Path | str | None = None) -> grpc.ServerCredentials:
     """Credentials for ``server.add_secure_port``.
 
@@ -44,6 +58,7 @@ def server_credentials(cert: Path | str, key: Path | str, client_ca: Path | str 
     if b"ENCRYPTED" in key_pem:
         raise TLSConfigError(f"--tls-key {key}: encrypted private keys are not supported")
     ca_pem = _read_pem(client_ca, "--tls-client-ca", b"CERTIFICATE-----") if client_ca is not None else None
+    _check_pair(cert, key)
     return grpc.ssl_server_credentials(
         [(key_pem, cert_pem)],
         root_certificates=ca_pem,
