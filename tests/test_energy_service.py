@@ -195,3 +195,33 @@ def test_get_energy_rejects_bad_arguments(client):
     fields = {f for f, _ in err.value.field_violations}
     assert fields == {"request_ids", "wait_seconds"}
     assert client.health().status == 1  # SERVING: a bad call loses nothing
+
+
+def test_two_readings_give_a_phases_energy_idle_gaps_included(client):
+    """ReadEnergy brackets a phase: its energy is the counter's over the whole interval (the
+    requests' windows and the time between them), here 150 W x the interval within the bound,
+    and more than the requests' own energies by the idle time's."""
+    from llem_client import energy_between
+
+    start = client.read_energy()
+    windows = 0.0
+    for _ in range(3):
+        r = client.generate(["Hello"], model="llama", decoder=GREEDY, max_output_tokens=8)
+        windows += r.energy.total_j
+        time.sleep(0.3)  # idle between requests: in the phase, in no request
+    end = client.read_energy()
+    (dev,) = energy_between(start, end)
+    assert dev["uuid"] == "GPU-sim-0000" and dev["method"].startswith("simulated:")
+    assert abs(dev["energy_j"] - POWER_W * dev["duration_s"]) <= dev["uncertainty_j"]
+    assert dev["energy_j"] > windows + POWER_W * 0.8 - dev["uncertainty_j"]
+    assert end.unix_s > start.unix_s and end.monotonic_s - start.monotonic_s == pytest.approx(dev["duration_s"])
+
+
+def test_readings_without_a_gpu_say_why(server):
+    from llem_client import energy_between
+
+    with Client(server.address, timeout=60) as c:
+        a, b = c.read_energy(), c.read_energy()
+    (dev,) = energy_between(a, b)
+    assert dev["energy_j"] is None and "no NVIDIA GPU" in dev["unavailable_reason"]
+    assert not b.devices[0].HasField("energy_j")

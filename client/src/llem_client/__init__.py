@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from .client import AsyncClient, AsyncGenerateStream, Client, GenerateCall, GenerateStream
 from .convert import message_to_dict, to_message
+from .readings import energy_between
 from .errors import (
     Cancelled,
     ConfigurationError,
@@ -37,6 +38,7 @@ __all__ = [
     "Client",
     "ConfigurationError",
     "DeadlineExceeded",
+    "energy_between",
     "FailedPrecondition",
     "GenerateCall",
     "GenerateStream",

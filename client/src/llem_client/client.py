@@ -410,6 +410,12 @@ class Client(_Base):
         req = _core.to_message(llem_pb2.GetEnergyRequest, {"request_ids": ids, "wait_seconds": wait_seconds})
         return self._unary(self._stub.GetEnergy, req, timeout)
 
+    def read_energy(self, *, timeout: float | None = UNSET) -> llem_pb2.ReadEnergyResponse:
+        """Each GPU's cumulative energy as of the call (~100 ms: the server waits for the
+        counter's next update). :func:`llem_client.energy_between` turns two readings into a
+        phase's energy, idle time between requests included."""
+        return self._unary(self._stub.ReadEnergy, llem_pb2.ReadEnergyRequest(), timeout)
+
     def health(self, service: str = "", *, timeout: float | None = UNSET) -> health_pb2.HealthCheckResponse:
         """``grpc.health.v1.Health/Check``; ``.status`` is SERVING when ready."""
         return self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
@@ -596,6 +602,10 @@ class AsyncClient(_Base):
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
         req = _core.to_message(llem_pb2.GetEnergyRequest, {"request_ids": ids, "wait_seconds": wait_seconds})
         return await self._unary(self._stub.GetEnergy, req, timeout)
+
+    async def read_energy(self, *, timeout: float | None = UNSET) -> llem_pb2.ReadEnergyResponse:
+        """See :meth:`Client.read_energy`."""
+        return await self._unary(self._stub.ReadEnergy, llem_pb2.ReadEnergyRequest(), timeout)
 
     async def health(self, service: str = "", *, timeout: float | None = UNSET) -> health_pb2.HealthCheckResponse:
         """See :meth:`Client.health`."""

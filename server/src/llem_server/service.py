@@ -406,6 +406,19 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
 
         self._in_background(settle())
 
+    async def ReadEnergy(self, request, context):
+        loop = asyncio.get_running_loop()
+        t, readings = await loop.run_in_executor(None, self.meter.read)
+        resp = llem_pb2.ReadEnergyResponse(monotonic_s=t, unix_s=time.time() - (time.monotonic() - t))
+        for i, r in sorted(readings.items()):
+            d = resp.devices.add(index=i, uuid=r.uuid, available=r.available, unavailable_reason=r.reason,
+                                 method=r.method, counter_resets=r.interruptions)
+            if r.available:
+                d.energy_j, d.uncertainty_j = r.energy_j, r.uncertainty_j
+        if not readings:  # no GPU metered here: say why, as every energy figure does
+            resp.devices.add(index=0, available=False, unavailable_reason=self.energy_reason or "no GPU is metered")
+        return resp
+
     async def GetEnergy(self, request, context):
         try:
             ids = list(request.request_ids)

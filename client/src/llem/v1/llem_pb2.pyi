@@ -2165,3 +2165,115 @@ class GetEnergyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetEnergyResponse: _TypeAlias = GetEnergyResponse  # noqa: Y015
+
+@_typing.final
+class ReadEnergyRequest(_message.Message):
+    """ReadEnergyRequest takes no arguments: the reading is of the moment it arrives."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadEnergyRequest: _TypeAlias = ReadEnergyRequest  # noqa: Y015
+
+@_typing.final
+class ReadEnergyResponse(_message.Message):
+    """ReadEnergyResponse is one reading of every metered GPU."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MONOTONIC_S_FIELD_NUMBER: _builtins.int
+    UNIX_S_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
+    monotonic_s: _builtins.float
+    """The server's monotonic clock at the reading, seconds (differences are durations)."""
+    unix_s: _builtins.float
+    """The same instant as Unix time, seconds."""
+    @_builtins.property
+    def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___EnergyReading]:
+        """One per metered GPU."""
+
+    def __init__(
+        self,
+        *,
+        monotonic_s: _builtins.float = ...,
+        unix_s: _builtins.float = ...,
+        devices: _abc.Iterable[Global___EnergyReading] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "monotonic_s", b"monotonic_s", "unix_s", b"unix_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadEnergyResponse: _TypeAlias = ReadEnergyResponse  # noqa: Y015
+
+@_typing.final
+class EnergyReading(_message.Message):
+    """EnergyReading is one GPU's cumulative energy at one instant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    UUID_FIELD_NUMBER: _builtins.int
+    AVAILABLE_FIELD_NUMBER: _builtins.int
+    UNAVAILABLE_REASON_FIELD_NUMBER: _builtins.int
+    ENERGY_J_FIELD_NUMBER: _builtins.int
+    UNCERTAINTY_J_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    COUNTER_RESETS_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """CUDA/NVML device index."""
+    uuid: _builtins.str
+    """GPU UUID: readings of different GPUs are not to be subtracted."""
+    available: _builtins.bool
+    """True when energy_j was read."""
+    unavailable_reason: _builtins.str
+    """Why it was not."""
+    energy_j: _builtins.float
+    """Energy counted since an arbitrary zero, joules: only differences between two
+    readings of the same GPU (same uuid, same counter_resets) mean anything.
+    """
+    uncertainty_j: _builtins.float
+    """Error bound of energy_j at this instant, joules (about one counter update's
+    energy); a difference's bound is the sum of both readings' bounds.
+    """
+    method: _builtins.str
+    """How the figure was made, e.g. "nvml_total_energy_counter"."""
+    counter_resets: _builtins.int
+    """Times the counter went backwards (reset) since the server started: two readings
+    with different counts have unknown energy between them.
+    """
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        uuid: _builtins.str = ...,
+        available: _builtins.bool = ...,
+        unavailable_reason: _builtins.str = ...,
+        energy_j: _builtins.float | None = ...,
+        uncertainty_j: _builtins.float | None = ...,
+        method: _builtins.str = ...,
+        counter_resets: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_energy_j", b"_energy_j", "_uncertainty_j", b"_uncertainty_j", "energy_j", b"energy_j", "uncertainty_j", b"uncertainty_j"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_energy_j", b"_energy_j", "_uncertainty_j", b"_uncertainty_j", "available", b"available", "counter_resets", b"counter_resets", "energy_j", b"energy_j", "index", b"index", "method", b"method", "unavailable_reason", b"unavailable_reason", "uncertainty_j", b"uncertainty_j", "uuid", b"uuid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__energy_j: _TypeAlias = _typing.Literal["energy_j"]  # noqa: Y015
+    _WhichOneofArgType__energy_j: _TypeAlias = _typing.Literal["_energy_j", b"_energy_j"]  # noqa: Y015
+    _WhichOneofReturnType__uncertainty_j: _TypeAlias = _typing.Literal["uncertainty_j"]  # noqa: Y015
+    _WhichOneofArgType__uncertainty_j: _TypeAlias = _typing.Literal["_uncertainty_j", b"_uncertainty_j"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__energy_j) -> _WhichOneofReturnType__energy_j | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__uncertainty_j) -> _WhichOneofReturnType__uncertainty_j | None: ...
+
+Global___EnergyReading: _TypeAlias = EnergyReading  # noqa: Y015

@@ -77,6 +77,11 @@ class LlemServiceStub:
                 request_serializer=llem_dot_v1_dot_llem__pb2.GetEnergyRequest.SerializeToString,
                 response_deserializer=llem_dot_v1_dot_llem__pb2.GetEnergyResponse.FromString,
                 _registered_method=True)
+        self.ReadEnergy = channel.unary_unary(
+                '/llem.v1.LlemService/ReadEnergy',
+                request_serializer=llem_dot_v1_dot_llem__pb2.ReadEnergyRequest.SerializeToString,
+                response_deserializer=llem_dot_v1_dot_llem__pb2.ReadEnergyResponse.FromString,
+                _registered_method=True)
 
 
 class LlemServiceServicer:
@@ -147,6 +152,16 @@ class LlemServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadEnergy(self, request, context):
+        """ReadEnergy reads each GPU's cumulative energy as of the call, interpolated to
+        that instant once the counter has updated past it (~100 ms). Two readings
+        bracket a phase; the phase's energy, idle time between requests included, is
+        their difference. Nothing is attributed: requests' energies are unaffected.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LlemServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -189,6 +204,11 @@ def add_LlemServiceServicer_to_server(servicer, server):
                     servicer.GetEnergy,
                     request_deserializer=llem_dot_v1_dot_llem__pb2.GetEnergyRequest.FromString,
                     response_serializer=llem_dot_v1_dot_llem__pb2.GetEnergyResponse.SerializeToString,
+            ),
+            'ReadEnergy': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadEnergy,
+                    request_deserializer=llem_dot_v1_dot_llem__pb2.ReadEnergyRequest.FromString,
+                    response_serializer=llem_dot_v1_dot_llem__pb2.ReadEnergyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -410,6 +430,33 @@ class LlemService:
             '/llem.v1.LlemService/GetEnergy',
             llem_dot_v1_dot_llem__pb2.GetEnergyRequest.SerializeToString,
             llem_dot_v1_dot_llem__pb2.GetEnergyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadEnergy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llem.v1.LlemService/ReadEnergy',
+            llem_dot_v1_dot_llem__pb2.ReadEnergyRequest.SerializeToString,
+            llem_dot_v1_dot_llem__pb2.ReadEnergyResponse.FromString,
             options,
             channel_credentials,
             insecure,

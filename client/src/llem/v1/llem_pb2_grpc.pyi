@@ -72,6 +72,12 @@ class LlemServiceStub:
     """GetEnergy returns the energy of requests sent with
     energy_delivery = ENERGY_DELIVERY_DEFERRED, waiting for it to settle.
     """
+    ReadEnergy: _grpc.UnaryUnaryMultiCallable[_llem_pb2.ReadEnergyRequest, _llem_pb2.ReadEnergyResponse]
+    """ReadEnergy reads each GPU's cumulative energy as of the call, interpolated to
+    that instant once the counter has updated past it (~100 ms). Two readings
+    bracket a phase; the phase's energy, idle time between requests included, is
+    their difference. Nothing is attributed: requests' energies are unaffected.
+    """
 
 @_typing.type_check_only
 class LlemServiceAsyncStub(LlemServiceStub):
@@ -105,6 +111,12 @@ class LlemServiceAsyncStub(LlemServiceStub):
     GetEnergy: _aio.UnaryUnaryMultiCallable[_llem_pb2.GetEnergyRequest, _llem_pb2.GetEnergyResponse]  # type: ignore[assignment]
     """GetEnergy returns the energy of requests sent with
     energy_delivery = ENERGY_DELIVERY_DEFERRED, waiting for it to settle.
+    """
+    ReadEnergy: _aio.UnaryUnaryMultiCallable[_llem_pb2.ReadEnergyRequest, _llem_pb2.ReadEnergyResponse]  # type: ignore[assignment]
+    """ReadEnergy reads each GPU's cumulative energy as of the call, interpolated to
+    that instant once the counter has updated past it (~100 ms). Two readings
+    bracket a phase; the phase's energy, idle time between requests included, is
+    their difference. Nothing is attributed: requests' energies are unaffected.
     """
 
 class LlemServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -184,6 +196,18 @@ class LlemServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_llem_pb2.GetEnergyResponse, _abc.Awaitable[_llem_pb2.GetEnergyResponse]]:
         """GetEnergy returns the energy of requests sent with
         energy_delivery = ENERGY_DELIVERY_DEFERRED, waiting for it to settle.
+        """
+
+    @_abc_1.abstractmethod
+    def ReadEnergy(
+        self,
+        request: _llem_pb2.ReadEnergyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_llem_pb2.ReadEnergyResponse, _abc.Awaitable[_llem_pb2.ReadEnergyResponse]]:
+        """ReadEnergy reads each GPU's cumulative energy as of the call, interpolated to
+        that instant once the counter has updated past it (~100 ms). Two readings
+        bracket a phase; the phase's energy, idle time between requests included, is
+        their difference. Nothing is attributed: requests' energies are unaffected.
         """
 
 def add_LlemServiceServicer_to_server(servicer: LlemServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -105,6 +105,19 @@ class DeviceReport:
 
 
 @dataclass
+class DeviceReading:
+    """A GPU's cumulative energy at one instant (``EnergyMeter.read``)."""
+    index: int
+    available: bool
+    reason: str = ""
+    energy_j: float | None = None  # counter energy at the instant, from an arbitrary zero
+    uncertainty_j: float | None = None
+    method: str = ""
+    uuid: str = ""
+    interruptions: int = 0  # counter resets seen so far: a difference across one is unknown
+
+
+@dataclass
 class EnergyReport:
     available: bool
     reason: str = ""
@@ -671,6 +684,45 @@ class EnergyMeter:
                     self._baselines[d.index] = res
             out[d.index] = res
         return out
+
+    # -- readings ---------------------------------------------------------------------
+    def read(self, timeout_s: float = 2.0) -> tuple[float, dict[int, DeviceReading]]:
+        """Blocking (call from a thread pool): each device's cumulative energy as of now,
+        interpolated to this instant once the counter has updated past it (~100 ms).
+
+        Two readings bracket a phase (a benchmark's measured phase, the idle time between its
+        requests included): its energy is their difference, with one edge's bound at each
+        end. Nothing is attributed: requests' windows are unaffected."""
+        t = self._clock()
+        live = [d for d in self._devs.values() if d.state.available and d.sampler is not None and d.sampler.running]
+        for d in live:
+            d.sampler.hurry()  # read just after the next predicted update
+        try:
+            deadline = time.monotonic() + timeout_s
+            out: dict[int, DeviceReading] = {}
+            for i, d in self._devs.items():
+                uuid = str(d.static.get("uuid") or "")
+                if not d.state.available:
+                    out[i] = DeviceReading(i, False, d.state.reason, uuid=uuid)
+                elif d.sampler is None or not d.sampler.running:
+                    out[i] = DeviceReading(i, False, "the energy sampler is not running", uuid=uuid)
+                elif not d.sampler.wait_for_point(t, deadline):
+                    out[i] = DeviceReading(i, False, f"GPU {i}: no counter update after the reading "
+                                                     f"({d.sampler.last_error or 'stalled'})", uuid=uuid)
+                else:
+                    v = d.sampler.view(t, t)
+                    e = energy_at(v.pt_t, v.pt_e, t)
+                    if e is None or v.gaps:
+                        why = v.gaps[0][2] if v.gaps else "energy samples do not cover the reading"
+                        out[i] = DeviceReading(i, False, f"GPU {i}: {why}", uuid=uuid)
+                    else:
+                        unc = edge_step_mj(v.pt_t, v.pt_e, t, v.pt_lo, v.pt_hi)
+                        out[i] = DeviceReading(i, True, "", e / 1000.0, unc / 1000.0, self._label(d.state.method),
+                                               uuid, d.sampler.interruptions)
+            return t, out
+        finally:
+            for d in live:
+                d.sampler.relax()
 
     def baseline(self, index: int) -> BaselineResult | None:
         """Latest successful baseline of a device, with its age now."""

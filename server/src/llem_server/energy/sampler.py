@@ -521,6 +521,12 @@ class Sampler:
             time.sleep(0.05)
         return True
 
+    @property
+    def interruptions(self) -> int:
+        """Times the counter went backwards so far (a reset): energy across one is unknown."""
+        with self._lock:
+            return len(self._gaps)
+
     def last_point(self) -> tuple[float, float] | None:
         with self._lock:
             b = self._buf
