@@ -368,6 +368,8 @@ def test_run_with_energy_baseline_and_nvml_backend(sim_server, tmp_path):
     bl = res["baseline"]["response"]["devices"][0]["baseline"]
     assert abs(bl["power_w"] - 150) <= bl["uncertainty_w"] + 1e-6  # within its own reported bound
     assert e["adjusted_j"] is not None  # a baseline exists, so every request has an adjusted figure
+    assert e["baseline"]["source"] == "measured by this run" and e["baseline"]["matches_requests"] is True
+    assert e["baseline"]["devices"][0]["power_w"] == bl["power_w"]
     assert res["provenance"]["energy_methods"] and res["model_load"]["load_energy"]["available"]
     assert "total energy" in p.stdout and "J per output token" in p.stdout
 
@@ -497,3 +499,126 @@ def test_progress_shows_no_joules_before_energy_is_known(server, tmp_path, deliv
         assert "deferred energy: unavailable for all 2 request(s)" in err and "0.000 J" not in err, err
     else:
         assert "energy n/a" in err
+
+
+# --- what the result file needs for publication (audit of llem-client run's files) ---
+
+
+def test_result_file_identifies_prompts_config_clock_and_warmup_warnings(server, tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Energy is a word number {i}", "source": s}) + "\n"
+                            for i, s in enumerate("aabbab")))
+    # max_input_tokens 4 truncates every prompt: the warm-up request says so too
+    cfg = write_config(tmp_path / "exp.yaml", dataset="prompts.jsonl", dataset_order="interleaved", n=3,
+                       max_input_tokens=4, baseline={"enabled": False})
+    old = os.umask(0o022)
+    try:
+        before = time.time()
+        p = llem("run", cfg.name, "--server", server.address, cwd=tmp_path)
+    finally:
+        os.umask(old)
+    assert p.returncode == 0, p.stderr
+    files = list((tmp_path / "out").glob("*.json"))
+    assert len(files) == 1 and (files[0].stat().st_mode & 0o777) == 0o644  # the umask's mode, not 0600
+    res = only_result(tmp_path / "out")
+    # the prompts' lines in the file (interleaved a a b b a b -> lines 1, 3, 2), not 0..n-1
+    assert [r["prompt_indices"] for r in res["requests"]] == [[0, 1], [2]]
+    assert [r["dataset_positions"] for r in res["requests"]] == [[1, 3], [2]]
+    # the YAML as given, and where the relative paths in argv lead
+    assert res["config_file"]["text"] == cfg.read_text() and res["config_file"]["path"] == "exp.yaml"
+    assert res["client"]["cwd"] == str(tmp_path) and res["client"]["argv"][1] == "exp.yaml"
+    # the measured phase's clock has a wall-clock anchor
+    t0 = res["measurement"]["t0_unix"]
+    assert before < t0 < time.time()
+    assert all(r["sent_at_s"] >= 0 for r in res["requests"])
+    w = res["warmup"]
+    assert len(w["warnings"]) == w["requests"] == 1
+    assert "INPUT_TRUNCATED" in [x["code"] for x in w["warnings"][0]], w
+
+
+def _long_run(tmp_path: Path, n: int = 300, **extra) -> Path:
+    # Many small requests, one at a time: a signal sent after the first few lands mid-run.
+    return write_config(tmp_path / "exp.yaml", n=n, dataset={"n": n, "input_len": 8, "seed": 3},
+                        pytorch={"batch_size": 1}, warmup={"enabled": False}, baseline={"enabled": False}, **extra)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_run_ended_by_a_signal_keeps_its_records(server, tmp_path, sig):
+    cfg = _long_run(tmp_path)
+    cli = _Cli(["run", str(cfg), "--server", server.address, "--in-flight", "1"], tmp_path, "request 3/300")
+    assert cli.seen.wait(180), cli.stderr
+    cli.proc.send_signal(sig)
+    cli.proc.wait(60)
+    cli._pump.join(10)
+    res = only_result(tmp_path / "out")
+    if sig == signal.SIGTERM:  # as Ctrl-C: the partial result, the signal named, exit 128 + 15
+        assert cli.proc.returncode == 143, cli.stderr
+        assert res["status"] == "interrupted" and res["interrupted_by"] == "SIGTERM" and res["stage"] == "measure"
+        assert 3 <= len(res["requests"]) < 300
+        assert "interrupted during measure by SIGTERM" in cli.stderr
+    else:  # nothing runs on SIGKILL: the file saved during the run holds the first request(s)
+        assert cli.proc.returncode == -signal.SIGKILL
+        assert res["status"] == "running" and res["finished_at"] is None
+        assert 1 <= len(res["requests"]) < 300
+    assert res["aggregates"]["requests"] == len(res["requests"])
+
+
+def test_adjusted_energy_says_the_baseline_was_already_on_the_server(sim_server, tmp_path):
+    from llem_client import Client
+
+    with Client(sim_server.address) as c:  # another client's baseline, left on the server
+        c.measure_baseline(1.0)
+    cfg = write_config(tmp_path / "exp.yaml", n=2, warmup={"enabled": False}, baseline={"enabled": False})
+    p = llem("run", cfg, "--server", sim_server.address, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    res = only_result(tmp_path / "out")
+    e = res["aggregates"]["energy"]
+    assert e["adjusted_j"] is not None  # it was adjusted although this run measured no baseline
+    b = e["baseline"]
+    assert b["source"].startswith("already on the server") and b["matches_requests"] is True
+    dev = b["devices"][0]
+    assert abs(dev["power_w"] - 150) <= dev["uncertainty_w"] + 1e-6 and dev["age_s_at_run_start"] >= 0
+    assert dev["measured_unix"] <= time.time()
+    row = next(x for x in p.stdout.splitlines() if "adjusted energy" in x)
+    assert "already on the server" in row and "old at the start" in row, p.stdout
+
+
+@pytest.fixture(scope="module")
+def short_keep_server(model_root, tmp_path_factory):
+    """A simulated-energy server that keeps only its 24 most recent deferred energies."""
+    from conftest import start_server, stop_server
+
+    srv = start_server(tmp_path_factory.mktemp("keep-server"), model_root, "--energy-backend", "simulated",
+                       "--simulated-power-w", "150", "--deferred-energy-keep", "24")
+    yield srv
+    stop_server(srv)
+
+
+def test_deferred_energy_is_fetched_as_the_run_goes(short_keep_server, tmp_path):
+    # 48 deferred requests against a server keeping 24: fetched only at the end, 24 were lost.
+    # Each request is made longer than an energy takes to settle (~100 ms), as on a GPU: the
+    # tiny model's 4-token requests (~6 ms) would have ~16 unsettled at once on their own.
+    cfg = _long_run(tmp_path, n=48, energy={"backend": "nvml"}, max_output_tokens=64,
+                    decoder={"preset": "deterministic", "min_new_tokens": 64})
+    p = llem("run", cfg, "--server", short_keep_server.address, "--energy-delivery", "deferred", "--in-flight", "1",
+             cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    res = only_result(tmp_path / "out")
+    e = res["aggregates"]["energy"]
+    assert e["requests_with_energy"] == 48 and e["requests_without_energy"] == 0, e["unavailable_reasons"]
+    assert "ENERGY_MISSING" not in res["aggregates"]["warnings"]
+
+
+def test_interrupted_deferred_run_fetches_the_finished_requests_energy(short_keep_server, tmp_path):
+    cfg = _long_run(tmp_path, energy={"backend": "nvml"})
+    cli = _Cli(["run", str(cfg), "--server", short_keep_server.address, "--energy-delivery", "deferred",
+                "--in-flight", "1"], tmp_path, "request 3/300")
+    assert cli.seen.wait(180), cli.stderr
+    cli.proc.send_signal(signal.SIGTERM)
+    cli.proc.wait(60)
+    cli._pump.join(10)
+    assert cli.proc.returncode == 143, cli.stderr
+    res = only_result(tmp_path / "out")
+    assert res["status"] == "interrupted" and len(res["requests"]) >= 3
+    for r in res["requests"]:  # fetched before the file was written, not "fetch it with GetEnergy"
+        assert r["energy"]["available"], r["energy"]

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 
@@ -209,9 +211,10 @@ def test_summary_shows_the_energy_bound_low_confidence_and_no_negative_zero():
     e2 = llem_pb2.Energy(available=True, total_j=3.0, uncertainty_j=0.5, adjusted_j=0.0, adjusted_uncertainty_j=1.0)
     recs = [request_record(i, [i], _resp(4, e), 0.1, record_energy=True) for i, e in enumerate((e1, e2))]
     rows = _summary(recs)
-    assert rows["total energy"] == "5.000 J ± 0.750 J"
+    # the sums of per-request bounds are worst-case bounds, and the summary says so
+    assert rows["total energy"] == "5.000 J ± 0.750 J bound"
     assert rows["low-confidence requests"].startswith("1 of 2")
-    assert rows["adjusted energy"] == "0.000 J ± 1.500 J"  # the baseline's bound travels with it
+    assert rows["adjusted energy"] == "0.000 J ± 1.500 J bound"  # the baseline's bound travels with it
     older = llem_pb2.Energy(available=True, total_j=3.0, uncertainty_j=0.5, adjusted_j=1.0)  # a server without the field
     recs = [request_record(i, [i], _resp(4, e), 0.1, record_energy=True) for i, e in enumerate((e1, older))]
     assert _summary(recs)["adjusted energy"] == "1.000 J"  # no bound shown, rather than a made-up ± 0
@@ -251,3 +254,103 @@ def test_yaml_syntax_error_names_the_file(tmp_path):
     with pytest.raises(ConfigurationError) as ei:
         read_yaml(bad)
     assert f'in "{bad}", line' in str(ei.value) and "<unicode string>" not in str(ei.value)
+
+
+# --- what the result file needs for publication (audit of llem-client run's files) ---
+
+
+def test_prompts_keep_their_place_in_the_dataset_and_the_shuffle_seed_is_recorded(tmp_path):
+    jl = tmp_path / "p.jsonl"
+    lines = ['{"prompt": "a1", "source": "a"}', '{"prompt": "a2", "source": "a"}', "",
+             '{"prompt": "b1", "source": "b"}', '{"prompt": "a3", "source": "a"}']
+    jl.write_text("\n".join(lines) + "\n")
+    prompts, info = load_prompts(build_experiment({"model": "m", "dataset": str(jl), "n": 3}))
+    # interleaved a1 b1 a2: their 1-based line numbers, the blank line 3 counted
+    assert [(p.text, p.position) for p in prompts] == [("a1", 1), ("b1", 4), ("a2", 2)]
+    assert info["positions"] == "1-based line number in the file"
+    for p in prompts:  # the file alone gives each prompt back
+        assert json.loads(lines[p.position - 1])["prompt"] == p.text
+    txt = tmp_path / "p.txt"
+    txt.write_text("one\n\ntwo\n")
+    assert [(p.text, p.position) for p in load_prompts(build_experiment({"model": "m", "dataset": str(txt)}))[0]] == \
+        [("one", 1), ("two", 3)]
+    # synthetic, shuffled without random_seed: positions index the generated list, and the
+    # seed the shuffle used (the default) is in the dataset block
+    syn = {"model": "m", "dataset": {"n": 6, "input_len": 4, "seed": 1}, "dataset_order": "shuffled"}
+    prompts, info = load_prompts(build_experiment(syn))
+    generated = synthetic_prompts(6, 4, seed=1)
+    assert [generated[p.position].text for p in prompts] == [p.text for p in prompts]
+    assert sorted(p.position for p in prompts) == list(range(6))
+    assert info["shuffle_seed"] == 42 and info["shuffle_seed_from"].startswith("default")
+    info7 = load_prompts(build_experiment({**syn, "random_seed": 7}))[1]
+    assert info7["shuffle_seed"] == 7 and info7["shuffle_seed_from"] == "random_seed"
+    assert "shuffle_seed" not in load_prompts(build_experiment({**syn, "dataset_order": "grouped"}))[1]
+    rec = request_record(0, [0, 1], _resp(2, None), 0.1, record_energy=False,
+                         dataset_positions=[prompts[0].position, prompts[1].position])
+    assert rec["prompt_indices"] == [0, 1] and rec["dataset_positions"] == [prompts[0].position, prompts[1].position]
+
+
+def test_config_digest_ignores_output_dir_only():
+    a = build_experiment({**BASE, "output_dir": "/results/a"})
+    b = build_experiment({**BASE, "output_dir": "elsewhere"})
+    assert a.config_digest() == b.config_digest()  # repeats written to different folders group together
+    assert a.config_digest() != build_experiment({**BASE, "pytorch": {"batch_size": 2}}).config_digest()
+    assert a.effective()["output_dir"] == "/results/a"  # still in the file's config
+
+
+def test_result_file_mode_follows_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        p = write_atomic(tmp_path / "r.json", {"a": 1})
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644  # as open() would make it, not mkstemp's 0600
+        os.umask(0o027)
+        assert stat.S_IMODE(write_atomic(tmp_path / "s.json", {"a": 1}).stat().st_mode) == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_absent_figures_stay_absent_in_the_aggregates():
+    empty = aggregate([], energy_recorded=True)
+    assert empty["wall_time_s"] is None and empty["output_tokens_per_s"] is None  # nothing timed is not 0 s
+    e1 = llem_pb2.Energy(available=True, total_j=2.0, uncertainty_j=0.25)
+    e2 = llem_pb2.Energy(available=True, total_j=3.0)  # a server that sent no bound
+    recs = [request_record(i, [i], _resp(4, e), 0.1, record_energy=True) for i, e in enumerate((e1, e2))]
+    del recs[1]["timing"]["energy_wait_ms"]  # a record from a server without the field
+    recs[0]["timing"]["energy_wait_ms"] = 100.0
+    a = aggregate(recs, energy_recorded=True)
+    assert a["energy"]["total_j"] == 5.0 and a["energy"]["uncertainty_j"] is None  # not 0.25: one bound is unknown
+    assert a["server_energy_wait_ms"]["count"] == 1 and a["server_energy_wait_ms"]["p50"] == 100.0
+    del recs[1]["timing"]["generate_ms"]
+    assert aggregate(recs, energy_recorded=True)["output_tokens_per_generate_s"] is None
+
+
+def test_energy_bases_say_what_is_and_is_not_counted():
+    e = llem_pb2.Energy(available=True, total_j=2.0, uncertainty_j=0.25)
+    agg = aggregate([request_record(0, [0], _resp(4, e), 0.1, record_energy=True)], energy_recorded=True)["energy"]
+    assert "generate() window" in agg["joules_per_output_token_basis"]
+    assert "between requests" in agg["joules_per_output_token_basis"] and "not included" in agg["joules_per_output_token_basis"]
+    assert "worst-case bound" in agg["uncertainty_basis"] and "sum" in agg["uncertainty_basis"]
+
+
+def test_summary_server_latency_names_the_energy_counter_wait():
+    recs = []
+    for i, wait in enumerate((80.0, 120.0)):
+        r = _resp(4, None)
+        r.timing.total_ms, r.timing.queue_wait_ms, r.timing.energy_wait_ms = 200.0, 10.0, wait
+        recs.append(request_record(i, [i], r, 0.2, record_energy=False))
+    row = _summary(recs)["server latency p50 / p90 / p99"]
+    assert row.startswith("190.00 / ") and "energy-counter wait p50 100.00 ms" in row, row
+
+
+def test_summary_says_whose_baseline_adjusted_energy_used():
+    e = llem_pb2.Energy(available=True, total_j=2.0, adjusted_j=1.0, baseline_power_w=150.0)
+    recs = [request_record(0, [0], _resp(4, e), 0.1, record_energy=True)]
+    result = {"status": "completed", "config": {"model": "m"}, "config_hash": None, "warnings": [], "dataset": {},
+              "aggregates": aggregate(recs, energy_recorded=True)}
+    result["aggregates"]["energy"]["baseline"] = {
+        "source": "already on the server, not measured by this run", "request_baseline_power_w": [150.0],
+        "devices": [{"index": 0, "power_w": 150.0, "age_s_at_run_start": 600.0}], "matches_requests": True}
+    from llem_client.results import summary_rows
+
+    row = dict(summary_rows(result))["adjusted energy"]
+    assert row == "1.000 J (baseline 150.0 W, already on the server, not measured by this run, 600 s old at the start)"

@@ -1,11 +1,13 @@
 """``llem-client``: run experiment YAMLs against an llem-server, and manage it.
 
 Exit codes: 0 success, 1 server or run error, 2 configuration error,
-130 interrupted (Ctrl-C; a run writes its partial result first).
+130 interrupted (Ctrl-C; a run writes its partial result first); a run stopped by
+SIGTERM or SIGHUP is treated as Ctrl-C and exits 128 + the signal (143, 129).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -54,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llem-client",
         description="Client for llem-serve: run experiments with per-request GPU energy, inspect and manage the server.",
-        epilog="Exit codes: 0 success, 1 server or run error, 2 configuration error, 130 interrupted.",
+        epilog="Exit codes: 0 success, 1 server or run error, 2 configuration error, 130 interrupted "
+               "(run: 143 on SIGTERM, 129 on SIGHUP).",
     )
     from . import __version__
 
@@ -79,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--energy-delivery", choices=["response", "in_response", "deferred"], default="response",
                      help="response (or in_response, as the Python API names it; the default): each answer carries its energy, after the counter's next update. "
                           "deferred: answers come without that wait (clean latencies even with --in-flight 1) and the "
-                          "energies are fetched with GetEnergy at the end of the measured phase")
+                          "energies are fetched with GetEnergy as the run goes (every few requests) and at its end")
     run.add_argument("--json", action="store_true", help="print the result JSON to stdout (the summary goes to stderr)")
     run.add_argument("--dry-run", action="store_true", help="validate the config and print the effective configuration; send nothing")
 
@@ -190,15 +193,48 @@ def _result_path(result: dict[str, Any], output_dir: Path) -> Path:
     return output_dir / f"{stamp}_{model}_{result['run_id']}.json"
 
 
+# A batch job's end comes as SIGTERM (timeout, SLURM's scancel or time limit, then
+# SIGKILL after a grace period) or SIGHUP (the terminal closed): a run keeps what it
+# measured for those as for Ctrl-C.
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))  # no SIGHUP on Windows
+CONFIG_TEXT_MAX_BYTES = 256 * 1024  # YAMLs are small; a bigger one keeps its sha256 and its start
+
+
+def _stop_like_ctrl_c(received: list[int]):
+    def handler(signum: int, frame: Any) -> None:
+        received.append(signum)
+        held = signal.getsignal(signal.SIGINT)
+        if callable(held) and held is not signal.default_int_handler:
+            held(signal.SIGINT, frame)  # a section that holds Ctrl-C back (_DeferredSigint) holds this too
+            return
+        raise KeyboardInterrupt
+
+    return handler
+
+
+def _config_file(path: str, text: str) -> dict[str, Any]:
+    """The YAML as given, so that the result holds the experiment even when the file changes."""
+    raw = text.encode("utf-8")
+    cut = len(raw) > CONFIG_TEXT_MAX_BYTES
+    return {
+        "path": path,
+        "resolved_path": str(Path(path).resolve()),
+        "sha256": hashlib.sha256(raw).hexdigest(),
+        "bytes": len(raw),
+        "text": raw[:CONFIG_TEXT_MAX_BYTES].decode("utf-8", "ignore") if cut else text,
+        "text_truncated": cut,
+    }
+
+
 def cmd_run(args: argparse.Namespace, display) -> int:
     from .datasets import load_prompts
     from .errors import ConfigurationError, LlemError
-    from .experiment import build_experiment, read_yaml
+    from .experiment import build_experiment, read_config
     from .results import prepare_output_dir, remove_unused, summary_rows, write_atomic
     from .runner import EnergyRequirementError, Runner
 
     try:
-        data = read_yaml(args.config)
+        data, config_text = read_config(args.config)
         exp = build_experiment(
             data,
             overrides=list(args.overrides) + list(args.set_overrides),
@@ -226,16 +262,30 @@ def cmd_run(args: argparse.Namespace, display) -> int:
 
     runner = Runner(client, exp, prompts, dataset_info, display, args.server, in_flight=args.in_flight,
                     energy_delivery=args.energy_delivery)
+    runner.result["config_file"] = _config_file(args.config, config_text)
+    # The final write goes to the same path: during the run it holds the records so far.
+    runner.checkpoint_path = _result_path(runner.result, exp.output_dir)
+    received: list[int] = []
+    previous = {}
+    try:
+        for sig in _STOP_SIGNALS:
+            previous[sig] = signal.signal(sig, _stop_like_ctrl_c(received))
+    except ValueError:  # not the main thread: the caller keeps its own signal policy
+        pass
     code = EXIT_OK
-    status, error = "completed", None
+    status, error, stopped_by = "completed", None, None
     try:
         runner.run()
     except KeyboardInterrupt:
-        # Ignore a second Ctrl-C while the partial result is written.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # Ignore a second Ctrl-C (or SIGTERM) while the partial result is written.
+        for sig in (signal.SIGINT, *previous):
+            signal.signal(sig, signal.SIG_IGN)
+        signum = received[0] if received else signal.SIGINT
+        stopped_by = signal.Signals(signum).name
         display.line("")
-        display.line(f"interrupted during {runner.stage}: keeping {len(runner.records)} finished request(s)")
-        status, code = "interrupted", EXIT_INTERRUPTED
+        by = "" if signum == signal.SIGINT else f" by {stopped_by}"
+        display.line(f"interrupted during {runner.stage}{by}: keeping {len(runner.records)} finished request(s)")
+        status, code = "interrupted", 128 + signum
     except EnergyRequirementError as e:
         display.error(str(e))
         status, error, code = "failed", e, EXIT_ERROR
@@ -243,10 +293,12 @@ def cmd_run(args: argparse.Namespace, display) -> int:
         code = _server_error(e, display, args.server, connecting=runner.stage == "connect", stage=runner.stage)
         status, error = "failed", e
     finally:
+        if status != "completed":
+            runner.fetch_deferred_before_exit()  # the finished requests' energies, briefly
         runner.close()
         client.close()
 
-    result = runner.finish(status, error)
+    result = runner.finish(status, error, interrupted_by=stopped_by)
     # Write whenever something was measured or attempted past loading, and always on
     # Ctrl-C once the server answered: a failed connect or load leaves no file.
     wrote = None
@@ -260,6 +312,9 @@ def cmd_run(args: argparse.Namespace, display) -> int:
             code = code or EXIT_ERROR
     if wrote is None:
         remove_unused(made)
+    for sig, handler in previous.items():
+        if handler is not None:  # None: set outside Python, cannot be put back
+            signal.signal(sig, handler)
     if args.json:
         _dump(result)
     if keep or args.json:  # the summary even when the file could not be written: the run is not lost

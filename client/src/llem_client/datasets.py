@@ -38,6 +38,10 @@ _WORDS = (
 class Prompt:
     text: str
     source: str | None = None
+    # Where the prompt is in the dataset as loaded, so a run's order can be rebuilt from
+    # its result file: the 1-based line number in a .jsonl/.txt, the 0-based index in a
+    # synthetic list.
+    position: int | None = None
 
 
 def _resolve(path: str, base_dir: Path) -> tuple[Path, str]:
@@ -88,7 +92,7 @@ def _read_jsonl(path: Path) -> list[Prompt]:
                 problems.append((where, "no 'prompt' or 'text' string field"))
                 continue
             source = obj.get("source")
-            prompts.append(Prompt(text, None if source is None else str(source)))
+            prompts.append(Prompt(text, None if source is None else str(source), lineno))
             if len(problems) >= 10:
                 break
     if problems:
@@ -98,13 +102,13 @@ def _read_jsonl(path: Path) -> list[Prompt]:
 
 def _read_txt(path: Path) -> list[Prompt]:
     with path.open(encoding="utf-8") as fh:
-        return [Prompt(line.rstrip("\r\n")) for line in fh if line.strip()]
+        return [Prompt(line.rstrip("\r\n"), position=lineno) for lineno, line in enumerate(fh, 1) if line.strip()]
 
 
 def synthetic_prompts(n: int, input_len: int, seed: int) -> list[Prompt]:
     """``n`` reproducible prompts of ``input_len`` words (about as many tokens)."""
     rng = random.Random(seed)
-    return [Prompt(" ".join(rng.choice(_WORDS) for _ in range(input_len)), "synthetic") for _ in range(n)]
+    return [Prompt(" ".join(rng.choice(_WORDS) for _ in range(input_len)), "synthetic", i) for i in range(n)]
 
 
 def order_prompts(prompts: list[Prompt], order: str, seed: int) -> list[Prompt]:
@@ -147,13 +151,15 @@ def load_prompts(exp: Experiment) -> tuple[list[Prompt], dict[str, Any]]:
             "input_len": syn["input_len"],
             "output_len": syn.get("output_len"),
             "seed": syn_seed,
+            "positions": "0-based index in the generated list",
         }
     else:
         path, found_in = _resolve(exp.dataset, exp.base_dir)
         if not path.is_file():
             raise ConfigurationError([("dataset", f"no such file: {exp.dataset}")])
         prompts = _read_jsonl(path) if path.suffix == ".jsonl" else _read_txt(path)
-        info = {"kind": path.suffix.lstrip("."), "path": str(path), "found_in": found_in, "sha256": _sha256(path)}
+        info = {"kind": path.suffix.lstrip("."), "path": str(path), "found_in": found_in, "sha256": _sha256(path),
+                "positions": "1-based line number in the file"}
     if not prompts:
         raise ConfigurationError([("dataset", "no prompts in the dataset")])
     info["available"] = len(prompts)
@@ -163,6 +169,11 @@ def load_prompts(exp: Experiment) -> tuple[list[Prompt], dict[str, Any]]:
             raise ConfigurationError([("n", f"{exp.n} prompts asked for but the dataset has {len(prompts)}")])
         prompts = prompts[: exp.n]
     info["order"] = exp.dataset_order
+    if exp.dataset_order == "shuffled":
+        # The seed the shuffle really used: without random_seed it is the default, which
+        # the config alone does not show.
+        info["shuffle_seed"] = seed
+        info["shuffle_seed_from"] = "random_seed" if exp.random_seed is not None else "default (random_seed unset)"
     info["used"] = len(prompts)
     sources: dict[str, int] = {}
     for p in prompts:

@@ -147,6 +147,11 @@ def apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """The YAML mapping at ``path`` (ConfigurationError when unreadable or not a mapping)."""
+    return read_config(path)[0]
+
+
+def read_config(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
+    """:func:`read_yaml`, and the text it was read from (read once: what ran is what is stored)."""
     import yaml
 
     p = Path(path)
@@ -164,7 +169,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         data = {}
     if not isinstance(data, dict):
         raise ConfigurationError([(str(p), f"the config must be a mapping of keys, got {type(data).__name__}")])
-    return data
+    return data, text
 
 
 @dataclass
@@ -229,8 +234,13 @@ class Experiment:
         return out
 
     def config_digest(self) -> str:
-        """sha256 of the effective config (canonical JSON), to match runs of the same experiment."""
-        canon = json.dumps(self.effective(), sort_keys=True, separators=(",", ":"), default=str)
+        """sha256 of the effective config (canonical JSON), to match runs of the same experiment.
+
+        ``output_dir`` is left out: where the file goes changes nothing measured, and
+        repeats written to different folders must group together.
+        """
+        eff = {k: v for k, v in self.effective().items() if k != "output_dir"}
+        canon = json.dumps(eff, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(canon.encode()).hexdigest()
 
 

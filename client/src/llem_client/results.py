@@ -29,6 +29,10 @@ from .convert import message_to_dict
 SCHEMA = "llem-client/result"
 SCHEMA_VERSION = "1.0"
 THROUGHPUT_BASIS = "output_tokens / elapsed wall time of the measured phase (first request sent to last response received)"
+JOULES_BASIS = ("total_j / output tokens of the requests with energy; energy is measured inside each request's "
+                "generate() window only: the device's energy between requests (idle, queueing, the client) is not included")
+UNCERTAINTY_BASIS = ("uncertainty_j and adjusted_uncertainty_j are worst-case bounds: the sums of the per-request "
+                     "bounds (errors assumed to add up, not to cancel), not standard errors")
 LATENCY_BASIS = ("latency_ms: client, request sent to response received (with in_flight > 1 it includes waiting "
                  "behind the previous requests); server_latency_ms: server, arrival to response less the "
                  "device-queue wait (server_queue_wait_ms)")
@@ -68,17 +72,22 @@ def request_record(
     record_energy: bool,
     sent_at_s: float | None = None,
     received_at_s: float | None = None,
+    dataset_positions: list[int | None] | None = None,
 ) -> dict[str, Any]:
     """One measured request, as stored in the result file.
 
-    ``sent_at_s`` / ``received_at_s``: when the client sent the request and got the
-    response, in seconds from the start of the measured phase (monotonic clock).
+    ``prompt_indices``: the prompts' places in the run's order (after ordering and
+    ``n``); ``dataset_positions``: their places in the dataset as loaded (see
+    ``Prompt.position``), which identify them. ``sent_at_s`` / ``received_at_s``: when
+    the client sent the request and got the response, in seconds from the start of
+    the measured phase (monotonic clock; ``measurement.t0_unix`` anchors it).
     """
     timing = resp.timing
     return {
         "index": index,
         "request_id": resp.request_id,
         "prompt_indices": prompt_indices,
+        "dataset_positions": dataset_positions,
         "prompts": len(prompt_indices),
         "config_hash": resp.config_hash,
         "cache_hit": resp.cache_hit,
@@ -123,8 +132,10 @@ def aggregate(records: list[dict[str, Any]], *, energy_recorded: bool) -> dict[s
     """Totals, throughput, energy, latency and TTFT over the measured requests."""
     in_tok = sum(r["input_tokens"] for r in records)
     out_tok = sum(r["output_tokens"] for r in records)
-    wall = measured_elapsed_s(records) or 0.0
-    gen_s = sum(r["timing"].get("generate_ms", 0.0) for r in records) / 1000.0
+    wall = measured_elapsed_s(records)  # None with no requests: nothing was timed, not 0 s
+    # A record without generate_ms (hand-written, older) would count as 0 ms and inflate the rate.
+    gen_ms = [r["timing"].get("generate_ms") for r in records if isinstance(r.get("timing"), dict)]
+    gen_s = sum(gen_ms) / 1000.0 if gen_ms and len(gen_ms) == len(records) and None not in gen_ms else None
     agg: dict[str, Any] = {
         "requests": len(records),
         "prompts": sum(r["prompts"] for r in records),
@@ -132,11 +143,11 @@ def aggregate(records: list[dict[str, Any]], *, energy_recorded: bool) -> dict[s
         "output_tokens": out_tok,
         "wall_time_s": wall,
         "request_wall_time_sum_s": sum(r["wall_s"] for r in records),
-        "output_tokens_per_s": (out_tok / wall) if wall > 0 else None,
+        "output_tokens_per_s": (out_tok / wall) if wall else None,
         "throughput_basis": THROUGHPUT_BASIS,
         # Model speed alone: the wall time also holds queueing, the network and the
         # server's wait for the energy counter to pass the window's end.
-        "output_tokens_per_generate_s": (out_tok / gen_s) if gen_s > 0 else None,
+        "output_tokens_per_generate_s": (out_tok / gen_s) if gen_s else None,
         "generate_basis": "output_tokens / sum of server timing.generate_ms",
         "latency_ms": _stats([r["wall_s"] * 1000.0 for r in records]),
         "latency_basis": LATENCY_BASIS,
@@ -145,9 +156,10 @@ def aggregate(records: list[dict[str, Any]], *, energy_recorded: bool) -> dict[s
         "server_latency_ms": _stats([r["server_total_ms"] - r["server_queue_wait_ms"] for r in records
                                      if r.get("server_queue_wait_ms") is not None]),
         "time_to_first_token_ms": _stats([r["time_to_first_token_ms"] for r in records if r["time_to_first_token_ms"] is not None]),
-        # Part of server_total_ms spent waiting for the energy counter's next update.
-        "server_energy_wait_ms": _stats([r["timing"].get("energy_wait_ms", 0.0) for r in records
-                                         if isinstance(r.get("timing"), dict)]),
+        # Part of server_total_ms spent waiting for the energy counter's next update; a
+        # record without the field is left out, not counted as no wait.
+        "server_energy_wait_ms": _stats([r["timing"]["energy_wait_ms"] for r in records
+                                         if isinstance(r.get("timing"), dict) and r["timing"].get("energy_wait_ms") is not None]),
     }
     warnings: Counter[str] = Counter(w["code"] for r in records for w in r["warnings"])
     if not energy_recorded:
@@ -174,8 +186,11 @@ def aggregate(records: list[dict[str, Any]], *, energy_recorded: bool) -> dict[s
                                        and all("adjusted_uncertainty_j" in r["energy"] for r in adj) else None),
             "requests_with_adjusted_energy": len(adj),
             "joules_per_output_token": (total / out_with_e) if total is not None and out_with_e > 0 else None,
-            "joules_per_output_token_basis": "total_j / output tokens of the requests with energy",
-            "uncertainty_j": sum(r["energy"].get("uncertainty_j", 0.0) for r in with_e) if with_e else None,
+            "joules_per_output_token_basis": JOULES_BASIS,
+            # A request without its bound makes the sum unknown, not smaller.
+            "uncertainty_j": (sum(r["energy"]["uncertainty_j"] for r in with_e)
+                              if with_e and all(r["energy"].get("uncertainty_j") is not None for r in with_e) else None),
+            "uncertainty_basis": UNCERTAINTY_BASIS,
             "low_confidence_requests": sum(1 for r in with_e if r["energy"].get("low_confidence")),
             "approximate_requests": sum(1 for r in with_e if r["energy"].get("approximate")),
             "shared_window_requests": sum(1 for r in with_e if not r["energy"].get("exclusive")),
@@ -224,6 +239,11 @@ def write_atomic(path: Path, data: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file 0600; give it the mode a plain open() would (0666 less the umask).
+        umask = os.umask(0)
+        os.umask(umask)
+        if hasattr(os, "fchmod"):  # POSIX (Windows has no modes to speak of)
+            os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=2, ensure_ascii=False, allow_nan=False)
             fh.write("\n")
@@ -260,6 +280,21 @@ def _dataset_text(d: dict[str, Any]) -> str:
     return f"{d.get('path', '?')} ({d.get('used', '?')} of {d.get('available', '?')} prompts{where})"
 
 
+def _baseline_text(b: dict[str, Any] | None) -> str:
+    """Whose baseline adjusted_j used: one left on the server by another client applies
+    even with baseline.enabled false, so the summary says so."""
+    if not b:
+        return ""
+    power = "/".join(_fmt(p, " W", 1) for p in b.get("request_baseline_power_w") or []) or "n/a"
+    text = f" (baseline {power}, {b['source']}"
+    ages = [d["age_s_at_run_start"] for d in b.get("devices", []) if d.get("age_s_at_run_start") is not None]
+    if ages:
+        text += f", {_fmt(max(ages), ' s', 0)} old at the start"
+    if not b.get("matches_requests", True):
+        text += "; some requests used another baseline"
+    return text + ")"
+
+
 def summary_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     """(label, value) rows for the end-of-run summary."""
     a = result["aggregates"]
@@ -285,15 +320,15 @@ def summary_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
             reasons = "; ".join(e["unavailable_reasons"]) or "not reported"
             rows.append(("total energy", f"unavailable: {reasons}"))
         else:
-            bound = f" ± {_fmt(e['uncertainty_j'], ' J', 3)}" if e.get("uncertainty_j") is not None else ""
+            bound = f" ± {_fmt(e['uncertainty_j'], ' J', 3)} bound" if e.get("uncertainty_j") is not None else ""
             rows.append(("total energy", _fmt(e["total_j"], " J", 3) + bound + note))
             low = e.get("low_confidence_requests") or 0
             rows.append(("low-confidence requests", f"{low} of {e['requests_with_energy']}"
                          + (" (windows under ~1 s or few counter updates)" if low else "")))
-            adj_bound = (f" ± {_fmt(e['adjusted_uncertainty_j'], ' J', 3)}"
+            adj_bound = (f" ± {_fmt(e['adjusted_uncertainty_j'], ' J', 3)} bound"
                          if e.get("adjusted_uncertainty_j") is not None else "")
-            rows.append(("adjusted energy", _fmt(e["adjusted_j"], " J", 3) + adj_bound if e["adjusted_j"] is not None
-                         else "n/a (no baseline)"))
+            rows.append(("adjusted energy", _fmt(e["adjusted_j"], " J", 3) + adj_bound + _baseline_text(e.get("baseline"))
+                         if e["adjusted_j"] is not None else "n/a (no baseline)"))
             rows.append(("J per output token", _fmt(e["joules_per_output_token"], " J", 4)))
             if missing:
                 rows.append(("requests without energy", f"{missing} of {a['requests']}: the total covers the other "
@@ -306,9 +341,12 @@ def summary_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         how = "client: sent to response" + (", incl. waiting behind earlier in-flight requests" if (in_flight or 1) > 1 else "")
         rows.append(("latency p50 / p90 / p99", f"{_fmt(lat['p50'])} / {_fmt(lat['p90'])} / {_fmt(lat['p99'])} ms ({how})"))
     slat, q = a.get("server_latency_ms", {"count": 0}), a.get("server_queue_wait_ms", {"count": 0})
+    ew = a.get("server_energy_wait_ms", {"count": 0})
     if slat["count"]:
+        # The server's latency includes its wait for the energy counter: say how much.
         rows.append(("server latency p50 / p90 / p99", f"{_fmt(slat['p50'])} / {_fmt(slat['p90'])} / {_fmt(slat['p99'])} ms "
-                     f"(arrival to response less device-queue wait; queue wait p50 {_fmt(q.get('p50'))} ms)"))
+                     f"(arrival to response less device-queue wait, incl. energy-counter wait p50 {_fmt(ew.get('p50'))} ms; "
+                     f"queue wait p50 {_fmt(q.get('p50'))} ms)"))
     t = a["time_to_first_token_ms"]
     if t["count"]:
         rows.append(("time to first token p50 / p95", f"{_fmt(t['p50'])} / {_fmt(t['p95'])} ms ({t['count']} requests)"))

@@ -13,6 +13,8 @@ needs latencies that hold no queueing.
 """
 from __future__ import annotations
 
+import math
+import os
 import platform
 import socket
 import statistics
@@ -24,6 +26,7 @@ from collections import deque
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from llem.v1 import llem_pb2
@@ -35,10 +38,27 @@ from .datasets import Prompt
 from .display import Display
 from .errors import LlemError
 from .experiment import Experiment
-from .results import SCHEMA, SCHEMA_VERSION, aggregate, measured_elapsed_s, request_record
+from .results import SCHEMA, SCHEMA_VERSION, aggregate, measured_elapsed_s, request_record, write_atomic
 
 SERVER_INFO_TIMEOUT_S = 30.0
 DEFAULT_IN_FLIGHT = 2
+# The result file is rewritten (atomically, status "running") during the measured phase
+# so that a run killed outright (SIGKILL, a node lost) still leaves its records: after
+# the first request, then at most every 30 s. Time, not a request count, bounds the
+# cost whatever the request rate; a rewrite costs more as the file grows, so the gap is
+# also kept at least 10x the last rewrite's time (at most ~10 % of the run, usually far less).
+CHECKPOINT_INTERVAL_S = 30.0
+# Deferred energies are fetched every this many measured requests (one GetEnergy call
+# that waits for nothing, so the run is not slowed: those not settled yet, ~100 ms after
+# their request's end, are asked for again next time). The server keeps only its
+# --deferred-energy-keep most recent deferred energies, shared with other clients:
+# fetched only at the end, a long run lost its early ones. Fetched this way, about
+# 8 + in_flight + 100 ms / request time of this run's requests must fit in that window
+# (the default keeps 10,000).
+DEFERRED_FETCH_EVERY = 8
+# On an interrupted or failed run: how long to try for the energies of the requests
+# that finished (SLURM's default grace between SIGTERM and SIGKILL is 30 s).
+DEFERRED_LAST_FETCH_TIMEOUT_S = 5.0
 
 
 class EnergyRequirementError(Exception):
@@ -71,6 +91,11 @@ def _energy_text(e: llem_pb2.Energy | dict | None) -> str:
 
 
 _NOT_HERE = "no deferred energy for this request id on this server"
+
+
+def _not_settled(item: llem_pb2.RequestEnergy) -> bool:
+    # The server's words for an energy still settling (service.GetEnergy): ask again later.
+    return not item.energy.available and item.energy.unavailable_reason.endswith("ask again")
 
 
 def _pick_deferred(items: list[llem_pb2.RequestEnergy]) -> llem_pb2.RequestEnergy:
@@ -166,6 +191,11 @@ class Runner:
         self.stage = "connect"
         self.record_energy = exp.energy_backend != "null"
         self.records: list[dict[str, Any]] = []
+        # Where to save the results so far during the measured phase (the CLI sets the
+        # result file's path); None: no rewrites during the run.
+        self.checkpoint_path: Path | None = None
+        self._next_checkpoint = 0.0  # time.monotonic() of the next rewrite; 0: after the first request
+        self._unsettled: list[dict[str, Any]] = []  # deferred records whose energy is not fetched yet
         self.info: llem_pb2.GetServerInfoResponse | None = None  # the first replica's
         self.infos: list[llem_pb2.GetServerInfoResponse] = []  # one per replica
         # (address, client) per replica; one server: its address and the client itself
@@ -176,6 +206,8 @@ class Runner:
             "schema": SCHEMA,
             "schema_version": SCHEMA_VERSION,
             "status": "running",
+            "interrupted_by": None,
+            "stage": None,  # the phase the run ended in (set by finish)
             "error": None,
             "run_id": self.run_id,
             "started_at": _now(),
@@ -186,9 +218,11 @@ class Runner:
                 "platform": platform.platform(),
                 "host": socket.gethostname(),
                 "argv": sys.argv[1:],
+                "cwd": os.getcwd(),  # argv's relative paths are relative to it
             },
             "server": {"address": address},
             "config_source": exp.source,
+            "config_file": None,  # the YAML's text and sha256 (the CLI fills it in)
             "config": exp.effective(),
             "config_digest": exp.config_digest(),
             "config_hash": None,
@@ -198,7 +232,7 @@ class Runner:
             "warmup": {"enabled": exp.warmup["enabled"], "requests": 0},
             "baseline": {"enabled": exp.baseline["enabled"], "measured": False},
             "energy": {"backend": exp.energy_backend, "recorded": self.record_energy},
-            "measurement": {"in_flight": in_flight, "requests_sent": 0, "elapsed_s": None,
+            "measurement": {"in_flight": in_flight, "requests_sent": 0, "elapsed_s": None, "t0_unix": None,
                             "energy_delivery": "deferred" if energy_delivery == "deferred" else "response"},
             "requests": self.records,
             "aggregates": None,
@@ -227,9 +261,10 @@ class Runner:
         self._measure()
         self.stage = "done"
 
-    def finish(self, status: str, error: BaseException | None = None) -> dict[str, Any]:
-        """Close the result with a status (completed, interrupted, failed)."""
+    def finish(self, status: str, error: BaseException | None = None, *, interrupted_by: str | None = None) -> dict[str, Any]:
+        """Close the result with a status (completed, interrupted, failed; running for a checkpoint)."""
         self.result["status"] = status
+        self.result["interrupted_by"] = interrupted_by
         self.result["stage"] = self.stage
         if error is not None:
             err: dict[str, Any] = {"type": type(error).__name__, "message": str(error)}
@@ -240,9 +275,44 @@ class Runner:
             self.result["error"] = err
         self.result["finished_at"] = _now()
         self.result["measurement"]["elapsed_s"] = measured_elapsed_s(self.records)
-        self.result["aggregates"] = aggregate(self.records, energy_recorded=self.record_energy)
+        self.result["aggregates"] = agg = aggregate(self.records, energy_recorded=self.record_energy)
+        if agg["energy"].get("recorded"):
+            agg["energy"]["baseline"] = self._baseline_used()
         self.result["provenance"] = self._provenance()
         return self.result
+
+    def _baseline_used(self) -> dict[str, Any] | None:
+        """Where the baseline behind adjusted_j came from: this run's measurement, or one
+        already on the server (another client's or an earlier run's) that applies even with
+        baseline.enabled false. None where no request has an adjusted figure."""
+        adjusted = [r["energy"] for r in self.records if r["energy"] and r["energy"].get("adjusted_j") is not None]
+        if not adjusted:
+            return None
+        devices: list[dict[str, Any]] = []
+        if self.result["baseline"].get("measured"):
+            source = "measured by this run"
+            rec = self.result["baseline"]
+            answers = ([(x["address"], x["response"]) for x in rec["replicas"]] if "replicas" in rec
+                       else [(self.replicas[0][0], rec["response"])])
+            for address, resp in answers:
+                devices += [{"address": address, "index": d.get("index", 0), **d["baseline"]}
+                            for d in resp.get("devices", []) if d.get("available") and "baseline" in d]
+        else:
+            source = "already on the server, not measured by this run"
+            for (address, _), info in zip(self.replicas, self.infos):
+                devices += [{"address": address, "index": d.index, **message_to_dict(d.baseline), "age_s_at_run_start": d.baseline.age_s}
+                            for d in info.devices if d.HasField("baseline") and d.baseline.measured_unix]
+        for d in devices:
+            d.pop("age_s", None)  # an age is only meaningful with its moment: age_s_at_run_start says it
+        used = sorted({e["baseline_power_w"] for e in adjusted if e.get("baseline_power_w") is not None})
+        known = [d["power_w"] for d in devices if d.get("power_w") is not None]
+        return {
+            "source": source,
+            "devices": devices,
+            "request_baseline_power_w": used,
+            # False: some request used a baseline none of these is (re-measured during the run?)
+            "matches_requests": all(any(math.isclose(p, k, rel_tol=1e-9) for k in known) for p in used),
+        }
 
     def _provenance(self) -> dict[str, Any] | None:
         """Where the numbers came from, in one place (details stay in server/requests)."""
@@ -340,7 +410,8 @@ class Runner:
 
     def _warmup(self) -> None:
         cfg = self.exp.warmup
-        rec: dict[str, Any] = {**cfg, "requests": 0, "latencies_ms": [], "unit": "requests of pytorch.batch_size prompts"}
+        rec: dict[str, Any] = {**cfg, "requests": 0, "latencies_ms": [], "warnings": [],
+                               "unit": "requests of pytorch.batch_size prompts"}
         self.result["warmup"] = rec
         if not cfg["enabled"]:
             return
@@ -357,7 +428,7 @@ class Runner:
         for r, (address, client) in enumerate(self.replicas):
             part = rec
             if self._multi:  # each replica warms up on its own; rec keeps the totals
-                part = {"address": address, "requests": 0, "latencies_ms": []}
+                part = {"address": address, "requests": 0, "latencies_ms": [], "warnings": []}
                 rec["replicas"].append(part)
             self._warm(client, part, rec, limit, f"{self.run_id}-w{r}-" if self._multi else f"{self.run_id}-w")
         if conv and self._multi:
@@ -382,6 +453,9 @@ class Runner:
                 self.result["effective_config"] = message_to_dict(resp.effective_config)
             part["requests"] += 1
             part["latencies_ms"].append(wall * 1000.0)
+            # One list per request, beside its latency: a compile or a truncation here
+            # explains a slow warm-up, and would also apply to the measured requests.
+            part["warnings"].append([{"code": w.code, "message": w.message} for w in resp.warnings])
             if part is not rec:
                 rec["requests"] += 1
             if conv and part["requests"] >= need:
@@ -452,6 +526,7 @@ class Runner:
         pending: deque[tuple[int, list[int], Future]] = deque()
         pool = _InFlight(self.client, depth)
         t0 = time.perf_counter()  # the phase's clock: records hold offsets from here
+        meas["t0_unix"] = time.time()  # ... and this is that moment in Unix time
 
         def top_up(finished: int = 0) -> None:
             while meas["requests_sent"] < len(batches) and len(pending) - finished < depth:
@@ -473,6 +548,9 @@ class Runner:
                     top_up(finished=1)
                     self._keep(bar, len(batches), i, idx, resp, sent - t0, received - t0)
                     pending.popleft()
+                    if self.deferred and len(self._unsettled) >= DEFERRED_FETCH_EVERY:
+                        self._fetch_deferred(wait_s=0.0, final=False)
+                    self._checkpoint()
             except BaseException:
                 # Keep whatever finished (the request waited on, and any after it), then
                 # cancel the rest. Nothing here waits on the server.
@@ -485,29 +563,77 @@ class Runner:
                 raise
             pool.close(cancel=False)
         if self.deferred:
-            self._fetch_deferred()
+            if self._unsettled:
+                self.display.line(f"fetching the energy of {len(self._unsettled)} deferred request(s) ...")
+                self._fetch_deferred(wait_s=10.0, final=True)
+            self._report_deferred()
 
-    def _fetch_deferred(self) -> None:
-        """Fill the measured records' energy from GetEnergy (requests sent deferred)."""
+    def _checkpoint(self) -> None:
+        """Rewrite the result file (status running) when due; see CHECKPOINT_INTERVAL_S."""
+        if self.checkpoint_path is None or time.monotonic() < self._next_checkpoint:
+            return
+        start = time.monotonic()
+        snapshot = self.finish("running")
+        snapshot["finished_at"] = None
+        try:
+            write_atomic(self.checkpoint_path, snapshot)
+        except OSError as e:
+            self.display.line(f"cannot save the results so far under {self.checkpoint_path.parent} "
+                              f"({e.strerror or e}); the run goes on")
+            self.checkpoint_path = None
+            return
+        spent = time.monotonic() - start
+        self._next_checkpoint = time.monotonic() + max(CHECKPOINT_INTERVAL_S, 10 * spent)
+
+    def _fetch_deferred(self, *, wait_s: float, final: bool, timeout: float | None = None) -> None:
+        """Fill deferred records' energy from GetEnergy. An energy not settled yet stays
+        to be fetched again, unless ``final``: then it keeps the server's reason."""
+        done: set[int] = set()
+        t = self._totals
+        try:
+            for k in range(0, len(self._unsettled), 1000):
+                chunk = self._unsettled[k:k + 1000]
+                ids = [r["request_id"] for r in chunk]
+                # Each replica keeps the energies of the requests it served: ask them all.
+                kw = {} if timeout is None else {"timeout": timeout}
+                answers = [c.get_energy(ids, wait_seconds=wait_s, **kw).results for _, c in self.replicas]
+                for j, rec in enumerate(chunk):
+                    item = _pick_deferred([a[j] for a in answers])
+                    if not final and _not_settled(item):
+                        continue
+                    rec["energy"] = message_to_dict(item.energy)
+                    rec["warnings"] += [{"code": w.code, "message": w.message} for w in item.warnings]
+                    if item.energy.available:
+                        t["joules"] += item.energy.total_j
+                    else:
+                        t["missing"] += 1
+                    done.add(id(rec))
+        finally:
+            self._unsettled = [r for r in self._unsettled if id(r) not in done]
+
+    def fetch_deferred_before_exit(self) -> None:
+        """Best effort, for an interrupted or failed run: fetch the deferred energies of the
+        requests that finished, within DEFERRED_LAST_FETCH_TIMEOUT_S; those still missing
+        then say why instead of "fetch it with GetEnergy"."""
+        if not self._unsettled:
+            return
+        self.display.line(f"fetching the energy of {len(self._unsettled)} finished deferred request(s) ...")
+        why = "the run ended before GetEnergy answered"
+        try:
+            self._fetch_deferred(wait_s=1.0, final=True, timeout=DEFERRED_LAST_FETCH_TIMEOUT_S)
+        except (LlemError, KeyboardInterrupt) as e:
+            why = f"GetEnergy failed as the run ended: {e}"
+        for rec in self._unsettled:
+            rec["energy"] = {"available": False, "unavailable_reason": f"deferred energy not fetched: {why}"}
+            self._totals["missing"] += 1
+        self._unsettled = []
+        self._report_deferred()
+
+    def _report_deferred(self) -> None:
         recs = [r for r in self.records if r.get("energy") is not None]
+        t = self._totals
         if not recs:
             return
-        self.display.line(f"fetching the energy of {len(recs)} deferred request(s) ...")
-        t = self._totals
-        t["joules"], t["missing"] = 0.0, 0
-        for k in range(0, len(recs), 1000):
-            chunk = recs[k:k + 1000]
-            ids = [r["request_id"] for r in chunk]
-            # Each replica keeps the energies of the requests it served: ask them all.
-            answers = [c.get_energy(ids, wait_seconds=10.0).results for _, c in self.replicas]
-            for j, rec in enumerate(chunk):
-                item = _pick_deferred([a[j] for a in answers])
-                rec["energy"] = message_to_dict(item.energy)
-                rec["warnings"] += [{"code": w.code, "message": w.message} for w in item.warnings]
-                if item.energy.available:
-                    t["joules"] += item.energy.total_j
-                else:
-                    t["missing"] += 1
         if t["missing"] == len(recs):
             reasons = sorted({r["energy"].get("unavailable_reason") or "no reason given" for r in recs})
             self.display.line(f"deferred energy: unavailable for all {len(recs)} request(s): " + "; ".join(reasons))
@@ -520,7 +646,7 @@ class Runner:
         if not self.record_energy:
             return "energy not recorded"
         if self.deferred:
-            return "energy deferred"  # fetched after the measured phase
+            return "energy deferred"  # fetched with GetEnergy as the run goes
         t = self._totals
         if len(self.records) == t["missing"]:
             return "energy n/a" if self.records else ""
@@ -532,12 +658,14 @@ class Runner:
         if self.result["effective_config"] is None:
             self.result["effective_config"] = message_to_dict(resp.effective_config)
         rec = request_record(i, idx, resp, received_s - sent_s, record_energy=self.record_energy,
-                             sent_at_s=sent_s, received_at_s=received_s)
+                             sent_at_s=sent_s, received_at_s=received_s,
+                             dataset_positions=[self.prompts[j].position for j in idx])
         self.records.append(rec)
         t = self._totals
         t["tokens"] += rec["output_tokens"]
         if self.deferred:
-            energy_text = "energy deferred"  # fetched with GetEnergy after the measured phase
+            self._unsettled.append(rec)
+            energy_text = "energy deferred"  # fetched with GetEnergy as the run goes
         elif self.record_energy:
             if resp.energy.available:
                 t["joules"] += resp.energy.total_j
