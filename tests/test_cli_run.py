@@ -63,7 +63,7 @@ def only_result(out_dir: Path) -> dict:
 
 
 def check_result(res: dict, *, requests: int, prompts: int) -> None:
-    assert res["schema"] == "llem-client/result" and res["schema_version"] == "1.0"
+    assert res["schema"] == "llem-client/result" and res["schema_version"] == "1.1"
     assert res["status"] == "completed" and res["error"] is None
     assert len(res["config_hash"]) == 64
     assert res["server"]["server_version"]
@@ -88,6 +88,8 @@ def check_result(res: dict, *, requests: int, prompts: int) -> None:
     assert e["requests_with_energy"] + e["requests_without_energy"] == requests
     if e["requests_with_energy"] == 0:
         assert e["total_j"] is None and e["joules_per_output_token"] is None  # never 0 J for "unknown"
+        ph = res["measurement"]["phase_energy"]  # nor for the phase: a reason per device
+        assert ph["energy_j"] is None and ph["devices"] and all(d["unavailable_reason"] for d in ph["devices"])
     assert res["effective_config"]["model"]["model"] == MODEL
 
 
@@ -372,6 +374,14 @@ def test_run_with_energy_baseline_and_nvml_backend(sim_server, tmp_path):
     assert e["baseline"]["devices"][0]["power_w"] == bl["power_w"]
     assert res["provenance"]["energy_methods"] and res["model_load"]["load_energy"]["available"]
     assert "total energy" in p.stdout and "J per output token" in p.stdout
+    # The whole measured phase, time between requests included: 150 W x its length, and at least
+    # the requests' own windows (the counter wait between answers is in no request).
+    ph = res["measurement"]["phase_energy"]
+    (dev,) = ph["devices"]
+    assert abs(ph["energy_j"] - 150.0 * dev["duration_s"]) <= ph["uncertainty_j"] + 1e-6
+    assert ph["energy_j"] >= e["total_j"] - ph["uncertainty_j"]
+    assert dev["duration_s"] >= res["measurement"]["elapsed_s"] * 0.9
+    assert "phase energy" in p.stdout and "the requests' own windows" in p.stdout
 
 
 def test_run_with_deferred_energy_fetches_it_after_the_phase(sim_server, tmp_path):
@@ -392,6 +402,7 @@ def test_run_with_deferred_energy_fetches_it_after_the_phase(sim_server, tmp_pat
     assert agg["requests_with_energy"] == 2 and agg["total_j"] == pytest.approx(
         sum(r["energy"]["total_j"] for r in res["requests"]))
     out = p.stdout + p.stderr
+    assert res["measurement"]["phase_energy"]["energy_j"] is not None
     assert "deferred energy:" in out
     assert "request 1/2: " in out and "energy deferred" in out and "ENERGY_DELIVERY_DEFERRED" not in out
 

@@ -27,7 +27,7 @@ from llem.v1 import llem_pb2
 from .convert import message_to_dict
 
 SCHEMA = "llem-client/result"
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: dataset positions, config_file, t0_unix, phase_energy, baseline source; digest without output_dir
 THROUGHPUT_BASIS = "output_tokens / elapsed wall time of the measured phase (first request sent to last response received)"
 JOULES_BASIS = ("total_j / output tokens of the requests with energy; energy is measured inside each request's "
                 "generate() window only: the device's energy between requests (idle, queueing, the client) is not included")
@@ -295,6 +295,19 @@ def _baseline_text(b: dict[str, Any] | None) -> str:
     return text + ")"
 
 
+def _phase_text(phase: dict[str, Any], windows_j: float | None, tokens: int) -> str:
+    if phase.get("energy_j") is None:
+        reasons = sorted({d.get("unavailable_reason") or "not read" for d in phase.get("devices", [])})
+        return "unavailable: " + ("; ".join(reasons) or "no reading")
+    j, dur = phase["energy_j"], max((d.get("duration_s") or 0.0) for d in phase["devices"])
+    text = f"{_fmt(j, ' J', 3)} ± {_fmt(phase['uncertainty_j'], ' J', 3)} bound over {_fmt(dur, ' s', 3)}"
+    if tokens:
+        text += f", {_fmt(j / tokens, ' J', 4)} per output token"
+    if windows_j is not None:
+        text += f" (GPUs over the whole measured phase; the requests' own windows: {_fmt(windows_j, ' J', 3)})"
+    return text
+
+
 def summary_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     """(label, value) rows for the end-of-run summary."""
     a = result["aggregates"]
@@ -330,6 +343,9 @@ def summary_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
             rows.append(("adjusted energy", _fmt(e["adjusted_j"], " J", 3) + adj_bound + _baseline_text(e.get("baseline"))
                          if e["adjusted_j"] is not None else "n/a (no baseline)"))
             rows.append(("J per output token", _fmt(e["joules_per_output_token"], " J", 4)))
+            phase = (result.get("measurement") or {}).get("phase_energy")
+            if phase:
+                rows.append(("phase energy", _phase_text(phase, e.get("total_j"), a["output_tokens"])))
             if missing:
                 rows.append(("requests without energy", f"{missing} of {a['requests']}: the total covers the other "
                              f"{e['requests_with_energy']} only; " + "; ".join(e["unavailable_reasons"])))

@@ -38,6 +38,7 @@ from .datasets import Prompt
 from .display import Display
 from .errors import LlemError
 from .experiment import Experiment
+from .readings import energy_between
 from .results import SCHEMA, SCHEMA_VERSION, aggregate, measured_elapsed_s, request_record, write_atomic
 
 SERVER_INFO_TIMEOUT_S = 30.0
@@ -233,6 +234,7 @@ class Runner:
             "baseline": {"enabled": exp.baseline["enabled"], "measured": False},
             "energy": {"backend": exp.energy_backend, "recorded": self.record_energy},
             "measurement": {"in_flight": in_flight, "requests_sent": 0, "elapsed_s": None, "t0_unix": None,
+                            "phase_energy": None,
                             "energy_delivery": "deferred" if energy_delivery == "deferred" else "response"},
             "requests": self.records,
             "aggregates": None,
@@ -525,6 +527,7 @@ class Runner:
         )
         pending: deque[tuple[int, list[int], Future]] = deque()
         pool = _InFlight(self.client, depth)
+        start = self._read_energy() if self.record_energy else None
         t0 = time.perf_counter()  # the phase's clock: records hold offsets from here
         meas["t0_unix"] = time.time()  # ... and this is that moment in Unix time
 
@@ -562,11 +565,45 @@ class Runner:
                 pool.close(cancel=True)
                 raise
             pool.close(cancel=False)
+        if start is not None:
+            meas["phase_energy"] = self._phase_energy(start, self._read_energy())
         if self.deferred:
             if self._unsettled:
                 self.display.line(f"fetching the energy of {len(self._unsettled)} deferred request(s) ...")
                 self._fetch_deferred(wait_s=10.0, final=True)
             self._report_deferred()
+
+    def _read_energy(self) -> list[tuple[str, Any]]:
+        """A ReadEnergy reading per replica (or the reason there is none)."""
+        out: list[tuple[str, Any]] = []
+        for address, c in self.replicas:
+            try:
+                out.append((address, c.read_energy()))
+            except LlemError as e:  # e.g. UNIMPLEMENTED: a server older than ReadEnergy
+                out.append((address, f"ReadEnergy failed: {e}"))
+        return out
+
+    def _phase_energy(self, start: list[tuple[str, Any]], end: list[tuple[str, Any]]) -> dict[str, Any]:
+        """The devices' energy over the measured phase, from a reading before the first request
+        and one after the last answer: the requests' windows and the time between them (the
+        counter wait, gaps), which no request's energy holds."""
+        devices: list[dict[str, Any]] = []
+        for (address, a), (_, b) in zip(start, end):
+            if isinstance(a, str) or isinstance(b, str):
+                devices.append({"address": address, "energy_j": None, "uncertainty_j": None,
+                                "unavailable_reason": a if isinstance(a, str) else b})
+                continue
+            devices += [{"address": address, **d} for d in energy_between(a, b)]
+        measured = [d for d in devices if d["energy_j"] is not None]
+        whole = bool(devices) and len(measured) == len(devices)
+        return {
+            "energy_j": sum(d["energy_j"] for d in measured) if whole else None,
+            "uncertainty_j": sum(d["uncertainty_j"] for d in measured) if whole else None,
+            "uncertainty_basis": "bound: one counter update's energy at each reading, per GPU",
+            "basis": "each GPU's energy counter between a reading before the first request and one after the "
+                     "last answer: the requests' windows and the time between them",
+            "devices": devices,
+        }
 
     def _checkpoint(self) -> None:
         """Rewrite the result file (status running) when due; see CHECKPOINT_INTERVAL_S."""
