@@ -111,14 +111,17 @@ class ConfigError(Exception):
 
     def __init__(self, violations: list[Violation]):
         self.violations = list(violations)
-        statuses = {v.status for v in self.violations}
-        if INVALID_ARGUMENT in statuses or not statuses:
-            self.status = INVALID_ARGUMENT
-        elif PERMISSION_DENIED in statuses:
-            self.status = PERMISSION_DENIED
-        else:
-            self.status = FAILED_PRECONDITION
+        self.status = _worst({v.status for v in self.violations})
         super().__init__("; ".join(f"{v.field}: {v.description}" for v in self.violations))
+
+
+def _worst(statuses: set[str]) -> str:
+    """The status for a set of problems: the client's own mistakes first."""
+    if INVALID_ARGUMENT in statuses or not statuses:
+        return INVALID_ARGUMENT
+    if PERMISSION_DENIED in statuses:
+        return PERMISSION_DENIED
+    return FAILED_PRECONDITION
 
 
 # What transformers 5 accepts and the proto can name; the worker reports the real set.
@@ -438,13 +441,35 @@ class ResolvedRequest:
 # ---------------------------------------------------------------------------
 
 
+MAX_MEMORY_KEYS = 64  # max_memory keys accepted: far more than the GPUs of any machine, plus "cpu"
+# A person reads these, and the error trailer holds a few dozen: more only cost the front
+# process time (a request can name hundreds of thousands of bad map keys).
+MAX_VIOLATIONS = 100
+_MAX_DESCRIPTION_CHARS = 1000  # descriptions quote the client's values, which may be megabytes
+
+
 @dataclass
 class _Collector:
     violations: list[Violation] = field(default_factory=list)
     warnings: list[tuple[str, str]] = field(default_factory=list)
+    count: int = 0  # every problem found, kept or not
+    _dropped: set[str] = field(default_factory=set)  # statuses of those not kept
 
     def bad(self, path: str, description: str, status: str = INVALID_ARGUMENT) -> None:
+        self.count += 1
+        if len(self.violations) >= MAX_VIOLATIONS:
+            self._dropped.add(status)
+            return
+        if len(description) > _MAX_DESCRIPTION_CHARS:
+            description = description[: _MAX_DESCRIPTION_CHARS - 1] + "…"
         self.violations.append(Violation(path, description, status))
+
+    def error(self) -> ConfigError:
+        """Every kept problem, then one saying how many more were found; that last one carries
+        the worst status among them, so the error's status is what all of them would give."""
+        more = self.count - len(self.violations)
+        extra = [Violation("…", f"{more} more problem(s) not listed", _worst(self._dropped))] if more else []
+        return ConfigError(self.violations + extra)
 
     def warn(self, code: str, message: str) -> None:
         self.warnings.append((code, message))
@@ -534,7 +559,7 @@ def _resolve_load(
 ) -> LoadConfig | None:
     pp = f"{prefix}.pytorch"
     p = m.pytorch
-    start = len(col.violations)
+    start = col.count
     _check_unknown_fields(col, m, prefix)
     _check_unknown_fields(col, p, pp)
 
@@ -667,7 +692,14 @@ def _resolve_load(
 
     # max_memory
     mem: dict[str, str] = {}
-    for key, value in p.max_memory.items():
+    entries = p.max_memory.items()
+    if len(p.max_memory) > MAX_MEMORY_KEYS:
+        # A budget has one key per GPU and "cpu"; checking 400,000 keys one by one took the
+        # front process 0.6 s, so a map this long is refused as a whole.
+        col.bad(f"{pp}.max_memory", f"has {len(p.max_memory)} keys; at most {MAX_MEMORY_KEYS} are accepted "
+                                     "(keys are GPU indexes (0, 1, ...) or 'cpu')")
+        entries = ()
+    for key, value in entries:
         path = f"{pp}.max_memory"
         if key.isascii() and key.isdigit():
             norm = str(int(key))
@@ -723,7 +755,7 @@ def _resolve_load(
                     f"this server runs one model replica per device; num_processes must be 1, "
                     f"got {p.num_processes}")
 
-    if len(col.violations) > start:
+    if col.count > start:
         return None
     return LoadConfig(
         model=m.model,
@@ -746,7 +778,7 @@ def _resolve_load(
 
 
 def _resolve_plan(col: _Collector, req: llem_pb2.GenerateRequest, caps: Capabilities) -> GenerationPlan | None:
-    start = len(col.violations)
+    start = col.count
     p = req.model.pytorch
     d = req.decoder
     pp = "model.pytorch"
@@ -881,7 +913,7 @@ def _resolve_plan(col: _Collector, req: llem_pb2.GenerateRequest, caps: Capabili
         if name in chosen:
             decoder[name] = chosen[name]
 
-    if len(col.violations) > start:
+    if col.count > start:
         return None
     generate_kwargs = {**decoder, **gen}
     if preset is not None:
@@ -905,8 +937,8 @@ def resolve_generate(
     col = _Collector()
     load = _resolve_load(col, req.model, caps, model_is_local, "model")
     plan = _resolve_plan(col, req, caps)
-    if col.violations:
-        raise ConfigError(col.violations)
+    if col.count:
+        raise col.error()
     assert load is not None and plan is not None
     return ResolvedRequest(load=load, plan=plan, warnings=tuple(col.warnings))
 
@@ -921,7 +953,7 @@ def resolve_load(
         if fd.name in GENERATION_FIELDS and _has(model.pytorch, fd.name):
             col.bad(f"{field_prefix}.pytorch.{fd.name}", f"{fd.name} is a generation field; LoadModel does not use it")
     load = _resolve_load(col, model, caps, model_is_local, field_prefix)
-    if col.violations:
-        raise ConfigError(col.violations)
+    if col.count:
+        raise col.error()
     assert load is not None
     return load, tuple(col.warnings)

@@ -151,13 +151,15 @@ def run_generate(entry: LoadedModel, prompts: list[str], plan: dict, *, job_id: 
     beams = int(gen_kwargs.get("num_beams") or getattr(model.generation_config, "num_beams", None) or 1)
 
     t_tok = time.monotonic()
+    limit = int(plan["max_input_tokens"])
+    texts, char_cut = _cut_long_prompts(tok, prompts, limit)
     slices = []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
-        enc = tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=int(plan["max_input_tokens"]))
+    for start in range(0, len(texts), batch_size):
+        batch = texts[start:start + batch_size]
+        enc = tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=limit)
         slices.append((start, enc))
     lengths = _lengths(slices)
-    warnings = _truncation_warning(tok, prompts, lengths, int(plan["max_input_tokens"]))
+    warnings = _truncation_warning(tok, texts, slices, lengths, limit, char_cut)
     warnings += _model_defaults_warning(model, gen_kwargs)
     tokenization_ms = (time.monotonic() - t_tok) * 1e3
     _check_positions(model, lengths, max_new)
@@ -230,21 +232,69 @@ def run_generate(entry: LoadedModel, prompts: list[str], plan: dict, *, job_id: 
     }
 
 
-def _truncation_warning(tok, prompts: list[str], lengths: list[int], limit: int) -> list[tuple[str, str]]:
-    """Say which prompts max_input_tokens cut, and from how many tokens: silently measuring a
-    shorter prompt than was sent would skew every per-token figure. Only prompts that reached
-    the limit are tokenized again, whole."""
-    at_limit = [i for i, n in enumerate(lengths) if n >= limit]
-    if not at_limit:
-        return []
-    whole = tok([prompts[i] for i in at_limit], truncation=False)["input_ids"]
-    cut = [(i, len(ids)) for i, ids in zip(at_limit, whole) if len(ids) > limit]
+# The tokenizer reads a whole prompt before truncation drops what max_input_tokens cannot use
+# (a 15.9 MB prompt kept 512 tokens after 37 s and 3.3 GB in the worker), so a prompt longer
+# than CHARS_PER_TOKEN characters per token of max_input_tokens is cut by characters first.
+# A token spans 3-5 characters of English or code on average, fewer of CJK text or bytes:
+# 16 leaves room for text of long tokens (runs of spaces or punctuation), so a cut prompt
+# still has several times max_input_tokens tokens and truncation keeps the same ones. Shorter
+# prompts, every normal one, are tokenized exactly as sent.
+CHARS_PER_TOKEN = 16
+
+
+def _cut_long_prompts(tok, prompts: list[str], limit: int) -> tuple[list[str], dict[int, int]]:
+    """The texts to tokenize, and {prompt index: characters sent} for those cut by characters,
+    on the side truncation keeps (its first characters, or its last with truncation_side left)."""
+    room = limit * CHARS_PER_TOKEN
+    keep_end = getattr(tok, "truncation_side", "right") == "left"
+    texts, cut = [], {}
+    for i, p in enumerate(prompts):
+        if len(p) > room:
+            cut[i] = len(p)
+            p = p[len(p) - room:] if keep_end else p[:room]
+        texts.append(p)
+    return texts, cut
+
+
+def _truncation_warning(tok, texts: list[str], slices, lengths: list[int], limit: int,
+                        char_cut: dict[int, int]) -> list[tuple[str, str]]:
+    """Say which prompts were cut, and from how many tokens: silently measuring a shorter prompt
+    than was sent would skew every per-token figure.
+
+    Nothing is tokenized twice in full: a fast tokenizer keeps what truncation removed (its
+    encodings' overflowing pieces, each with the special tokens added again); with another,
+    only prompts that reached the limit are tokenized again, whole, and those are at most
+    CHARS_PER_TOKEN * limit characters. A prompt cut by characters has no full count: the
+    warning says it was cut before tokenization."""
+    counts: dict[int, int] = {}  # tokens before truncation, for prompts that truncation shortened
+    specials = tok.num_special_tokens_to_add()
+    for start, enc in slices:
+        encodings = getattr(enc, "encodings", None)
+        if encodings is not None:
+            for row, e in enumerate(encodings):
+                if e.overflowing:
+                    counts[start + row] = sum(e.attention_mask) + sum(sum(o.attention_mask) - specials
+                                                                      for o in e.overflowing)
+            continue
+        again = [start + row for row in range(len(enc["input_ids"]))
+                 if lengths[start + row] >= limit and start + row not in char_cut]
+        if again:
+            whole = tok([texts[i] for i in again], truncation=False)["input_ids"]
+            counts.update((i, len(ids)) for i, ids in zip(again, whole) if len(ids) > limit)
+    cut = sorted(set(counts) | set(char_cut))
     if not cut:
         return []
-    shown = ", ".join(f"prompts[{i}] ({n})" for i, n in cut[:10]) + (f" and {len(cut) - 10} more" if len(cut) > 10 else "")
+
+    def what(i: int) -> str:
+        if i in char_cut:
+            return (f"prompts[{i}] ({char_cut[i]} characters, cut to {limit * CHARS_PER_TOKEN} before "
+                    f"tokenization, {lengths[i]} tokens kept)")
+        return f"prompts[{i}] ({counts[i]} tokens)"
+
+    shown = ", ".join(what(i) for i in cut[:10]) + (f" and {len(cut) - 10} more" if len(cut) > 10 else "")
     side = "first" if getattr(tok, "truncation_side", "right") == "right" else "last"
-    return [("INPUT_TRUNCATED", f"{len(cut)} prompt(s) longer than max_input_tokens ({limit}) were cut to their "
-                                f"{side} {limit} tokens: {shown} tokens; raise max_input_tokens to keep them whole")]
+    return [("INPUT_TRUNCATED", f"{len(cut)} prompt(s) were cut to fit max_input_tokens ({limit}), keeping at most "
+                                f"their {side} {limit} tokens: {shown}; raise max_input_tokens to keep them whole")]
 
 
 # generation_config entries that are not generation choices (token ids, bookkeeping), or that

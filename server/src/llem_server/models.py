@@ -196,10 +196,24 @@ def _inject_generate_fault(model, source: str) -> None:
     model.forward = forward
 
 
-def load_model(config_hash: str, source: str, load_kwargs: dict, compile_kwargs: dict | None) -> LoadedModel:
+def _check_still_confined(source: str, model_root: str) -> None:
+    """The front checked the directory when the request arrived; a load runs later (queued
+    behind other jobs), and files swapped in meanwhile (a weight file or shard index turned
+    into a link out of the root) would be followed by from_pretrained: check again now."""
+    from .paths import ModelPathError, check_local
+
+    try:
+        check_local(source, model_root)
+    except ModelPathError as exc:
+        raise LoadError(exc.status, exc.message) from None
+
+
+def load_model(config_hash: str, source: str, load_kwargs: dict, compile_kwargs: dict | None,
+               model_root: str | None = None) -> LoadedModel:
     """from_pretrained the model and tokenizer, optionally compile, and warm the compiled graph.
 
     A compile failure is not fatal: the model is served uncompiled with a warning.
+    ``model_root``: for a local model, the root it must stay under (checked again here).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -207,11 +221,15 @@ def load_model(config_hash: str, source: str, load_kwargs: dict, compile_kwargs:
     kwargs = to_from_pretrained_kwargs(load_kwargs)
     try:
         _inject_load_fault(source)
+        if model_root is not None:
+            _check_still_confined(source, model_root)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         # The tokenizer gets the same revision and trust_remote_code as the model
         # (upstream forgot the revision for the tokenizer).
         tok_kwargs = {k: kwargs[k] for k in ("revision", "trust_remote_code") if k in kwargs}
         tokenizer = AutoTokenizer.from_pretrained(source, **tok_kwargs)
+    except LoadError:
+        raise
     except Exception as exc:  # noqa: BLE001 - classified into a status
         gc.collect()
         if torch.cuda.is_available():

@@ -8,7 +8,9 @@
   ``os.path.realpath`` of both sides, so ``/models -> /mnt/nfs/models`` as the root
   itself is fine while ``/models/x -> /etc`` is not. Top-level entries of the
   model directory (``config.json``, weights) are checked the same way, because
-  transformers opens them by name and would follow a link out of the root;
+  transformers opens them by name and would follow a link out of the root; so are the
+  shard files that ``*.index.json`` files name (``weight_map``): relative, without
+  ``..``, and resolving under the root, since transformers joins them to the directory;
 * a directory without ``config.json`` is NOT_FOUND ("not a model");
 * a name that looks like a hub id (``org/name``, or a bare legacy ``gpt2``) and is
   not a local directory goes to the hub only when the server allows it;
@@ -18,16 +20,20 @@
 The returned ``source`` is the resolved real path (or the hub id): hand exactly
 that to ``from_pretrained``, so a symlink swapped after the check cannot redirect
 the load. ``display`` is what messages and logs show; it never reveals the
-server's directory layout beyond the root.
+server's directory layout beyond the root. Files inside the directory can still change
+between this check (in the front, when a request arrives) and the load (later, in a
+worker): the worker repeats it with :func:`check_local` just before ``from_pretrained``.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
-from dataclasses import dataclass
+import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["MAX_NAME_LENGTH", "ModelPathError", "ResolvedModel", "resolve_model"]
+__all__ = ["MAX_NAME_LENGTH", "ModelPathError", "ResolvedModel", "check_local", "resolve_model"]
 
 MAX_NAME_LENGTH = 512
 
@@ -36,6 +42,7 @@ MAX_NAME_LENGTH = 512
 _HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
 _HUB_ID = re.compile(rf"^(?:{_HUB_PART}/)?{_HUB_PART}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_MAX_INDEX_BYTES = 16 * 1024 * 1024  # a shard index names each tensor once: real ones are well under 1 MiB
 
 
 @dataclass(frozen=True)
@@ -46,11 +53,13 @@ class ResolvedModel:
         source: what ``from_pretrained`` receives: a real absolute path, or a hub id.
         is_local: True for a directory under the model root.
         display: the name to show clients and logs (relative to the root, or the hub id).
+        root: the model root's real path, for a local model (the worker checks again under it).
     """
 
     source: str
     is_local: bool
     display: str
+    root: str | None = field(default=None, compare=False)
 
 
 class ModelPathError(Exception):
@@ -139,6 +148,29 @@ def _resolve_local(name: str, root: Path) -> ResolvedModel | None:
         raise ModelPathError("NOT_FOUND", "model: the model root itself is not a model")
     if not os.path.isfile(os.path.join(real, "config.json")):
         raise ModelPathError("NOT_FOUND", f"{display!r} is not a model (no config.json)")
+    _check_files(real, real_root, display)
+    return ResolvedModel(source=real, is_local=True, display=display, root=real_root)
+
+
+def check_local(source: str, model_root: str) -> None:
+    """Check again, in the worker just before ``from_pretrained``, that the local model
+    ``source`` (a :class:`ResolvedModel`'s) is still a model directory whose files stay under
+    ``model_root``: the directory may have changed since the front checked it.
+    Raises :class:`ModelPathError`."""
+    real_root = os.path.realpath(model_root)
+    real = os.path.realpath(source)
+    display = os.path.relpath(source, real_root) if _inside(source, real_root) else os.path.basename(source)
+    if real == real_root or not _inside(real, real_root):
+        raise ModelPathError("PERMISSION_DENIED", f"model {display!r} now resolves outside the model root")
+    if not os.path.isfile(os.path.join(real, "config.json")):
+        raise ModelPathError("NOT_FOUND", f"{display!r} is no longer a model (no config.json)")
+    _check_files(real, real_root, display)
+
+
+def _check_files(real: str, real_root: str, display: str) -> None:
+    """What transformers opens by name in the model directory stays under the root: its
+    top-level entries, and the shards that ``*.index.json`` files name (it joins those names
+    to the directory, so ``../x`` or ``/x`` would load weights from anywhere)."""
     try:
         entries = list(os.scandir(real))
     except OSError as exc:
@@ -148,4 +180,33 @@ def _resolve_local(name: str, root: Path) -> ResolvedModel | None:
             raise ModelPathError(
                 "PERMISSION_DENIED", f"model {display!r}: {entry.name} links outside the model root"
             )
-    return ResolvedModel(source=real, is_local=True, display=display)
+    for entry in entries:
+        if not entry.name.endswith(".index.json"):
+            continue
+        for name in _shard_names(entry.path, f"model {display!r}: {entry.name}"):
+            inside = (isinstance(name, str) and name and "\x00" not in name and not os.path.isabs(name)
+                      and ".." not in name.split("/"))
+            if not inside or not _inside(os.path.realpath(os.path.join(real, name)), real_root):
+                # The name is not repeated: it may tell the client about the layout outside the root.
+                raise ModelPathError("PERMISSION_DENIED",
+                                     f"model {display!r}: {entry.name} names a weight file outside the model root")
+
+
+def _shard_names(path: str, what: str) -> set:
+    """The file names in a shard index's ``weight_map``."""
+    try:
+        # Non-blocking: a FIFO named like an index must not hang the front process.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise ModelPathError("PERMISSION_DENIED", f"{what} cannot be read: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ModelPathError("FAILED_PRECONDITION", f"{what} is not a regular file")
+        data = f.read(_MAX_INDEX_BYTES + 1)
+    if len(data) > _MAX_INDEX_BYTES:
+        raise ModelPathError("FAILED_PRECONDITION", f"{what} is over {_MAX_INDEX_BYTES} bytes, too large to check")
+    try:
+        weight_map = json.loads(data).get("weight_map", {})
+        return set(weight_map.values())
+    except (ValueError, AttributeError, TypeError):  # not JSON, not an object, unhashable names
+        raise ModelPathError("FAILED_PRECONDITION", f"{what} is not a shard index (JSON with a weight_map)") from None

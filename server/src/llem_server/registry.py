@@ -13,6 +13,11 @@ from llem.v1 import llem_pb2
 
 READY, LOADING, FAILED = llem_pb2.MODEL_STATE_READY, llem_pb2.MODEL_STATE_LOADING, llem_pb2.MODEL_STATE_FAILED
 
+# Failed loads listed with their reasons, the most recent ones: each distinct bad config
+# is an entry (and a health status), so without a bound a client could grow ListModels
+# past the message limit one failed LoadModel at a time.
+MAX_FAILED = 32
+
 
 @dataclass
 class Entry:
@@ -29,6 +34,7 @@ class Entry:
     tokenizer: Any = None  # tokenizers.Tokenizer for decoding streams in this process
     last_used_unix: float = field(default_factory=time.time)
     use_count: int = 0
+    failed_at: float = 0.0  # time.monotonic() of the last failed load
 
     def to_proto(self) -> llem_pb2.ModelInfo:
         info = self.info
@@ -79,6 +85,8 @@ class Registry:
         if entry.active == 0 and entry.state == LOADING:
             # Nobody left to load it (cancelled, worker died, or it was unloaded under them).
             self._forget(entry)
+        elif entry.active == 0 and entry.state == FAILED:
+            self._drop_old_failures()
 
     def loaded(self, entry: Entry, info: dict, tokenizer_json: str | None) -> None:
         entry.info = info
@@ -103,7 +111,16 @@ class Registry:
         if entry.state != READY:
             entry.state = FAILED
             entry.error = reason
+            entry.failed_at = time.monotonic()
             self.on_change(entry.config_hash, FAILED)
+            self._drop_old_failures()
+
+    def _drop_old_failures(self) -> None:
+        """Forget the oldest failed entries beyond MAX_FAILED, as an unload would. Entries that
+        requests still hold stay (their requests report to them) and go once released."""
+        idle = [e for e in self._entries.values() if e.state == FAILED and e.active == 0]
+        for entry in sorted(idle, key=lambda e: e.failed_at)[: max(0, len(idle) - MAX_FAILED)]:
+            self._forget(entry)
 
     def remove(self, config_hash: str) -> Entry | None:
         """The worker no longer holds this model (unloaded, evicted, or its worker restarted).

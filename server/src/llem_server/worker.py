@@ -2,7 +2,9 @@
 
 Protocol over a ``multiprocessing`` pipe (pickled dicts):
 
-front → worker: ``{"op": "generate"|"load"|"unload"|"stop", "job": int, ...}`` one at a time.
+front → worker: ``{"op": "generate"|"load"|"unload"|"stop", "job": int, ...}`` one at a time; a load
+(or generate) of a local model may carry ``"model_root"``, under which the model's files are
+checked again just before ``from_pretrained``.
 worker → front: ``{"type": "hello", ...}`` once; per job ``{"type": "started", "job", "t"}``
 (generation began; monotonic seconds), ``{"type": "tokens", "job", "items": [(prompt, id), ...]}``
 while streaming, then ``{"type": "done", "job", "result"}`` or ``{"type": "error", "job",
@@ -163,7 +165,7 @@ def worker_main(conn, device: str, cuda_index: int | None, cancel_flag, max_mode
                 if entry is None:
                     evicted = cache.make_room(set(msg.get("pinned", ())) | {msg["config_hash"]})
                     entry = load_model(msg["config_hash"], msg["source"], msg["load_kwargs"],
-                                       msg.get("compile_kwargs"))
+                                       msg.get("compile_kwargs"), model_root=msg.get("model_root"))
                     cache.add(entry)
                 base = {"cache_hit": cache_hit, "evicted": evicted, "model": entry.info()}
                 if op == "load":
