@@ -349,6 +349,22 @@ def test_a_shard_index_inside_the_directory_still_loads(abuse):
     assert code == grpc.StatusCode.OK, resp
 
 
+def test_an_index_rewritten_to_point_outside_is_refused_at_once(abuse_root):
+    """Indexes are parsed once per file version (not on every request): a rewrite is a new
+    version, so the next check sees it."""
+    from llem_server.paths import ModelPathError, resolve_model
+
+    _sharded(abuse_root / "llama", abuse_root / "index-rewritten", "model-00001.safetensors")
+    shutil.copy(abuse_root / "llama" / "model.safetensors", abuse_root / "index-rewritten" / "model-00001.safetensors")
+    resolve_model("index-rewritten", abuse_root, False)  # fine, and now known
+    index = abuse_root / "index-rewritten" / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"] = {k: "../../outside/llama/model.safetensors" for k in data["weight_map"]}
+    index.write_text(json.dumps(data))
+    err = _raises(resolve_model, "index-rewritten", abuse_root, False)
+    assert isinstance(err, ModelPathError) and err.status == "PERMISSION_DENIED", err
+
+
 def test_the_worker_checks_the_directory_again_before_loading(abuse_root):
     """Files swapped after the front's check (a weight file turned into a link out of the root,
     or a shard index added) are refused by the load itself."""
@@ -378,8 +394,6 @@ def test_the_worker_checks_the_directory_again_before_loading(abuse_root):
     load_model("h", model.source, kwargs, None, model_root=model.root)  # as it was: loads
 
 
-@pytest.mark.xfail(strict=True, reason="needs service.py to send the model's root to the worker "
-                                       "(\"model_root\": model.root in the load and generate payloads)")
 def test_a_weight_file_swapped_while_the_load_waits_is_refused(abuse, abuse_root):
     """End to end: the front checks the directory, the load waits in the worker (test hook: 2 s),
     and meanwhile the weights become a link out of the root."""

@@ -192,7 +192,10 @@ def _check_files(real: str, real_root: str, display: str) -> None:
                                      f"model {display!r}: {entry.name} names a weight file outside the model root")
 
 
-def _shard_names(path: str, what: str) -> set:
+_INDEX_NAMES: dict[tuple, frozenset] = {}  # (dev, inode, size, mtime, ctime) of an index -> its names
+
+
+def _shard_names(path: str, what: str) -> frozenset:
     """The file names in a shard index's ``weight_map``."""
     try:
         # Non-blocking: a FIFO named like an index must not hang the front process.
@@ -200,13 +203,24 @@ def _shard_names(path: str, what: str) -> set:
     except OSError as exc:
         raise ModelPathError("PERMISSION_DENIED", f"{what} cannot be read: {exc.strerror}") from None
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise ModelPathError("FAILED_PRECONDITION", f"{what} is not a regular file")
+        # Parsed once per file version, not on every request (a large model's index takes ~1 ms,
+        # against a 2 ms budget for a round trip): ctime changes with any write or rename.
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        known = _INDEX_NAMES.get(key)
+        if known is not None:
+            return known
         data = f.read(_MAX_INDEX_BYTES + 1)
     if len(data) > _MAX_INDEX_BYTES:
         raise ModelPathError("FAILED_PRECONDITION", f"{what} is over {_MAX_INDEX_BYTES} bytes, too large to check")
     try:
         weight_map = json.loads(data).get("weight_map", {})
-        return set(weight_map.values())
+        names = frozenset(weight_map.values())
     except (ValueError, AttributeError, TypeError):  # not JSON, not an object, unhashable names
         raise ModelPathError("FAILED_PRECONDITION", f"{what} is not a shard index (JSON with a weight_map)") from None
+    if len(_INDEX_NAMES) >= 256:
+        _INDEX_NAMES.clear()
+    _INDEX_NAMES[key] = names
+    return names

@@ -291,8 +291,9 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         worker = self._route(config_hash)
         entry = self.registry.reserve(config_hash, load.to_proto(), worker.index)
         payload = {
-            "config_hash": config_hash, "source": model.source, "load_kwargs": load.load_kwargs(),
-            "compile_kwargs": load.compile_kwargs(), "prompts": list(request.prompts), "stream": stream,
+            "config_hash": config_hash, "source": model.source, "model_root": model.root,
+            "load_kwargs": load.load_kwargs(), "compile_kwargs": load.compile_kwargs(),
+            "prompts": list(request.prompts), "stream": stream,
             "pinned": self.registry.hashes_on(worker.index),
             "plan": {"batch_size": plan.batch_size, "generate_kwargs": plan.generate_kwargs,
                      "max_input_tokens": plan.max_input_tokens, "max_output_tokens": plan.max_output_tokens,
@@ -638,7 +639,8 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             entry = self.registry.reserve(config_hash, load.to_proto(), worker.index)
             try:
                 job = self._submit(worker, "load", {
-                    "config_hash": config_hash, "source": model.source, "load_kwargs": load.load_kwargs(),
+                    "config_hash": config_hash, "source": model.source, "model_root": model.root,
+                    "load_kwargs": load.load_kwargs(),
                     "compile_kwargs": load.compile_kwargs(), "pinned": self.registry.hashes_on(worker.index)})
             except ServiceError:
                 self.registry.release(entry)
