@@ -117,6 +117,8 @@ def _log_like_the_front() -> None:
         handler.addFilter(OncePerMessage())
     logging.captureWarnings(True)
     warnings.simplefilter("once")
+    # torch's own deprecation notices (torch.jit on import) say nothing an operator can act on.
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch(\.|$)")
     if as_json:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     import transformers
