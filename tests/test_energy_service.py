@@ -225,3 +225,26 @@ def test_readings_without_a_gpu_say_why(server):
     (dev,) = energy_between(a, b)
     assert dev["energy_j"] is None and "no NVIDIA GPU" in dev["unavailable_reason"]
     assert not b.devices[0].HasField("energy_j")
+
+
+def test_energy_between_refuses_what_cannot_be_subtracted():
+    """Two readings subtract only for the same GPU, the same counter run and the same server run."""
+    from llem.v1 import llem_pb2 as pb
+
+    from llem_client import energy_between
+
+    def reading(t, j, *, uuid="GPU-a", resets=0, server="s1", available=True):
+        dev = pb.EnergyReading(index=0, uuid=uuid, available=available, counter_resets=resets,
+                               unavailable_reason="" if available else "no NVIDIA GPU")
+        if available:
+            dev.energy_j, dev.uncertainty_j = j, 1.5
+        return pb.ReadEnergyResponse(monotonic_s=t, server_id=server, devices=[dev])
+
+    (ok,) = energy_between(reading(1.0, 100.0), reading(3.0, 400.0))
+    assert (ok["energy_j"], ok["uncertainty_j"], ok["duration_s"]) == (300.0, 3.0, 2.0)
+    for end, why in ((reading(3.0, 400.0, uuid="GPU-b"), "different GPUs"),
+                     (reading(3.0, 400.0, resets=1), "reset"),
+                     (reading(3.0, 400.0, server="s2"), "restarted"),
+                     (reading(3.0, 0.0, available=False), "no NVIDIA GPU")):
+        (bad,) = energy_between(reading(1.0, 100.0), end)
+        assert bad["energy_j"] is None and why in bad["unavailable_reason"], bad

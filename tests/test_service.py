@@ -141,11 +141,14 @@ def test_generation_settings_shipped_with_a_model_are_used_and_said(client, mode
 
         shutil.copytree(model_root / "llama", variant)
         gc_path = variant / "generation_config.json"
-        gc_path.write_text(json.dumps({**json.loads(gc_path.read_text()), "num_beams": 2, "no_repeat_ngram_size": 2}))
+        gc_path.write_text(json.dumps({**json.loads(gc_path.read_text()), "num_beams": 2, "no_repeat_ngram_size": 2,
+                                       "max_new_tokens": 20}))
     prompts = ["The energy of", "a b"]
     r = client.generate(prompts, model="llama-beams", decoder=GREEDY, max_output_tokens=6)
     (w,) = [w for w in r.warnings if w.code == "MODEL_GENERATION_CONFIG"]
     assert "num_beams=2" in w.message and "no_repeat_ngram_size=2" in w.message
+    assert "max_new_tokens" not in w.message  # always sent (max_output_tokens): the checkpoint's is unused
+    assert all(c.output_tokens <= 6 for c in r.completions)
     # What ran is what the same settings sent explicitly give on the plain model.
     explicit = client.generate(prompts, model="llama", decoder=GREEDY, max_output_tokens=6,
                                pytorch={"num_beams": 2, "no_repeat_ngram_size": 2})

@@ -16,7 +16,9 @@ def energy_between(start: llem_pb2.ReadEnergyResponse, end: llem_pb2.ReadEnergyR
     for e in end.devices:
         s = before.get(e.index)
         row = {"index": e.index, "uuid": e.uuid, "duration_s": end.monotonic_s - start.monotonic_s}
-        if s is None:
+        if start.server_id != end.server_id:
+            why = "the server restarted between the readings: the energy across it is unknown"
+        elif s is None:
             why = "no reading of this GPU at the start"
         elif not s.available or not e.available:
             why = (s if not s.available else e).unavailable_reason or "not read"

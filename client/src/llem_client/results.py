@@ -234,14 +234,28 @@ def remove_unused(folders: list[Path]) -> None:
             return
 
 
+def _umask() -> int:
+    """The process umask without changing it (os.umask sets it, briefly 0 for the request
+    threads running beside a checkpoint) where /proc tells it; else the set-and-restore probe."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
 def write_atomic(path: Path, data: dict[str, Any]) -> Path:
     """Write JSON to ``path`` via a temporary file and rename: never a half-written result."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         # mkstemp makes the file 0600; give it the mode a plain open() would (0666 less the umask).
-        umask = os.umask(0)
-        os.umask(umask)
+        umask = _umask()
         if hasattr(os, "fchmod"):  # POSIX (Windows has no modes to speak of)
             os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:

@@ -526,6 +526,7 @@ class Runner:
             + (f", up to {depth} in flight" if depth > 1 else "")
         )
         pending: deque[tuple[int, list[int], Future]] = deque()
+        since_fetch = 0  # answers since the last GetEnergy for deferred energies
         pool = _InFlight(self.client, depth)
         start = self._read_energy() if self.record_energy else None
         t0 = time.perf_counter()  # the phase's clock: records hold offsets from here
@@ -551,8 +552,15 @@ class Runner:
                     top_up(finished=1)
                     self._keep(bar, len(batches), i, idx, resp, sent - t0, received - t0)
                     pending.popleft()
-                    if self.deferred and len(self._unsettled) >= DEFERRED_FETCH_EVERY:
-                        self._fetch_deferred(wait_s=0.0, final=False)
+                    since_fetch += 1
+                    if self.deferred and since_fetch >= DEFERRED_FETCH_EVERY:
+                        # Every 8 answers, not "while 8 are unsettled": those settle ~100 ms after
+                        # their request, so short requests made that one GetEnergy per answer.
+                        try:
+                            self._fetch_deferred(wait_s=0.0, final=False)
+                        except LlemError as e:  # not worth the run: they are asked for again at the end
+                            self.display.line(f"GetEnergy failed ({e}); the deferred energies are fetched later")
+                        since_fetch = 0
                     self._checkpoint()
             except BaseException:
                 # Keep whatever finished (the request waited on, and any after it), then

@@ -40,12 +40,13 @@ class _LimitHits(logging.Handler):
 
 def configure(torch) -> None:
     """Raise dynamo's recompile limits and start counting hits (once per worker process)."""
-    try:
-        dyn = torch._dynamo.config
-        dyn.recompile_limit = max(dyn.recompile_limit, RECOMPILE_LIMIT)
-        dyn.accumulated_recompile_limit = max(dyn.accumulated_recompile_limit, ACCUMULATED_RECOMPILE_LIMIT)
-    except Exception:  # noqa: BLE001 - an older or newer torch without these: counting still helps
-        pass
+    dyn = torch._dynamo.config
+    # torch < 2.6 names them cache_size_limit / accumulated_cache_size_limit (still aliases now).
+    for names, value in ((("recompile_limit", "cache_size_limit"), RECOMPILE_LIMIT),
+                         (("accumulated_recompile_limit", "accumulated_cache_size_limit"), ACCUMULATED_RECOMPILE_LIMIT)):
+        name = next((n for n in names if hasattr(dyn, n)), None)
+        if name is not None:
+            setattr(dyn, name, max(getattr(dyn, name), value))
     logger = logging.getLogger("torch._dynamo.convert_frame")
     if not any(isinstance(h, _LimitHits) for h in logger.handlers):
         logger.addHandler(_LimitHits())
@@ -71,6 +72,8 @@ def watch_auto_compile(model) -> None:
     model._llem_auto_compiled = False
     if decide is None:  # another transformers: nothing to watch
         return
+    if "llama4" in str(getattr(model.config, "model_type", "")):
+        return  # transformers' get_compiled_call returns Llama 4's forward uncompiled
 
     def watched(model_kwargs, generation_config):
         used = decide(model_kwargs, generation_config)

@@ -300,7 +300,8 @@ def _truncation_warning(tok, texts: list[str], slices, lengths: list[int], limit
 # generation_config entries that are not generation choices (token ids, bookkeeping), or that
 # max_new_tokens overrides.
 _NOT_CHOICES = {"_from_model_config", "transformers_version", "output_attentions", "output_hidden_states",
-                "pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "max_length"}
+                "pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "max_length",
+                "max_new_tokens"}  # always sent (max_output_tokens), with the pad id, streamer and criteria
 _SAMPLING = {"temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff"}
 
 

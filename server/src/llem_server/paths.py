@@ -218,7 +218,9 @@ def _shard_names(path: str, what: str) -> frozenset:
     try:
         weight_map = json.loads(data).get("weight_map", {})
         names = frozenset(weight_map.values())
-    except (ValueError, AttributeError, TypeError):  # not JSON, not an object, unhashable names
+        if not all(isinstance(n, str) for n in names):
+            raise TypeError("weight_map values must be file names")
+    except (ValueError, AttributeError, TypeError):  # not JSON, not an object, names that are not strings
         raise ModelPathError("FAILED_PRECONDITION", f"{what} is not a shard index (JSON with a weight_map)") from None
     if len(_INDEX_NAMES) >= 256:
         _INDEX_NAMES.clear()

@@ -15,6 +15,7 @@ import time
 import unicodedata
 import uuid
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator
@@ -112,6 +113,8 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         self.settings = settings
         self.workers = workers
         self.meter = meter
+        self._read_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="llem-read-energy")
+        self._server_id = uuid.uuid4().hex  # ReadEnergy: readings of different server runs differ
         # worker index -> metered GPU index (absent: that worker's device is not metered)
         self.meter_devices = meter_devices
         self.energy_reason = energy_reason  # why GPU energy is absent on workers with no metered device
@@ -409,8 +412,11 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
 
     async def ReadEnergy(self, request, context):
         loop = asyncio.get_running_loop()
-        t, readings = await loop.run_in_executor(None, self.meter.read)
-        resp = llem_pb2.ReadEnergyResponse(monotonic_s=t, unix_s=time.time() - (time.monotonic() - t))
+        # Its own two threads: each reading blocks ~100 ms, and a flood of them must not queue
+        # up in front of the requests' energy reports (which run in the default executor).
+        t, readings = await loop.run_in_executor(self._read_pool, self.meter.read)
+        resp = llem_pb2.ReadEnergyResponse(monotonic_s=t, unix_s=time.time() - (time.monotonic() - t),
+                                           server_id=self._server_id)
         for i, r in sorted(readings.items()):
             d = resp.devices.add(index=i, uuid=r.uuid, available=r.available, unavailable_reason=r.reason,
                                  method=r.method, counter_resets=r.interruptions)

@@ -2192,10 +2192,15 @@ class ReadEnergyResponse(_message.Message):
     MONOTONIC_S_FIELD_NUMBER: _builtins.int
     UNIX_S_FIELD_NUMBER: _builtins.int
     DEVICES_FIELD_NUMBER: _builtins.int
+    SERVER_ID_FIELD_NUMBER: _builtins.int
     monotonic_s: _builtins.float
     """The server's monotonic clock at the reading, seconds (differences are durations)."""
     unix_s: _builtins.float
     """The same instant as Unix time, seconds."""
+    server_id: _builtins.str
+    """Changes whenever the server starts: readings from different server runs are not
+    to be subtracted (an approximate, power-integrated figure restarts from 0).
+    """
     @_builtins.property
     def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___EnergyReading]:
         """One per metered GPU."""
@@ -2206,10 +2211,11 @@ class ReadEnergyResponse(_message.Message):
         monotonic_s: _builtins.float = ...,
         unix_s: _builtins.float = ...,
         devices: _abc.Iterable[Global___EnergyReading] | None = ...,
+        server_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "monotonic_s", b"monotonic_s", "unix_s", b"unix_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "monotonic_s", b"monotonic_s", "server_id", b"server_id", "unix_s", b"unix_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
