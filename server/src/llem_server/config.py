@@ -777,6 +777,15 @@ def _resolve_load(
     )
 
 
+def request_id_problem(request_id: str) -> str | None:
+    """Why a request id cannot be used (it goes into logs and the deferred-energy store), or None."""
+    if len(request_id) > _MAX_REQUEST_ID_CHARS:
+        return f"is {len(request_id)} characters; at most {_MAX_REQUEST_ID_CHARS}"
+    if any(unicodedata.category(c) == "Cc" for c in request_id):
+        return "contains control characters (it goes into logs)"
+    return None
+
+
 def _resolve_plan(col: _Collector, req: llem_pb2.GenerateRequest, caps: Capabilities) -> GenerationPlan | None:
     start = col.count
     p = req.model.pytorch
@@ -802,10 +811,9 @@ def _resolve_plan(col: _Collector, req: llem_pb2.GenerateRequest, caps: Capabili
                    " (this server's max_output_tokens limit)")
     # Any int64 is a valid seed: torch.manual_seed takes the whole range.
     seed = req.random_seed if req.HasField("random_seed") else _DEFAULT_SEED
-    if len(req.request_id) > _MAX_REQUEST_ID_CHARS:
-        col.bad("request_id", f"is {len(req.request_id)} characters; at most {_MAX_REQUEST_ID_CHARS}")
-    elif any(unicodedata.category(c) == "Cc" for c in req.request_id):
-        col.bad("request_id", "contains control characters (it goes into logs)")
+    why = request_id_problem(req.request_id)
+    if why:
+        col.bad("request_id", why)
     delivery = _enum(col, "energy_delivery", req.energy_delivery, _ENERGY_DELIVERY, "energy_delivery") or "in_response"
 
     # --- pytorch generation fields (section 2)

@@ -12,7 +12,6 @@ import json
 import math
 import threading
 import time
-import unicodedata
 import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -68,20 +67,12 @@ def _json_map(d: dict) -> dict[str, str]:
     return {k: json.dumps(v, sort_keys=True) for k, v in d.items()}
 
 
-_MAX_REQUEST_ID_CHARS = config._MAX_REQUEST_ID_CHARS  # one limit, checked here before anything keeps the id
-
-
 def _check_request_id(request_id: str) -> None:
     """Before the id is logged, bound to the RPC or kept for GetEnergy: a 15 MB id used to be
     written to the log and held in the deferred store although the request was refused."""
-    limit = _MAX_REQUEST_ID_CHARS
-    if len(request_id) > limit:
-        why = f"is {len(request_id)} characters; at most {limit}"
-    elif any(unicodedata.category(c) == "Cc" for c in request_id):
-        why = "contains control characters (it goes into logs)"
-    else:
-        return
-    raise ServiceError(_S.INVALID_ARGUMENT, f"request_id: {why}", violations=[("request_id", why)])
+    why = config.request_id_problem(request_id)
+    if why:
+        raise ServiceError(_S.INVALID_ARGUMENT, f"request_id: {why}", violations=[("request_id", why)])
 
 
 def _hide_root(data: dict, model) -> dict:
@@ -678,7 +669,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             return resp
         except ServiceError as err:
             if self.log is not None:
-                rid = request.request_id if len(request.request_id) <= _MAX_REQUEST_ID_CHARS else None
+                rid = None if config.request_id_problem(request.request_id) else request.request_id
                 self.log.info("load_model", request_id=rid or None, status=err.code.name, message=err.message[:300])
             await abort(context, err)
 
