@@ -242,19 +242,30 @@ _COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no
 _DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 _CUDA_ONLY_CACHES = frozenset({"offloaded_static", "offloaded"})
 _CUDA_GRAPH_BACKENDS = frozenset({"cudagraphs"})
+_FLASH_MIN_CC = {"flash_attention_2": (8, 0), "flash_attention_3": (9, 0)}
+
+
+def _cache_missing(cache: str, caps: Capabilities) -> list[str]:
+    """What this server lacks to run a cache_implementation (empty: it runs)."""
+    missing = []
+    if cache not in caps.cache_implementations:
+        missing.append("the installed transformers does not offer it")
+    if cache in _CUDA_ONLY_CACHES and not caps.cuda:
+        missing.append("it needs CUDA and this server has none")
+    if cache == "quantized" and not caps.quantized_cache:
+        missing.append("it needs the optimum-quanto or hqq package (not installed on this server)")
+    return missing
 
 
 def usable_cache_implementations(caps: Capabilities) -> list[str]:
     """What pytorch.cache_implementation can name and this server runs (GetServerInfo): the
-    proto's values that the installed transformers offers, less those validation refuses here."""
-    return sorted(c for c in _CACHE.values() if c in caps.cache_implementations
-                  and (caps.cuda or c not in _CUDA_ONLY_CACHES) and (caps.quantized_cache or c != "quantized"))
+    proto's values that validation would not refuse here."""
+    return sorted(c for c in _CACHE.values() if not _cache_missing(c, caps))
 
 
 def usable_compile_backends(caps: Capabilities) -> list[str]:
     """The torch.compile backends a request may name here (CUDA graphs only with CUDA)."""
     return sorted(b for b in caps.compile_backends if caps.cuda or b not in _CUDA_GRAPH_BACKENDS)
-_FLASH_MIN_CC = {"flash_attention_2": (8, 0), "flash_attention_3": (9, 0)}
 
 _DEFAULT_BATCH_SIZE = 1
 _DEFAULT_MAX_INPUT_TOKENS = 512
@@ -845,13 +856,7 @@ def _resolve_plan(col: _Collector, req: llem_pb2.GenerateRequest, caps: Capabili
     cache = _enum(col, f"{pp}.cache_implementation", p.cache_implementation, _CACHE, "cache_implementation")
     if cache is not None:
         path = f"{pp}.cache_implementation"
-        missing = []
-        if cache not in caps.cache_implementations:
-            missing.append("the installed transformers does not offer it")
-        if cache in _CUDA_ONLY_CACHES and not caps.cuda:
-            missing.append("it needs CUDA and this server has none")
-        if cache == "quantized" and not caps.quantized_cache:
-            missing.append("it needs the optimum-quanto or hqq package (not installed on this server)")
+        missing = _cache_missing(cache, caps)
         if use_cache is False:
             # rule 4
             col.bad(path, "cache_implementation is set but use_cache is false; unset one of them")

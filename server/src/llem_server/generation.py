@@ -160,7 +160,8 @@ def run_generate(entry: LoadedModel, prompts: list[str], plan: dict, *, job_id: 
         slices.append((start, enc))
     lengths = _lengths(slices)
     warnings = _truncation_warning(tok, texts, slices, lengths, limit, char_cut)
-    warnings += _model_defaults_warning(model, gen_kwargs)
+    decoder_used = _effective_decoder(model, gen_kwargs)
+    warnings += _model_defaults_warning(model, gen_kwargs, sampling=decoder_used["do_sample"])
     tokenization_ms = (time.monotonic() - t_tok) * 1e3
     _check_positions(model, lengths, max_new)
 
@@ -226,7 +227,7 @@ def run_generate(entry: LoadedModel, prompts: list[str], plan: dict, *, job_id: 
         "timing": _timing(results, tokenization_ms),
         "window": (results[0].t_start, results[-1].t_end) if results else None,
         "effective_generate_kwargs": {**gen_kwargs, "max_new_tokens": max_new},
-        "effective_decoder": _effective_decoder(model, gen_kwargs),
+        "effective_decoder": decoder_used,
         "warnings": warnings,
         "compiled": entry.compiled or auto_compiled,  # this request: transformers may compile by itself
     }
@@ -305,16 +306,16 @@ _NOT_CHOICES = {"_from_model_config", "transformers_version", "output_attentions
 _SAMPLING = {"temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff"}
 
 
-def _model_defaults_warning(model, gen_kwargs: dict) -> list[tuple[str, str]]:
+def _model_defaults_warning(model, gen_kwargs: dict, *, sampling: bool) -> list[tuple[str, str]]:
     """Name what the model's own generation_config.json changed in this request.
 
     An unset field sends no kwarg (config.md), so generate() takes the checkpoint's values
     before transformers' global defaults: a no_repeat_ngram_size or cache_implementation
     shipped with the weights changes the output and the energy without appearing in the
-    request. Sampling values count only where sampling ran."""
+    request. Sampling values count only where sampling ran (``sampling``: what
+    :func:`_effective_decoder` found generate used)."""
     gc = model.generation_config
-    defaults = getattr(type(gc), "_get_default_generation_params", dict)()
-    sampling = bool(gen_kwargs.get("do_sample", getattr(gc, "do_sample", None)))
+    defaults = _global_defaults(gc)
     shown = []
     for name, value in sorted(gc.to_diff_dict().items()):
         if name in _NOT_CHOICES or name.startswith("_") or name in gen_kwargs or value is None:
@@ -330,13 +331,19 @@ def _model_defaults_warning(model, gen_kwargs: dict) -> list[tuple[str, str]]:
                                         "left unset: " + ", ".join(shown) + "; set them in the request to override")]
 
 
+def _global_defaults(gc) -> dict:
+    """transformers' own defaults, which generate() fills in where neither the kwargs nor the
+    model's generation_config say (transformers 5 leaves those fields None)."""
+    return getattr(type(gc), "_get_default_generation_params", dict)()
+
+
 def _effective_decoder(model, gen_kwargs: dict) -> dict:
     """The decoder values generate() really used, in its order of precedence: our kwargs, then
     the model's generation_config, then transformers' global defaults (transformers 5 leaves
     unset fields None and fills them in generate). Sampling values only where sampling ran:
     greedy search does not use them."""
     gc = model.generation_config
-    defaults = getattr(type(gc), "_get_default_generation_params", dict)()
+    defaults = _global_defaults(gc)
 
     def used(name: str):
         for value in (gen_kwargs.get(name), getattr(gc, name, None), defaults.get(name)):
