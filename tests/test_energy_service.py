@@ -11,6 +11,7 @@ import time
 import pytest
 
 from llem_client import Client
+from llem.v1 import llem_pb2
 
 POWER_W = 150.0
 GREEDY = {"preset": "deterministic"}
@@ -148,6 +149,9 @@ def test_deferred_energy_answers_at_once_and_is_fetched_later(client):
     assert any(w.code == "ENERGY_SHORT_WINDOW" for w in got.results[0].warnings)
     assert not got.results[1].energy.available
     assert "no deferred energy" in got.results[1].energy.unavailable_reason
+    # the state, not the wording, tells a driver whether to ask again
+    assert [x.state for x in got.results] == [llem_pb2.DEFERRED_ENERGY_STATE_SETTLED,
+                                              llem_pb2.DEFERRED_ENERGY_STATE_UNKNOWN]
     # asking again gives the same figure
     again = client.get_energy("deferred-1").results[0].energy
     assert again.total_j == e.total_j
@@ -165,7 +169,6 @@ def test_deferred_energy_in_a_stream(client):
 def test_get_energy_waits_for_a_deferred_request_still_generating(client):
     """Asked while the request still runs, GetEnergy waits for it (it answered 'never sent'),
     and a deferred request that failed leaves its reason."""
-    from llem.v1 import llem_pb2
 
     req = llem_pb2.GenerateRequest(model=llem_pb2.ModelConfig(model="llama"), prompts=["long"],
                                    max_output_tokens=600, request_id="deferred-running",
@@ -173,6 +176,9 @@ def test_get_energy_waits_for_a_deferred_request_still_generating(client):
     req.decoder.min_new_tokens = 600
     call = client.generate_future(req)
     time.sleep(0.3)  # it has arrived; 600 tokens take longer than this on any machine here
+    early = client.get_energy("deferred-running", wait_seconds=0).results[0]
+    assert early.state == llem_pb2.DEFERRED_ENERGY_STATE_PENDING and not early.energy.available
+    assert early.energy.unavailable_reason.startswith("still generating")
     got = client.get_energy("deferred-running", wait_seconds=30).results[0]
     assert call.result().usage.output_tokens == 600
     assert got.energy.available, got.energy.unavailable_reason
@@ -182,7 +188,9 @@ def test_get_energy_waits_for_a_deferred_request_still_generating(client):
                                    request_id="deferred-failed", energy_delivery=llem_pb2.ENERGY_DELIVERY_DEFERRED)
     with pytest.raises(Exception):
         client.generate_request(bad)
-    e = client.get_energy("deferred-failed").results[0].energy
+    failed = client.get_energy("deferred-failed").results[0]
+    assert failed.state == llem_pb2.DEFERRED_ENERGY_STATE_SETTLED  # final: asking again will not help
+    e = failed.energy
     assert not e.available and e.unavailable_reason.startswith("the request did not finish")
     assert e.cpu.unavailable_reason  # every absent part says why
 

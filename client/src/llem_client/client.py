@@ -405,7 +405,8 @@ class Client(_Base):
         self, request_ids: str | Sequence[str], *, wait_seconds: float | None = None, timeout: float | None = UNSET
     ) -> llem_pb2.GetEnergyResponse:
         """Energies of requests sent with ``energy_delivery="deferred"``, in the order asked;
-        waits up to ``wait_seconds`` (server default 2 s) for ones still settling."""
+        waits up to ``wait_seconds`` (server default 2 s) for ones still settling. Each result's
+        ``state`` says whether to ask again (``DEFERRED_ENERGY_STATE_PENDING``) or not."""
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
         req = _core.to_message(llem_pb2.GetEnergyRequest, {"request_ids": ids, "wait_seconds": wait_seconds})
         return self._unary(self._stub.GetEnergy, req, timeout)

@@ -91,12 +91,9 @@ def _energy_text(e: llem_pb2.Energy | dict | None) -> str:
     return f"{e.total_j:.3f} J"
 
 
-_NOT_HERE = "no deferred energy for this request id on this server"
-
-
 def _not_settled(item: llem_pb2.RequestEnergy) -> bool:
-    # The server's words for an energy still settling (service.GetEnergy): ask again later.
-    return not item.energy.available and item.energy.unavailable_reason.endswith("ask again")
+    """An energy still settling: ask again later."""
+    return item.state == llem_pb2.DEFERRED_ENERGY_STATE_PENDING
 
 
 def _pick_deferred(items: list[llem_pb2.RequestEnergy]) -> llem_pb2.RequestEnergy:
@@ -106,7 +103,7 @@ def _pick_deferred(items: list[llem_pb2.RequestEnergy]) -> llem_pb2.RequestEnerg
         if item.energy.available:
             return item
     for item in items:
-        if not item.energy.unavailable_reason.startswith(_NOT_HERE):
+        if item.state != llem_pb2.DEFERRED_ENERGY_STATE_UNKNOWN:
             return item
     return items[0]
 

@@ -435,8 +435,9 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             resp = llem_pb2.GetEnergyResponse()
             for rid in ids:
                 held = self._deferred.get(rid)
-                item = resp.results.add(request_id=rid)
+                item = resp.results.add(request_id=rid, state=llem_pb2.DEFERRED_ENERGY_STATE_SETTLED)
                 if held is None:
+                    item.state = llem_pb2.DEFERRED_ENERGY_STATE_UNKNOWN
                     item.energy.CopyFrom(energy_proto.absent((
                         "no deferred energy for this request id on this server: it was not sent with "
                         "ENERGY_DELIVERY_DEFERRED, is older than the last "
@@ -447,6 +448,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                                                               max(0.0, deadline - time.monotonic()))
                 except asyncio.TimeoutError:
                     state = "still generating" if held.generating else "not settled"
+                    item.state = llem_pb2.DEFERRED_ENERGY_STATE_PENDING
                     item.energy.CopyFrom(energy_proto.absent((
                         f"{state} within wait_seconds={wait:g}: ask again")))
                     continue

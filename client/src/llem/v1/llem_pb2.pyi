@@ -315,6 +315,46 @@ MODEL_STATE_FAILED: ModelState.ValueType  # 3
 """The last load failed; see ModelInfo.error. Not cached as ready."""
 Global___ModelState: _TypeAlias = ModelState  # noqa: Y015
 
+class _DeferredEnergyState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DeferredEnergyStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DeferredEnergyState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DEFERRED_ENERGY_STATE_UNSPECIFIED: _DeferredEnergyState.ValueType  # 0
+    """Not set (a server older than this field): read energy.available."""
+    DEFERRED_ENERGY_STATE_SETTLED: _DeferredEnergyState.ValueType  # 1
+    """Final: energy is the measured value, or absent with a reason that will not change
+    (no GPU, counter error, ...). Asking again gives the same answer while it is kept.
+    """
+    DEFERRED_ENERGY_STATE_PENDING: _DeferredEnergyState.ValueType  # 2
+    """The request is still generating or the counter has not yet passed its end
+    (~100 ms after it): ask again.
+    """
+    DEFERRED_ENERGY_STATE_UNKNOWN: _DeferredEnergyState.ValueType  # 3
+    """This server holds nothing for the id: never sent deferred, older than the last
+    --deferred-energy-keep deferred requests, or sent to another server.
+    """
+
+class DeferredEnergyState(_DeferredEnergyState, metaclass=_DeferredEnergyStateEnumTypeWrapper):
+    """DeferredEnergyState says what GetEnergy knows of one request id."""
+
+DEFERRED_ENERGY_STATE_UNSPECIFIED: DeferredEnergyState.ValueType  # 0
+"""Not set (a server older than this field): read energy.available."""
+DEFERRED_ENERGY_STATE_SETTLED: DeferredEnergyState.ValueType  # 1
+"""Final: energy is the measured value, or absent with a reason that will not change
+(no GPU, counter error, ...). Asking again gives the same answer while it is kept.
+"""
+DEFERRED_ENERGY_STATE_PENDING: DeferredEnergyState.ValueType  # 2
+"""The request is still generating or the counter has not yet passed its end
+(~100 ms after it): ask again.
+"""
+DEFERRED_ENERGY_STATE_UNKNOWN: DeferredEnergyState.ValueType  # 3
+"""This server holds nothing for the id: never sent deferred, older than the last
+--deferred-energy-keep deferred requests, or sent to another server.
+"""
+Global___DeferredEnergyState: _TypeAlias = DeferredEnergyState  # noqa: Y015
+
 @_typing.final
 class PyTorchConfig(_message.Message):
     """PyTorchConfig mirrors the llem `pytorch:` block. Fields 1-14 are load fields
@@ -2115,8 +2155,11 @@ class RequestEnergy(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     ENERGY_FIELD_NUMBER: _builtins.int
     WARNINGS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request's id."""
+    state: Global___DeferredEnergyState.ValueType
+    """Whether to ask again: decide on this, not on the reason's wording."""
     @_builtins.property
     def energy(self) -> Global___Energy:
         """Its energy; absent with a reason when unknown here (never deferred, expired,
@@ -2133,10 +2176,11 @@ class RequestEnergy(_message.Message):
         request_id: _builtins.str = ...,
         energy: Global___Energy | None = ...,
         warnings: _abc.Iterable[Global___Warning] | None = ...,
+        state: Global___DeferredEnergyState.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["energy", b"energy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["energy", b"energy", "request_id", b"request_id", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["energy", b"energy", "request_id", b"request_id", "state", b"state", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
