@@ -468,6 +468,27 @@ def test_result_that_cannot_be_written_still_prints_the_summary(server, tmp_path
     assert "cannot write the result under" in err and "Permission denied" in err
 
 
+def test_an_interrupted_run_gives_the_callers_signal_handlers_back(server, tmp_path, monkeypatch, capsys):
+    """cmd_run inside a longer program: after a Ctrl-C it must not leave SIGINT ignored."""
+    from llem_client import cli, runner
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner.Runner, "run", interrupted)
+    mine = lambda signum, frame: None  # noqa: E731
+    before = {sig: signal.signal(sig, mine) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        cfg = write_config(tmp_path / "exp.yaml", n=2, warmup={"enabled": False}, baseline={"enabled": False})
+        code = cli.main(["run", str(cfg), "--server", server.address])
+        assert code == 128 + signal.SIGINT
+        assert signal.getsignal(signal.SIGINT) is mine and signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    capsys.readouterr()
+
+
 def _run_on_a_terminal(args: list[str], cwd: Path) -> tuple[int, str]:
     """The CLI with stderr on a pseudo-terminal (so the rich progress bar is drawn); returns (code, stderr)."""
     import pty

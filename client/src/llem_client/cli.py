@@ -277,9 +277,14 @@ def cmd_run(args: argparse.Namespace, display) -> int:
     try:
         runner.run()
     except KeyboardInterrupt:
-        # Ignore a second Ctrl-C (or SIGTERM) while the partial result is written.
-        for sig in (signal.SIGINT, *previous):
-            signal.signal(sig, signal.SIG_IGN)
+        # Ignore a second Ctrl-C (or SIGTERM) while the partial result is written; the
+        # caller's handlers come back below (cmd_run may run inside a longer program).
+        try:
+            previous.setdefault(signal.SIGINT, signal.getsignal(signal.SIGINT))
+            for sig in (signal.SIGINT, *previous):
+                signal.signal(sig, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            pass
         signum = received[0] if received else signal.SIGINT
         stopped_by = signal.Signals(signum).name
         display.line("")
