@@ -454,7 +454,8 @@ def test_unwritable_output_folder_fails_before_running(tmp_path):
 
 
 def test_result_that_cannot_be_written_still_prints_the_summary(server, tmp_path, monkeypatch, capsys):
-    from llem_client import cli, results
+    # runner first: it binds results.write_atomic on import, and must keep the real one
+    from llem_client import cli, results, runner  # noqa: F401
 
     def refuse(path, data):
         raise PermissionError(13, "Permission denied")
@@ -466,6 +467,29 @@ def test_result_that_cannot_be_written_still_prints_the_summary(server, tmp_path
     assert code == 1
     assert "llem-client run summary" in out and "output tokens/s" in out
     assert "cannot write the result under" in err and "Permission denied" in err
+
+
+def test_a_failed_final_write_points_at_the_checkpoint_it_leaves(server, tmp_path, monkeypatch, capsys):
+    """The file saved during the run says "running": the user is told it is not the run's end."""
+    from llem_client import cli, results, runner
+
+    assert runner.write_atomic is results.write_atomic  # the checkpoint writes for real
+
+    real = results.write_atomic
+
+    def refuse_the_end(path, data):
+        if data["status"] == "running":
+            return real(path, data)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(results, "write_atomic", refuse_the_end)
+    cfg = write_config(tmp_path / "exp.yaml", n=2, warmup={"enabled": False}, baseline={"enabled": False})
+    code = cli.main(["run", str(cfg), "--server", server.address, "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1
+    saved = list((tmp_path / "out").glob("*.json"))
+    assert len(saved) == 1 and json.loads(saved[0].read_text())["status"] == "running"
+    assert f"{saved[0]} holds the results saved during the run (status: running)" in err
 
 
 def test_an_interrupted_run_gives_the_callers_signal_handlers_back(server, tmp_path, monkeypatch, capsys):

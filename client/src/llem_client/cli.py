@@ -329,6 +329,9 @@ def cmd_run(args: argparse.Namespace, display) -> int:
     if write_error is not None:
         display.error(f"cannot write the result under {exp.output_dir}: {write_error.strerror or write_error}"
                       + ("" if args.json else "; rerun with --json to capture it on stdout"))
+        saved = runner.checkpoint_path
+        if saved is not None and saved.exists():  # says "running": it is the records up to the last save
+            display.error(f"{saved} holds the results saved during the run (status: running), not this run's end")
     return code
 
 
