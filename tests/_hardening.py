@@ -106,6 +106,18 @@ def retry_delay(err: grpc.RpcError) -> float | None:
     return None
 
 
+def error_reason(err: grpc.RpcError) -> str | None:
+    """The google.rpc.ErrorInfo reason (QUEUE_FULL, OUT_OF_MEMORY, …), or None when absent."""
+    status = rpc_status.from_call(err)
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            assert info.domain == "llem.v1"
+            return info.reason
+    return None
+
+
 def field_violations(err: grpc.RpcError) -> list[tuple[str, str]]:
     status = rpc_status.from_call(err)
     out = []

@@ -36,9 +36,8 @@ ERRORS = {
         [("model.pytorch.load_in_8bit", "cannot be combined with load_in_4bit"), ("prompts", "at least one prompt")]
     ),
     "busy": ServiceError.resource_exhausted("queue for device 0 is full (8 waiting)", retry_delay_s=2.5),
-    "pkg": ServiceError.failed_precondition(
-        "bitsandbytes is not installed on this server", [("PACKAGE", "bitsandbytes", "pip install bitsandbytes")]
-    ),
+    "busy_queue": ServiceError.resource_exhausted("device 0 has 8 requests waiting (limit 8)", retry_delay_s=1.0,
+                                                  reason="QUEUE_FULL"),
     "huge": ServiceError.invalid_argument([(f"prompts[{i}]", "x" * 500) for i in range(2000)]),
     "plain": ServiceError("NOT_FOUND", "model 'nope' not found under the model root"),
 }
@@ -72,7 +71,7 @@ def _details(err: grpc.aio.AioRpcError):
     assert status is not None
     out = {}
     for any_msg in status.details:
-        for cls in (error_details_pb2.BadRequest, error_details_pb2.RetryInfo, error_details_pb2.PreconditionFailure):
+        for cls in (error_details_pb2.BadRequest, error_details_pb2.RetryInfo, error_details_pb2.ErrorInfo):
             if any_msg.Is(cls.DESCRIPTOR):
                 msg = cls()
                 any_msg.Unpack(msg)
@@ -97,17 +96,22 @@ def test_retry_info_round_trip(method):
     assert info.retry_delay.ToNanoseconds() == 2_500_000_000
 
 
-def test_precondition_round_trip():
-    err = asyncio.run(_call("Unary", "pkg"))
-    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
-    pf = _details(err)["PreconditionFailure"]
-    assert [(v.type, v.subject) for v in pf.violations] == [("PACKAGE", "bitsandbytes")]
+def test_every_error_names_its_reason_in_error_info():
+    """Two RESOURCE_EXHAUSTED a program must tell apart: out of memory (the status's usual
+    reason) and a full queue; a plain error carries its reason and nothing else."""
+    reasons = {}
+    for key in ("busy", "busy_queue", "plain", "bad"):
+        info = _details(asyncio.run(_call("Unary", key)))["ErrorInfo"]
+        assert info.domain == "llem.v1"
+        reasons[key] = info.reason
+    assert reasons == {"busy": "OUT_OF_MEMORY", "busy_queue": "QUEUE_FULL", "plain": "MODEL_NOT_FOUND",
+                       "bad": "INVALID_REQUEST"}
+    assert set(_details(asyncio.run(_call("Unary", "plain")))) == {"ErrorInfo"}
 
 
-def test_plain_error_has_no_details():
-    err = asyncio.run(_call("Unary", "plain"))
-    assert err.code() == grpc.StatusCode.NOT_FOUND
-    assert _details(err) == {}
+def test_an_unknown_reason_from_the_worker_falls_back_to_the_statuss_own():
+    assert ServiceError("RESOURCE_EXHAUSTED", "x", reason="NO_SUCH_REASON").reason == "OUT_OF_MEMORY"
+    assert ServiceError("INTERNAL", "x").reason == "INTERNAL_ERROR"
 
 
 def test_huge_violation_list_still_arrives_bounded():
@@ -124,6 +128,7 @@ def test_client_library_parses_details():
     err = asyncio.run(_call("Unary", "busy"))
     parsed = errors.from_rpc_error(err)
     assert isinstance(parsed, errors.ResourceExhausted) and parsed.retry_delay == 2.5
+    assert parsed.reason == "OUT_OF_MEMORY"
 
 
 def test_status_from_name():

@@ -26,7 +26,8 @@ from llem.v1 import llem_pb2, llem_pb2_grpc
 from llem_client import Client
 from llem_client.errors import ResourceExhausted
 
-from _hardening import COMPILE_FAIL, OOM_GEN, OOM_LOAD, SLOW_LOAD, code_of, hard_root, hard_server, json_lines, retry_delay  # noqa: F401
+from _hardening import (COMPILE_FAIL, OOM_GEN, OOM_LOAD, SLOW_LOAD, code_of, error_reason, hard_root,  # noqa: F401
+                        hard_server, json_lines, retry_delay)
 from conftest import start_server, stop_server
 
 GREEDY = llem_pb2.DecoderConfig(do_sample=False)
@@ -69,6 +70,7 @@ def test_oom_is_resource_exhausted_and_the_server_recovers(hard_server, hstub, m
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, err
     assert "out of device memory" in err.details() and where in err.details()
     assert retry_delay(err) is not None and retry_delay(err) > 0
+    assert error_reason(err) == "OUT_OF_MEMORY"  # told apart from a full queue without reading the text
     # The worker freed what it held and kept going: same process, healthy, the next request is served.
     assert _worker_pid(hard_server) == pid
     assert _serving(hard_server) == health_pb2.HealthCheckResponse.SERVING
@@ -169,7 +171,7 @@ def test_full_queue_is_resource_exhausted_with_retry_info(hard_server, hstub):
     assert 3 <= codes.count(grpc.StatusCode.OK) and refused, codes
     for err in refused:
         assert "limit 2" in err.details()
-        assert retry_delay(err) == pytest.approx(1.0)
+        assert retry_delay(err) == pytest.approx(1.0) and error_reason(err) == "QUEUE_FULL"
     assert all(r.usage.output_tokens == 150 for c, r in results if c == grpc.StatusCode.OK)
 
 
@@ -309,7 +311,7 @@ def test_sigterm_drains(hard_root, tmp_path):
                                             timeout=10)):
             code, err = code_of(call)
             assert code == grpc.StatusCode.UNAVAILABLE, err
-            assert "shutting down" in err.details() and retry_delay(err)
+            assert "shutting down" in err.details() and retry_delay(err) and error_reason(err) == "SHUTTING_DOWN"
 
         finals = [m.final for m in stream if m.HasField("final")]  # the in-flight call finishes
         assert len(finals) == 1 and finals[0].usage.output_tokens == 3 * n

@@ -101,7 +101,8 @@ def test_energy_absent_with_a_reason_never_zero(steps):
 def test_invalid_request_names_the_field(steps):
     bad = steps["invalid_argument"][0]
     assert bad["code"] == 3 and bad["code_name"] == "INVALID_ARGUMENT"
-    assert bad["detail_types"] == ["google.rpc.BadRequest"]
+    assert sorted(bad["detail_types"]) == ["google.rpc.BadRequest", "google.rpc.ErrorInfo"]
+    assert (bad.get("reason"), bad.get("domain")) == ("INVALID_REQUEST", "llem.v1"), bad
     fields = [v["field"] for v in bad["field_violations"]]
     assert fields == ["decoder.temperature"], bad
     assert bad["field_violations"][0]["description"]

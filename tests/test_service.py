@@ -269,16 +269,28 @@ def test_all_problems_come_back_together_as_field_violations(client):
 
 
 def test_status_codes_for_preconditions_permissions_and_missing_models(client):
-    with pytest.raises(FailedPrecondition, match="flash"):
+    """Each with the ErrorInfo reason a program decides on (two PERMISSION_DENIED differ)."""
+    with pytest.raises(FailedPrecondition, match="flash") as e:
         client.generate(["x"], model="llama", pytorch={"attn_implementation": "flash_attention_2"})
-    with pytest.raises(FailedPrecondition):
+    assert e.value.reason == "NOT_SUPPORTED_HERE"
+    with pytest.raises(FailedPrecondition) as e:
         client.generate(["x"], model="llama", pytorch={"cache_implementation": "offloaded_static"})
-    with pytest.raises(PermissionDenied):
+    assert e.value.reason == "NOT_SUPPORTED_HERE"
+    with pytest.raises(PermissionDenied) as e:
         client.generate(["x"], model="llama", pytorch={"trust_remote_code": True})
-    with pytest.raises(NotFound):
+    assert e.value.reason == "REMOTE_CODE_NOT_ALLOWED"
+    with pytest.raises(NotFound) as e:
         client.generate(["x"], model="no-such-model")
-    with pytest.raises(PermissionDenied):
+    assert e.value.reason == "MODEL_NOT_FOUND"
+    with pytest.raises(PermissionDenied) as e:
         client.generate(["x"], model="../../etc")
+    assert e.value.reason == "OUTSIDE_MODEL_ROOT"
+    with pytest.raises(InvalidArgument) as e:
+        client.generate(["x"], model="llama", decoder={"temperature": 5.0})
+    assert e.value.reason == "INVALID_REQUEST"
+    with pytest.raises(NotFound) as e:
+        client.unload_model("0" * 64)
+    assert e.value.reason == "UNKNOWN_CONFIG_HASH"
 
 
 def test_bad_requests_leave_the_server_serving(client, stub):

@@ -17,6 +17,7 @@ import psutil
 import pytest
 from llem.v1 import llem_pb2 as pb
 
+from _hardening import error_reason
 from conftest import start_server, stop_server
 
 LONG = 4000  # tokens a "long" request would generate (min_new_tokens too, so it cannot stop early)
@@ -372,6 +373,7 @@ def test_worker_killed_mid_stream_ends_it_with_unavailable_and_recovers(own_serv
             assert m.WhichOneof("event") == "chunk"
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "died" in err.value.details() and "restart" in err.value.details()
+    assert error_reason(err.value) == "WORKER_RESTARTED"
     # The server stays up, starts a new worker and serves the next request.
     r = stub.Generate(request("llama", ["Hi"], 4), timeout=120)
     assert r.usage.output_tokens >= 1 and not r.cache_hit

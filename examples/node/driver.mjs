@@ -120,7 +120,8 @@ async function main() {
     unaryTexts.push(s.completions.map((c) => c.text));
   }
 
-  // A request the server must refuse: INVALID_ARGUMENT, with a BadRequest naming the field.
+  // A request the server must refuse: INVALID_ARGUMENT, with a BadRequest naming the field and
+  // an ErrorInfo whose reason (llem.proto's header lists them) a program can branch on.
   try {
     await unary(llem, "Generate", generateRequest({ temperature: -1 }));
     fail("decoder.temperature = -1 was accepted");
@@ -129,7 +130,9 @@ async function main() {
     const details = statusDetails(err);
     const bad = details.find((d) => d.type === "google.rpc.BadRequest");
     if (!bad) fail(`INVALID_ARGUMENT without a google.rpc.BadRequest detail: ${err.details}`);
+    const why = details.find((d) => d.type === "google.rpc.ErrorInfo");
     emit({ step: "invalid_argument", code: err.code, code_name: "INVALID_ARGUMENT", message: err.details,
+      reason: why?.reason, domain: why?.domain,
       field_violations: bad.field_violations, detail_types: details.map((d) => d.type) });
   }
 

@@ -58,6 +58,8 @@ class LlemError(Exception):
         field_violations: ``(field, description)`` pairs from ``google.rpc.BadRequest``.
         retry_delay: seconds to wait before retrying, from ``google.rpc.RetryInfo``
             (``None`` when the server gave no hint).
+        reason: the ``google.rpc.ErrorInfo`` reason (``"QUEUE_FULL"``, ``"OUT_OF_MEMORY"``,
+            ``"OUTSIDE_MODEL_ROOT"`` …; llem.proto lists them), ``None`` when absent.
     """
 
     code: grpc.StatusCode | None = None
@@ -69,12 +71,14 @@ class LlemError(Exception):
         code: grpc.StatusCode | None = None,
         field_violations: list[tuple[str, str]] | None = None,
         retry_delay: float | None = None,
+        reason: str | None = None,
     ):
         if code is not None:
             self.code = code
         self.details = details
         self.field_violations = list(field_violations or [])
         self.retry_delay = retry_delay
+        self.reason = reason
         super().__init__(self._render())
 
     def new_violations(self) -> list[tuple[str, str]]:
@@ -197,13 +201,14 @@ def _rich_status(call: Any):
     return None
 
 
-def _parse_details(status) -> tuple[list[tuple[str, str]], float | None]:
+def _parse_details(status) -> tuple[list[tuple[str, str]], float | None, str | None]:
     from google.rpc import error_details_pb2
 
     violations: list[tuple[str, str]] = []
     retry_delay: float | None = None
+    reason: str | None = None
     if status is None:
-        return violations, retry_delay
+        return violations, retry_delay, reason
     for any_msg in status.details:
         if any_msg.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad = error_details_pb2.BadRequest()
@@ -213,7 +218,11 @@ def _parse_details(status) -> tuple[list[tuple[str, str]], float | None]:
             info = error_details_pb2.RetryInfo()
             any_msg.Unpack(info)
             retry_delay = info.retry_delay.seconds + info.retry_delay.nanos / 1e9
-    return violations, retry_delay
+        elif any_msg.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            any_msg.Unpack(info)
+            reason = info.reason or None
+    return violations, retry_delay, reason
 
 
 def from_rpc_error(err: grpc.RpcError) -> LlemError:
@@ -223,7 +232,7 @@ def from_rpc_error(err: grpc.RpcError) -> LlemError:
         details = err.details() or ""  # type: ignore[attr-defined]
     except Exception:
         code, details = grpc.StatusCode.UNKNOWN, str(err)
-    violations, retry_delay = _parse_details(_rich_status(err))
+    violations, retry_delay, reason = _parse_details(_rich_status(err))
     cls = _BY_CODE.get(code, LlemError)
-    exc = cls(details, code=code, field_violations=violations, retry_delay=retry_delay)
+    exc = cls(details, code=code, field_violations=violations, retry_delay=retry_delay, reason=reason)
     return exc

@@ -5,11 +5,14 @@ turns it into the RPC's status with :func:`abort`. Rich details travel in the
 ``grpc-status-details-bin`` trailer as a ``google.rpc.Status``:
 
 * ``violations``   -> ``google.rpc.BadRequest`` (one field violation per problem,
-  field paths like ``model.pytorch.load_in_8bit``), for INVALID_ARGUMENT;
+  field paths like ``model.pytorch.load_in_8bit``), for a request's config problems
+  (INVALID_ARGUMENT, and FAILED_PRECONDITION / PERMISSION_DENIED for fields this server
+  cannot run or refuses);
 * ``retry_delay_s`` -> ``google.rpc.RetryInfo``, for RESOURCE_EXHAUSTED /
   UNAVAILABLE where retrying can help;
-* ``precondition`` -> ``google.rpc.PreconditionFailure`` (type, subject,
-  description), for FAILED_PRECONDITION ("package", "bitsandbytes", "not installed").
+* ``reason``       -> ``google.rpc.ErrorInfo`` (domain ``llem.v1``), on every error: one of
+  :data:`REASONS`, so a program tells a full queue from an out-of-memory (both
+  RESOURCE_EXHAUSTED) without reading the message. The proto's header lists them too.
 
 Clients read them with ``grpc_status.rpc_status.from_call`` (``llem_client.errors``
 does this). The trailer is bounded (see ``_MAX_DETAILS_BYTES``) because gRPC refuses
@@ -26,7 +29,38 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-__all__ = ["ServiceError", "abort", "status_from_name"]
+__all__ = ["REASONS", "ServiceError", "abort", "status_from_name"]
+
+DOMAIN = "llem.v1"
+# ErrorInfo.reason values, with the status each comes with (documented in llem.proto).
+REASONS = {
+    "INVALID_REQUEST": "INVALID_ARGUMENT",
+    "NOT_SUPPORTED_HERE": "FAILED_PRECONDITION",
+    "REMOTE_CODE_NOT_ALLOWED": "PERMISSION_DENIED",
+    "HUB_NOT_ALLOWED": "PERMISSION_DENIED",
+    "MODEL_ROOT_NOT_SET": "PERMISSION_DENIED",
+    "OUTSIDE_MODEL_ROOT": "PERMISSION_DENIED",
+    "MODEL_UNREADABLE": "PERMISSION_DENIED",
+    "MODEL_NOT_FOUND": "NOT_FOUND",
+    "MODEL_INVALID": "FAILED_PRECONDITION",
+    "PACKAGE_MISSING": "FAILED_PRECONDITION",
+    "UNKNOWN_CONFIG_HASH": "NOT_FOUND",
+    "OUT_OF_MEMORY": "RESOURCE_EXHAUSTED",
+    "QUEUE_FULL": "RESOURCE_EXHAUSTED",
+    "SHUTTING_DOWN": "UNAVAILABLE",
+    "WORKER_RESTARTED": "UNAVAILABLE",
+    "CANCELLED": "CANCELLED",
+    "INTERNAL_ERROR": "INTERNAL",
+}
+# Where a raise names no reason: the one its status most often means.
+_DEFAULT_REASON = {
+    "INVALID_ARGUMENT": "INVALID_REQUEST",
+    "FAILED_PRECONDITION": "NOT_SUPPORTED_HERE",
+    "NOT_FOUND": "MODEL_NOT_FOUND",
+    "RESOURCE_EXHAUSTED": "OUT_OF_MEMORY",
+    "UNAVAILABLE": "SHUTTING_DOWN",
+    "CANCELLED": "CANCELLED",
+}
 
 # Serialized google.rpc.Status budget. Base64 (the -bin encoding) adds a third, the
 # message travels again as grpc-message: 4 KiB keeps the whole trailer well under 8 KiB.
@@ -62,7 +96,7 @@ class ServiceError(Exception):
         message: what a person reads; say what to change, not just what failed.
         violations: ``(field_path, description)`` pairs -> ``BadRequest``.
         retry_delay_s: seconds after which a retry may succeed -> ``RetryInfo``.
-        precondition: ``(type, subject, description)`` triples -> ``PreconditionFailure``.
+        reason: one of :data:`REASONS` -> ``ErrorInfo`` (by default the status's usual one).
     """
 
     def __init__(
@@ -72,17 +106,17 @@ class ServiceError(Exception):
         *,
         violations: Iterable[tuple[str, str]] | None = None,
         retry_delay_s: float | None = None,
-        precondition: Iterable[tuple[str, str, str]] | None = None,
+        reason: str | None = None,
     ):
         self.code: grpc.StatusCode = status_from_name(code)
         if self.code is grpc.StatusCode.OK:
             raise ValueError("a ServiceError cannot carry status OK")
+        if reason not in REASONS:  # None, or a name from the worker that this front does not know
+            reason = _DEFAULT_REASON.get(self.code.name, "INTERNAL_ERROR")
+        self.reason: str = reason
         self.message: str = str(message)
         self.violations: list[tuple[str, str]] = [(str(f), str(d)) for f, d in (violations or ())]
         self.retry_delay_s: float | None = None if retry_delay_s is None else max(0.0, float(retry_delay_s))
-        self.precondition: list[tuple[str, str, str]] = [
-            (str(t), str(s), str(d)) for t, s, d in (precondition or ())
-        ]
         super().__init__(self.message)
 
     # -- constructors for the common cases ---------------------------------------
@@ -97,12 +131,9 @@ class ServiceError(Exception):
         return cls(grpc.StatusCode.INVALID_ARGUMENT, message, violations=violations)
 
     @classmethod
-    def resource_exhausted(cls, message: str, retry_delay_s: float | None = None) -> ServiceError:
-        return cls(grpc.StatusCode.RESOURCE_EXHAUSTED, message, retry_delay_s=retry_delay_s)
-
-    @classmethod
-    def failed_precondition(cls, message: str, precondition: Iterable[tuple[str, str, str]] = ()) -> ServiceError:
-        return cls(grpc.StatusCode.FAILED_PRECONDITION, message, precondition=precondition)
+    def resource_exhausted(cls, message: str, retry_delay_s: float | None = None,
+                           reason: str | None = None) -> ServiceError:
+        return cls(grpc.StatusCode.RESOURCE_EXHAUSTED, message, retry_delay_s=retry_delay_s, reason=reason)
 
     # -- wire form -----------------------------------------------------------------
 
@@ -154,16 +185,8 @@ class ServiceError(Exception):
             delay = duration_pb2.Duration()
             delay.FromNanoseconds(int(round(self.retry_delay_s * 1e9)))
             details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-        if self.precondition:
-            pf = error_details_pb2.PreconditionFailure(
-                violations=[
-                    error_details_pb2.PreconditionFailure.Violation(
-                        type=_clip(t, 100), subject=_clip(s, 200), description=_clip(d, _MAX_DESCRIPTION_CHARS)
-                    )
-                    for t, s, d in self.precondition
-                ]
-            )
-            details.append(_pack(pf))
+        # Last: clients that read only details[0] keep finding BadRequest / RetryInfo there.
+        details.append(_pack(error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN)))
         return status_pb2.Status(code=self.code.value[0], message=message, details=details)
 
     def to_grpc_status(self) -> grpc.Status:

@@ -25,13 +25,16 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
 
 class JobError(Exception):
     """A job that failed for a reason the client can act on: a gRPC status name, a message,
-    and for INVALID_ARGUMENT the ``(field_path, description)`` pairs of ``BadRequest``."""
+    for INVALID_ARGUMENT the ``(field_path, description)`` pairs of ``BadRequest``, and the
+    ``ErrorInfo`` reason (``errors.REASONS``; None: the status's usual one)."""
 
-    def __init__(self, status: str, message: str, violations: tuple[tuple[str, str], ...] = ()):
+    def __init__(self, status: str, message: str, violations: tuple[tuple[str, str], ...] = (),
+                 reason: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.violations = tuple(violations)
+        self.reason = reason
 
 
 class LoadError(JobError):
@@ -134,26 +137,28 @@ def _classify_load_error(exc: BaseException, source: str) -> LoadError:
     if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
         return LoadError("RESOURCE_EXHAUSTED", f"out of device memory while loading {source}: {exc}")
     if isinstance(exc, ImportError):
-        return LoadError("FAILED_PRECONDITION", f"a package needed to load {source} is missing: {exc}")
+        return LoadError("FAILED_PRECONDITION", f"a package needed to load {source} is missing: {exc}",
+                         reason="PACKAGE_MISSING")
     if isinstance(exc, (OSError, EnvironmentError)):
         low = str(exc).lower()
         if ("does not appear to have" in low or "no such file" in low or "not a valid model identifier" in low
                 or "no file named" in low):
             return LoadError("NOT_FOUND", f"model {source} has no usable weights or config: {exc}")
-        return LoadError("FAILED_PRECONDITION", f"model {source} could not be read (missing or corrupt files?): {exc}")
+        return LoadError("FAILED_PRECONDITION", f"model {source} could not be read (missing or corrupt files?): {exc}",
+                         reason="MODEL_INVALID")
     # Truncated or garbled weight files: safetensors raises its own SafetensorError (not a
     # ValueError), torch.load an UnpicklingError or a RuntimeError from its zip reader.
     low = text.lower()
     if any(k in low for k in ("safetensor", "header", "deserializ", "corrupt", "unpickl", "invalid load key",
                               "pytorchstreamreader", "incomplete metadata")):
-        return LoadError("FAILED_PRECONDITION", f"model {source} has corrupt weights: {text}")
+        return LoadError("FAILED_PRECONDITION", f"model {source} has corrupt weights: {text}", reason="MODEL_INVALID")
     if "scaled_dot_product_attention" in low and "does not support" in low:
         what = f"{source} does not support sdpa attention (the default)"
         return LoadError("INVALID_ARGUMENT", f"{what}: set model.pytorch.attn_implementation to eager",
                          violations=(("model.pytorch.attn_implementation", f"{what}; use eager"),))
     if isinstance(exc, ValueError):
         return LoadError("FAILED_PRECONDITION", f"transformers refused to load {source} with this configuration: {exc}")
-    return LoadError("INTERNAL", f"unexpected error loading {source}: {text}")
+    return LoadError("INTERNAL", f"unexpected error loading {source}: {text}", reason="INTERNAL_ERROR")
 
 
 # -- test-only fault injection -------------------------------------------------------
@@ -205,7 +210,7 @@ def _check_still_confined(source: str, model_root: str) -> None:
     try:
         check_local(source, model_root)
     except ModelPathError as exc:
-        raise LoadError(exc.status, exc.message) from None
+        raise LoadError(exc.status, exc.message, reason=exc.reason) from None
 
 
 def load_model(config_hash: str, source: str, load_kwargs: dict, compile_kwargs: dict | None,

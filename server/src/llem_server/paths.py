@@ -63,11 +63,16 @@ class ResolvedModel:
 
 
 class ModelPathError(Exception):
-    """A model name that cannot be served; ``status`` is a gRPC status code name."""
+    """A model name that cannot be served; ``status`` is a gRPC status code name and
+    ``reason`` its ``ErrorInfo`` reason (``errors.REASONS``)."""
 
-    def __init__(self, status: str, message: str):
+    _REASON = {"INVALID_ARGUMENT": "INVALID_REQUEST", "NOT_FOUND": "MODEL_NOT_FOUND",
+               "FAILED_PRECONDITION": "MODEL_INVALID", "PERMISSION_DENIED": "OUTSIDE_MODEL_ROOT"}
+
+    def __init__(self, status: str, message: str, reason: str | None = None):
         self.status = status
         self.message = message
+        self.reason = reason or self._REASON[status]
         super().__init__(message)
 
     def __repr__(self) -> str:
@@ -110,14 +115,16 @@ def resolve_model(name: str, model_root: Path | str | None, allow_hub: bool) -> 
         if local is not None:
             return local
     elif os.path.isabs(name):
-        raise ModelPathError("PERMISSION_DENIED", "model: this server has no model root; local paths are not served")
+        raise ModelPathError("PERMISSION_DENIED", "model: this server has no model root; local paths are not served",
+                             reason="MODEL_ROOT_NOT_SET")
 
     if hub_like:
         if allow_hub:
             return ResolvedModel(source=name, is_local=False, display=name)
         if "/" in name:
             raise ModelPathError(
-                "PERMISSION_DENIED", "hub ids are not allowed on this server (start it with --allow-hub)"
+                "PERMISSION_DENIED", "hub ids are not allowed on this server (start it with --allow-hub)",
+                reason="HUB_NOT_ALLOWED",
             )
     where = "under the model root" if model_root is not None else "(this server has no model root)"
     raise ModelPathError("NOT_FOUND", f"model {name!r} not found {where}")
@@ -174,7 +181,8 @@ def _check_files(real: str, real_root: str, display: str) -> None:
     try:
         entries = list(os.scandir(real))
     except OSError as exc:
-        raise ModelPathError("PERMISSION_DENIED", f"model {display!r} cannot be read: {exc.strerror}") from None
+        raise ModelPathError("PERMISSION_DENIED", f"model {display!r} cannot be read: {exc.strerror}",
+                             reason="MODEL_UNREADABLE") from None
     for entry in entries:
         if entry.is_symlink() and not _inside(os.path.realpath(entry.path), real_root):
             raise ModelPathError(
@@ -201,7 +209,8 @@ def _shard_names(path: str, what: str) -> frozenset:
         # Non-blocking: a FIFO named like an index must not hang the front process.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
-        raise ModelPathError("PERMISSION_DENIED", f"{what} cannot be read: {exc.strerror}") from None
+        raise ModelPathError("PERMISSION_DENIED", f"{what} cannot be read: {exc.strerror}",
+                             reason="MODEL_UNREADABLE") from None
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):

@@ -127,7 +127,7 @@ class DeviceWorker:
         job = self.current
         if job is not None and not job.finished:
             job.finish("error", {
-                "status": "UNAVAILABLE", "retryable": True,
+                "status": "UNAVAILABLE", "retryable": True, "reason": "WORKER_RESTARTED",
                 "message": f"the worker process for device {self.device} died (exit code {proc.exitcode}) "
                            "while running this request; it is being restarted, retry the request",
             })
@@ -211,7 +211,7 @@ class DeviceWorker:
                 try:
                     self._conn.send({"op": job.op, "job": job.id, **job.payload})
                 except Exception as exc:  # noqa: BLE001 - broken pipe: the reader sees the exit
-                    job.finish("error", {"status": "UNAVAILABLE", "retryable": True,
+                    job.finish("error", {"status": "UNAVAILABLE", "retryable": True, "reason": "WORKER_RESTARTED",
                                          "message": f"worker unreachable: {exc}"})
                 # One job at a time: the next is sent once this one's last message arrived.
                 await job.over.wait()
@@ -221,5 +221,5 @@ class DeviceWorker:
 def error_from_worker(msg: dict) -> ServiceError:
     return ServiceError(status_from_name(msg.get("status", "INTERNAL")), msg.get("message", "worker error"),
                         violations=[tuple(v) for v in msg.get("violations", ())],
-                        retry_delay_s=1.0 if msg.get("retryable") else None)
+                        retry_delay_s=1.0 if msg.get("retryable") else None, reason=msg.get("reason"))
 

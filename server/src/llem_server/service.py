@@ -58,9 +58,15 @@ def _status_of(name: str) -> grpc.StatusCode:
     return getattr(_S, name)
 
 
+# A request's config problems, by the status they come to (config._worst): what the user can do.
+_CONFIG_REASON = {"INVALID_ARGUMENT": "INVALID_REQUEST", "FAILED_PRECONDITION": "NOT_SUPPORTED_HERE",
+                  "PERMISSION_DENIED": "REMOTE_CODE_NOT_ALLOWED"}
+
+
 def _config_error(err: config.ConfigError) -> ServiceError:
     return ServiceError(_status_of(err.status), "; ".join(f"{v.field}: {v.description}" for v in err.violations),
-                        violations=[(v.field, v.description) for v in err.violations])
+                        violations=[(v.field, v.description) for v in err.violations],
+                        reason=_CONFIG_REASON[err.status])
 
 
 def _json_map(d: dict) -> dict[str, str]:
@@ -161,7 +167,8 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
 
     def _check_open(self) -> None:
         if self.draining:
-            raise ServiceError(_S.UNAVAILABLE, "the server is shutting down; retry on another replica", retry_delay_s=1.0)
+            raise ServiceError(_S.UNAVAILABLE, "the server is shutting down; retry on another replica", retry_delay_s=1.0,
+                               reason="SHUTTING_DOWN")
 
     def _check_size(self, request) -> None:
         # The transport lets messages up to twice --max-message-bytes through (a hard memory
@@ -181,7 +188,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             return resolve_model(name, self.settings.model_root, self.settings.allow_hub)
         except ModelPathError as exc:
             violations = [(field_path, exc.message)] if exc.status == "INVALID_ARGUMENT" else None
-            raise ServiceError(_status_of(exc.status), exc.message, violations=violations) from None
+            raise ServiceError(_status_of(exc.status), exc.message, violations=violations, reason=exc.reason) from None
 
     def _route(self, config_hash: str) -> DeviceWorker:
         index = self.registry.device_of(config_hash)
@@ -193,7 +200,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         try:
             return worker.submit(op, payload)
         except QueueFull as exc:
-            raise ServiceError(_S.RESOURCE_EXHAUSTED, str(exc), retry_delay_s=1.0) from None
+            raise ServiceError(_S.RESOURCE_EXHAUSTED, str(exc), retry_delay_s=1.0, reason="QUEUE_FULL") from None
 
     def _meter_indices(self, worker: DeviceWorker) -> list[int]:
         idx = self.meter_devices.get(worker.index)
@@ -682,7 +689,8 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                                    violations=[("config_hash", "required (ListModels shows each model's hash)")])
             entry = self.registry.get(request.config_hash)
             if entry is None:
-                raise ServiceError(_S.NOT_FOUND, f"no cached model has config hash {request.config_hash!r}")
+                raise ServiceError(_S.NOT_FOUND, f"no cached model has config hash {request.config_hash!r}",
+                                   reason="UNKNOWN_CONFIG_HASH")
             if entry.state == FAILED:
                 self.registry.remove(request.config_hash)
                 return llem_pb2.UnloadModelResponse(unloaded=True, freed_bytes=0)

@@ -191,11 +191,13 @@ def worker_main(conn, device: str, cuda_index: int | None, cancel_flag, max_mode
                 freed = cache.unload(msg["config_hash"])
                 send({"type": "done", "job": job, "result": {"freed_bytes": freed}})
             else:
-                send({"type": "error", "job": job, "status": "INTERNAL", "message": f"unknown op {op!r}"})
+                send({"type": "error", "job": job, "status": "INTERNAL", "reason": "INTERNAL_ERROR",
+                      "message": f"unknown op {op!r}"})
         except JobError as exc:
             # A load or input the client can act on; after out of memory while loading, a retry
             # can help once other models are unloaded.
             send({"type": "error", "job": job, "status": exc.status, "message": exc.message,
+                  "reason": exc.reason,
                   "violations": list(exc.violations), "load_failed": isinstance(exc, LoadError),
                   "retryable": exc.status == "RESOURCE_EXHAUSTED", "evicted": evicted})
         except torch.cuda.OutOfMemoryError as exc:
@@ -212,7 +214,7 @@ def worker_main(conn, device: str, cuda_index: int | None, cancel_flag, max_mode
                 send({"type": "error", "job": job, "status": "RESOURCE_EXHAUSTED",
                       "message": f"out of device memory: {str(exc)[:300]}", "retryable": True})
             else:
-                send({"type": "error", "job": job, "status": "INTERNAL",
+                send({"type": "error", "job": job, "status": "INTERNAL", "reason": "INTERNAL_ERROR",
                       "message": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
         finally:
             if cancel_flag.value == job:

@@ -12,6 +12,51 @@ default" and produces no keyword argument in transformers. An enum left at its
 does or is rejected with INVALID_ARGUMENT naming it: nothing is ignored.
 In answers, an `optional` figure left unset means "not measured" (never a 0 that
 reads as measured): check presence (HasField, has_*, oneof case) before use.
+
+Errors. Every failed call carries a google.rpc.Status in the
+`grpc-status-details-bin` trailer with a google.rpc.ErrorInfo (domain "llem.v1")
+whose reason is one of:
+  INVALID_REQUEST          INVALID_ARGUMENT     fields or their combination are wrong
+  NOT_SUPPORTED_HERE       FAILED_PRECONDITION  valid, but this server lacks what it needs
+                                                (CUDA, a package, a GPU generation)
+  REMOTE_CODE_NOT_ALLOWED  PERMISSION_DENIED    trust_remote_code on a server not allowing it
+  HUB_NOT_ALLOWED          PERMISSION_DENIED    a hub id on a server without --allow-hub
+  MODEL_ROOT_NOT_SET       PERMISSION_DENIED    a local model on a server without a model root
+  OUTSIDE_MODEL_ROOT       PERMISSION_DENIED    the model, a link in it or a shard it names
+                                                leaves the model root
+  MODEL_UNREADABLE         PERMISSION_DENIED    the server may not read the model's files
+  MODEL_NOT_FOUND          NOT_FOUND            no such model, or a directory that is not one
+  MODEL_INVALID            FAILED_PRECONDITION  the model's files are corrupt or unreadable
+  PACKAGE_MISSING          FAILED_PRECONDITION  loading needs a package this server lacks
+  UNKNOWN_CONFIG_HASH      NOT_FOUND            UnloadModel: no cached model has that hash
+  OUT_OF_MEMORY            RESOURCE_EXHAUSTED   device or host memory ran out (RetryInfo when
+                                                unloading other models may help)
+  QUEUE_FULL               RESOURCE_EXHAUSTED   the device's queue is full (RetryInfo)
+  SHUTTING_DOWN            UNAVAILABLE          the server is draining (RetryInfo: go elsewhere)
+  WORKER_RESTARTED         UNAVAILABLE          the device's worker process died while running
+                                                this request and is restarting (RetryInfo)
+  CANCELLED                CANCELLED            cancelled before it reached the device
+  INTERNAL_ERROR           INTERNAL             a server bug (never the caller's input)
+Config problems also carry a google.rpc.BadRequest with one violation per problem
+(INVALID_ARGUMENT, and FAILED_PRECONDITION / PERMISSION_DENIED for fields the server
+cannot run or refuses); where several kinds mix, the status is INVALID_ARGUMENT. A
+violation's `field` is the dot path of proto (snake_case) field names from the
+request root, e.g. `model.pytorch.load_in_8bit`, `decoder.temperature`, `prompts[1]`
+(list items indexed); a map entry is named by its map field (`model.pytorch.max_memory`,
+the key in the description); `request`, `model`, `decoder` name a whole message
+(unknown fields in it); a last violation with field "…" says how many more were cut
+to keep the trailer small. Calls refused before the service (no or wrong bearer token:
+UNAUTHENTICATED; a message over twice Limits.max_message_bytes: RESOURCE_EXHAUSTED
+from gRPC itself) carry no details. DEADLINE_EXCEEDED and client cancellation stop
+the generation within one decode step.
+
+JSON (google.protobuf.json_format, grpc-gateway): names are lowerCamelCase
+(`loadIn4bit`, `bnb4bitComputeDtype`, `p95Ms`), 64-bit integers (`random_seed`,
+`*_bytes`, counts) are decimal strings, and the `*_kwargs` map values are JSON texts.
+
+Changes to v1 that alter generated code (wire-compatible): token ids and token
+counts became int32, and Energy.total_j, duration_s, uncertainty_j and
+CpuEnergy.energy_j gained presence (`optional`).
 """
 
 from collections import abc as _abc
@@ -231,8 +276,8 @@ class _EnergyDeliveryEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Energy
     ENERGY_DELIVERY_IN_RESPONSE: _EnergyDelivery.ValueType  # 1
     """The response (or a stream's final message) carries the energy."""
     ENERGY_DELIVERY_DEFERRED: _EnergyDelivery.ValueType  # 2
-    """The response is sent as soon as the tokens are ready; its energy is absent with
-    reason "deferred" and is fetched with GetEnergy(request_id) (kept for the
+    """The response is sent as soon as the tokens are ready; its energy is absent (the
+    reason starts with "deferred") and is fetched with GetEnergy(request_id) (kept for the
     server's --deferred-energy-keep most recent requests).
     """
 
@@ -248,8 +293,8 @@ ENERGY_DELIVERY_UNSPECIFIED: EnergyDelivery.ValueType  # 0
 ENERGY_DELIVERY_IN_RESPONSE: EnergyDelivery.ValueType  # 1
 """The response (or a stream's final message) carries the energy."""
 ENERGY_DELIVERY_DEFERRED: EnergyDelivery.ValueType  # 2
-"""The response is sent as soon as the tokens are ready; its energy is absent with
-reason "deferred" and is fetched with GetEnergy(request_id) (kept for the
+"""The response is sent as soon as the tokens are ready; its energy is absent (the
+reason starts with "deferred") and is fetched with GetEnergy(request_id) (kept for the
 server's --deferred-energy-keep most recent requests).
 """
 Global___EnergyDelivery: _TypeAlias = EnergyDelivery  # noqa: Y015
@@ -703,13 +748,20 @@ class GenerateRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     ENERGY_DELIVERY_FIELD_NUMBER: _builtins.int
     max_input_tokens: _builtins.int
-    """Tokenizer truncation (truncation=True, max_length=), in tokens. Default: 512."""
+    """Tokenizer truncation (truncation=True, max_length=), in tokens, 1 to
+    Limits.max_input_tokens. Default: 512, or that limit where it is lower.
+    """
     max_output_tokens: _builtins.int
-    """generate(max_new_tokens=), in tokens. Default: 128."""
+    """generate(max_new_tokens=), in tokens, 1 to Limits.max_output_tokens.
+    Default: 128, or that limit where it is lower.
+    """
     random_seed: _builtins.int
     """Seed applied to torch (CPU and CUDA) before generation. Default: 42. Echoed."""
     request_id: _builtins.str
-    """Caller's id for logs and metrics; the server makes one when empty."""
+    """Caller's id for logs and metrics, at most 128 characters, no control characters;
+    the server makes one when empty. For GetEnergy it should be unique: a deferred
+    request reusing an id replaces the earlier one's entry.
+    """
     energy_delivery: Global___EnergyDelivery.ValueType
     """Where this request's energy is delivered. Default: in the response."""
     @_builtins.property
@@ -722,7 +774,9 @@ class GenerateRequest(_message.Message):
 
     @_builtins.property
     def prompts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The prompts, at least one. Completions come back in this order."""
+        """The prompts: at least one, at most Limits.max_prompts, each with at least one
+        token. Completions come back in this order.
+        """
 
     def __init__(
         self,
@@ -1132,7 +1186,11 @@ class Energy(_message.Message):
     unavailable_reason: _builtins.str
     """Why energy is absent, in words a person can act on."""
     method: _builtins.str
-    """How the figure was made, e.g. "nvml_total_energy_counter/exclusive"."""
+    """How the figure was made: "<source>/<attribution>", where source is
+    "nvml_total_energy_counter" or "nvml_power_average_integrated (approximate)"
+    and attribution "exclusive", "shared_by_time" or "shared_by_tokens"; a
+    "simulated:" prefix marks a simulated counter (tests, demos): not a measurement.
+    """
     total_j: _builtins.float
     """Raw energy over the window, all GPUs, joules (absent, not 0, when not measured)."""
     adjusted_j: _builtins.float
@@ -1231,7 +1289,31 @@ class Warning(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     code: _builtins.str
-    """Stable machine-readable code, e.g. "ENERGY_SHORT_WINDOW", "COMPILE_FAILED"."""
+    """Stable machine-readable code. New codes may be added; those sent today:
+      INPUT_TRUNCATED                 max_input_tokens cut a prompt
+      SAMPLING_FIELDS_DROPPED         greedy rule: sampling fields were not sent
+      MODEL_GENERATION_CONFIG         the checkpoint's generation_config.json set
+                                      fields the request left unset; generate used them
+      CACHE_SLIDING_WINDOW_DEPRECATED cache_implementation sliding_window (transformers 5)
+      STREAM_NOT_INCREMENTAL          beam search: a stream's tokens came at the end
+      COMPILE_FAILED                  torch.compile failed; the model serves eagerly
+      COMPILED_IN_REQUEST             new graphs were compiled inside this request's
+                                      window: its time and energy include compiling
+      CACHE_AUTO_COMPILED             transformers compiled the decode step itself
+                                      (static cache on a GPU)
+      COMPILE_LIMIT_REACHED           dynamo's recompile limit was hit: new shapes
+                                      may run uncompiled
+      ENERGY_UNAVAILABLE              energy could not be measured (see the reason)
+      ENERGY_SIMULATED                the energy comes from a simulated counter
+      ENERGY_SHORT_WINDOW             window under 1 s or 10 counter updates
+      ENERGY_SHARED_WINDOW            other requests ran on the GPU in the window
+      ENERGY_APPROXIMATE              no energy counter: ~1 s average power integrated
+      ENERGY_PERSISTENCE_OFF          GPU persistence mode is off
+      ENERGY_TEMPERATURE_DRIFT        GPU temperature moved over 10 °C in the window
+      ENERGY_THROTTLED                thermal or power throttling during the window
+      ENERGY_BASELINE_STALE           the baseline behind adjusted_j is over 1 h old
+      BASELINE_UNCERTAIN              MeasureBaseline: the idle power's bound is wide
+    """
     message: _builtins.str
     """Human-readable explanation."""
     def __init__(
@@ -1326,7 +1408,9 @@ class EffectiveConfig(_message.Message):
 
     @_builtins.property
     def generate_kwargs(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Keyword arguments sent to generate(); values are JSON."""
+        """Keyword arguments sent to generate(); values are JSON. max_memory values in
+        `model` and in these maps are byte counts ("4GiB" comes back as "4294967296").
+        """
 
     @_builtins.property
     def load_kwargs(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -1432,7 +1516,9 @@ class TokenChunk(_message.Message):
     index: _builtins.int
     """Index of the prompt in GenerateRequest.prompts."""
     text: _builtins.str
-    """The text these tokens add (complete characters only)."""
+    """The text these tokens add (complete characters only). A last chunk may carry
+    text with no token_ids: characters completed only at the end.
+    """
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """New token ids."""
@@ -2247,7 +2333,9 @@ class ReadEnergyResponse(_message.Message):
     """
     @_builtins.property
     def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___EnergyReading]:
-        """One per metered GPU."""
+        """One per metered GPU; with no GPU metered, one entry (index 0) with available
+        false and the reason.
+        """
 
     def __init__(
         self,

@@ -93,6 +93,10 @@ class LlemServiceServicer:
     def Generate(self, request, context):
         """Generate runs the prompts and returns completions, usage, timing and energy.
         It shares GenerateRequest with GenerateStream (fixed by the service spec).
+        Errors (reasons in the header): INVALID_ARGUMENT, FAILED_PRECONDITION,
+        PERMISSION_DENIED for the config (BadRequest) or the model path; NOT_FOUND;
+        RESOURCE_EXHAUSTED (QUEUE_FULL, OUT_OF_MEMORY); UNAVAILABLE (SHUTTING_DOWN,
+        WORKER_RESTARTED); CANCELLED; DEADLINE_EXCEEDED; UNAUTHENTICATED.
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -101,7 +105,8 @@ class LlemServiceServicer:
 
     def GenerateStream(self, request, context):
         """GenerateStream sends tokens as they are produced; the last message carries
-        the same totals as GenerateResponse.
+        the same totals as GenerateResponse. Errors as Generate, also after chunks were
+        sent (a worker that dies mid-stream ends it with UNAVAILABLE).
         buf:lint:ignore RPC_REQUEST_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
@@ -110,7 +115,8 @@ class LlemServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def LoadModel(self, request, context):
-        """LoadModel loads (and compiles) a model ahead of time.
+        """LoadModel loads (and compiles) a model ahead of time. Errors as Generate;
+        generation fields in the config are INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -118,13 +124,14 @@ class LlemServiceServicer:
 
     def UnloadModel(self, request, context):
         """UnloadModel removes a cached model by its config hash and frees its memory.
+        An empty hash is INVALID_ARGUMENT; an unknown one NOT_FOUND (UNKNOWN_CONFIG_HASH).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """ListModels lists the cached models.
+        """ListModels lists the cached models (failed loads included, state FAILED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -138,7 +145,9 @@ class LlemServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def MeasureBaseline(self, request, context):
-        """MeasureBaseline measures idle power per device in the serving state.
+        """MeasureBaseline measures idle power per device in the serving state; running
+        requests finish first and new ones wait until it is done. duration_s outside
+        (0, 600]: INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -146,7 +155,9 @@ class LlemServiceServicer:
 
     def GetEnergy(self, request, context):
         """GetEnergy returns the energy of requests sent with
-        energy_delivery = ENERGY_DELIVERY_DEFERRED, waiting for it to settle.
+        energy_delivery = ENERGY_DELIVERY_DEFERRED, waiting for it to settle. An
+        unknown id is not an error: its result's state is DEFERRED_ENERGY_STATE_UNKNOWN.
+        No ids, over 1000 ids, or wait_seconds outside [0, 30]: INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -12,6 +12,51 @@ default" and produces no keyword argument in transformers. An enum left at its
 does or is rejected with INVALID_ARGUMENT naming it: nothing is ignored.
 In answers, an `optional` figure left unset means "not measured" (never a 0 that
 reads as measured): check presence (HasField, has_*, oneof case) before use.
+
+Errors. Every failed call carries a google.rpc.Status in the
+`grpc-status-details-bin` trailer with a google.rpc.ErrorInfo (domain "llem.v1")
+whose reason is one of:
+  INVALID_REQUEST          INVALID_ARGUMENT     fields or their combination are wrong
+  NOT_SUPPORTED_HERE       FAILED_PRECONDITION  valid, but this server lacks what it needs
+                                                (CUDA, a package, a GPU generation)
+  REMOTE_CODE_NOT_ALLOWED  PERMISSION_DENIED    trust_remote_code on a server not allowing it
+  HUB_NOT_ALLOWED          PERMISSION_DENIED    a hub id on a server without --allow-hub
+  MODEL_ROOT_NOT_SET       PERMISSION_DENIED    a local model on a server without a model root
+  OUTSIDE_MODEL_ROOT       PERMISSION_DENIED    the model, a link in it or a shard it names
+                                                leaves the model root
+  MODEL_UNREADABLE         PERMISSION_DENIED    the server may not read the model's files
+  MODEL_NOT_FOUND          NOT_FOUND            no such model, or a directory that is not one
+  MODEL_INVALID            FAILED_PRECONDITION  the model's files are corrupt or unreadable
+  PACKAGE_MISSING          FAILED_PRECONDITION  loading needs a package this server lacks
+  UNKNOWN_CONFIG_HASH      NOT_FOUND            UnloadModel: no cached model has that hash
+  OUT_OF_MEMORY            RESOURCE_EXHAUSTED   device or host memory ran out (RetryInfo when
+                                                unloading other models may help)
+  QUEUE_FULL               RESOURCE_EXHAUSTED   the device's queue is full (RetryInfo)
+  SHUTTING_DOWN            UNAVAILABLE          the server is draining (RetryInfo: go elsewhere)
+  WORKER_RESTARTED         UNAVAILABLE          the device's worker process died while running
+                                                this request and is restarting (RetryInfo)
+  CANCELLED                CANCELLED            cancelled before it reached the device
+  INTERNAL_ERROR           INTERNAL             a server bug (never the caller's input)
+Config problems also carry a google.rpc.BadRequest with one violation per problem
+(INVALID_ARGUMENT, and FAILED_PRECONDITION / PERMISSION_DENIED for fields the server
+cannot run or refuses); where several kinds mix, the status is INVALID_ARGUMENT. A
+violation's `field` is the dot path of proto (snake_case) field names from the
+request root, e.g. `model.pytorch.load_in_8bit`, `decoder.temperature`, `prompts[1]`
+(list items indexed); a map entry is named by its map field (`model.pytorch.max_memory`,
+the key in the description); `request`, `model`, `decoder` name a whole message
+(unknown fields in it); a last violation with field "…" says how many more were cut
+to keep the trailer small. Calls refused before the service (no or wrong bearer token:
+UNAUTHENTICATED; a message over twice Limits.max_message_bytes: RESOURCE_EXHAUSTED
+from gRPC itself) carry no details. DEADLINE_EXCEEDED and client cancellation stop
+the generation within one decode step.
+
+JSON (google.protobuf.json_format, grpc-gateway): names are lowerCamelCase
+(`loadIn4bit`, `bnb4bitComputeDtype`, `p95Ms`), 64-bit integers (`random_seed`,
+`*_bytes`, counts) are decimal strings, and the `*_kwargs` map values are JSON texts.
+
+Changes to v1 that alter generated code (wire-compatible): token ids and token
+counts became int32, and Energy.total_j, duration_s, uncertainty_j and
+CpuEnergy.energy_j gained presence (`optional`).
 """
 
 from collections import abc as _abc
@@ -50,27 +95,41 @@ class LlemServiceStub:
     Generate: _grpc.UnaryUnaryMultiCallable[_llem_pb2.GenerateRequest, _llem_pb2.GenerateResponse]
     """Generate runs the prompts and returns completions, usage, timing and energy.
     It shares GenerateRequest with GenerateStream (fixed by the service spec).
+    Errors (reasons in the header): INVALID_ARGUMENT, FAILED_PRECONDITION,
+    PERMISSION_DENIED for the config (BadRequest) or the model path; NOT_FOUND;
+    RESOURCE_EXHAUSTED (QUEUE_FULL, OUT_OF_MEMORY); UNAVAILABLE (SHUTTING_DOWN,
+    WORKER_RESTARTED); CANCELLED; DEADLINE_EXCEEDED; UNAUTHENTICATED.
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
     GenerateStream: _grpc.UnaryStreamMultiCallable[_llem_pb2.GenerateRequest, _llem_pb2.GenerateStreamResponse]
     """GenerateStream sends tokens as they are produced; the last message carries
-    the same totals as GenerateResponse.
+    the same totals as GenerateResponse. Errors as Generate, also after chunks were
+    sent (a worker that dies mid-stream ends it with UNAVAILABLE).
     buf:lint:ignore RPC_REQUEST_STANDARD_NAME
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
     LoadModel: _grpc.UnaryUnaryMultiCallable[_llem_pb2.LoadModelRequest, _llem_pb2.LoadModelResponse]
-    """LoadModel loads (and compiles) a model ahead of time."""
+    """LoadModel loads (and compiles) a model ahead of time. Errors as Generate;
+    generation fields in the config are INVALID_ARGUMENT.
+    """
     UnloadModel: _grpc.UnaryUnaryMultiCallable[_llem_pb2.UnloadModelRequest, _llem_pb2.UnloadModelResponse]
-    """UnloadModel removes a cached model by its config hash and frees its memory."""
+    """UnloadModel removes a cached model by its config hash and frees its memory.
+    An empty hash is INVALID_ARGUMENT; an unknown one NOT_FOUND (UNKNOWN_CONFIG_HASH).
+    """
     ListModels: _grpc.UnaryUnaryMultiCallable[_llem_pb2.ListModelsRequest, _llem_pb2.ListModelsResponse]
-    """ListModels lists the cached models."""
+    """ListModels lists the cached models (failed loads included, state FAILED)."""
     GetServerInfo: _grpc.UnaryUnaryMultiCallable[_llem_pb2.GetServerInfoRequest, _llem_pb2.GetServerInfoResponse]
     """GetServerInfo reports versions, devices, energy sensors and limits."""
     MeasureBaseline: _grpc.UnaryUnaryMultiCallable[_llem_pb2.MeasureBaselineRequest, _llem_pb2.MeasureBaselineResponse]
-    """MeasureBaseline measures idle power per device in the serving state."""
+    """MeasureBaseline measures idle power per device in the serving state; running
+    requests finish first and new ones wait until it is done. duration_s outside
+    (0, 600]: INVALID_ARGUMENT.
+    """
     GetEnergy: _grpc.UnaryUnaryMultiCallable[_llem_pb2.GetEnergyRequest, _llem_pb2.GetEnergyResponse]
     """GetEnergy returns the energy of requests sent with
-    energy_delivery = ENERGY_DELIVERY_DEFERRED, waiting for it to settle.
+    energy_delivery = ENERGY_DELIVERY_DEFERRED, waiting for it to settle. An
+    unknown id is not an error: its result's state is DEFERRED_ENERGY_STATE_UNKNOWN.
+    No ids, over 1000 ids, or wait_seconds outside [0, 30]: INVALID_ARGUMENT.
     """
     ReadEnergy: _grpc.UnaryUnaryMultiCallable[_llem_pb2.ReadEnergyRequest, _llem_pb2.ReadEnergyResponse]
     """ReadEnergy reads each GPU's cumulative energy as of the call, interpolated to
@@ -90,27 +149,41 @@ class LlemServiceAsyncStub(LlemServiceStub):
     Generate: _aio.UnaryUnaryMultiCallable[_llem_pb2.GenerateRequest, _llem_pb2.GenerateResponse]  # type: ignore[assignment]
     """Generate runs the prompts and returns completions, usage, timing and energy.
     It shares GenerateRequest with GenerateStream (fixed by the service spec).
+    Errors (reasons in the header): INVALID_ARGUMENT, FAILED_PRECONDITION,
+    PERMISSION_DENIED for the config (BadRequest) or the model path; NOT_FOUND;
+    RESOURCE_EXHAUSTED (QUEUE_FULL, OUT_OF_MEMORY); UNAVAILABLE (SHUTTING_DOWN,
+    WORKER_RESTARTED); CANCELLED; DEADLINE_EXCEEDED; UNAUTHENTICATED.
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
     GenerateStream: _aio.UnaryStreamMultiCallable[_llem_pb2.GenerateRequest, _llem_pb2.GenerateStreamResponse]  # type: ignore[assignment]
     """GenerateStream sends tokens as they are produced; the last message carries
-    the same totals as GenerateResponse.
+    the same totals as GenerateResponse. Errors as Generate, also after chunks were
+    sent (a worker that dies mid-stream ends it with UNAVAILABLE).
     buf:lint:ignore RPC_REQUEST_STANDARD_NAME
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
     LoadModel: _aio.UnaryUnaryMultiCallable[_llem_pb2.LoadModelRequest, _llem_pb2.LoadModelResponse]  # type: ignore[assignment]
-    """LoadModel loads (and compiles) a model ahead of time."""
+    """LoadModel loads (and compiles) a model ahead of time. Errors as Generate;
+    generation fields in the config are INVALID_ARGUMENT.
+    """
     UnloadModel: _aio.UnaryUnaryMultiCallable[_llem_pb2.UnloadModelRequest, _llem_pb2.UnloadModelResponse]  # type: ignore[assignment]
-    """UnloadModel removes a cached model by its config hash and frees its memory."""
+    """UnloadModel removes a cached model by its config hash and frees its memory.
+    An empty hash is INVALID_ARGUMENT; an unknown one NOT_FOUND (UNKNOWN_CONFIG_HASH).
+    """
     ListModels: _aio.UnaryUnaryMultiCallable[_llem_pb2.ListModelsRequest, _llem_pb2.ListModelsResponse]  # type: ignore[assignment]
-    """ListModels lists the cached models."""
+    """ListModels lists the cached models (failed loads included, state FAILED)."""
     GetServerInfo: _aio.UnaryUnaryMultiCallable[_llem_pb2.GetServerInfoRequest, _llem_pb2.GetServerInfoResponse]  # type: ignore[assignment]
     """GetServerInfo reports versions, devices, energy sensors and limits."""
     MeasureBaseline: _aio.UnaryUnaryMultiCallable[_llem_pb2.MeasureBaselineRequest, _llem_pb2.MeasureBaselineResponse]  # type: ignore[assignment]
-    """MeasureBaseline measures idle power per device in the serving state."""
+    """MeasureBaseline measures idle power per device in the serving state; running
+    requests finish first and new ones wait until it is done. duration_s outside
+    (0, 600]: INVALID_ARGUMENT.
+    """
     GetEnergy: _aio.UnaryUnaryMultiCallable[_llem_pb2.GetEnergyRequest, _llem_pb2.GetEnergyResponse]  # type: ignore[assignment]
     """GetEnergy returns the energy of requests sent with
-    energy_delivery = ENERGY_DELIVERY_DEFERRED, waiting for it to settle.
+    energy_delivery = ENERGY_DELIVERY_DEFERRED, waiting for it to settle. An
+    unknown id is not an error: its result's state is DEFERRED_ENERGY_STATE_UNKNOWN.
+    No ids, over 1000 ids, or wait_seconds outside [0, 30]: INVALID_ARGUMENT.
     """
     ReadEnergy: _aio.UnaryUnaryMultiCallable[_llem_pb2.ReadEnergyRequest, _llem_pb2.ReadEnergyResponse]  # type: ignore[assignment]
     """ReadEnergy reads each GPU's cumulative energy as of the call, interpolated to
@@ -133,6 +206,10 @@ class LlemServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_llem_pb2.GenerateResponse, _abc.Awaitable[_llem_pb2.GenerateResponse]]:
         """Generate runs the prompts and returns completions, usage, timing and energy.
         It shares GenerateRequest with GenerateStream (fixed by the service spec).
+        Errors (reasons in the header): INVALID_ARGUMENT, FAILED_PRECONDITION,
+        PERMISSION_DENIED for the config (BadRequest) or the model path; NOT_FOUND;
+        RESOURCE_EXHAUSTED (QUEUE_FULL, OUT_OF_MEMORY); UNAVAILABLE (SHUTTING_DOWN,
+        WORKER_RESTARTED); CANCELLED; DEADLINE_EXCEEDED; UNAUTHENTICATED.
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
 
@@ -143,7 +220,8 @@ class LlemServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_llem_pb2.GenerateStreamResponse], _abc.AsyncIterator[_llem_pb2.GenerateStreamResponse]]:
         """GenerateStream sends tokens as they are produced; the last message carries
-        the same totals as GenerateResponse.
+        the same totals as GenerateResponse. Errors as Generate, also after chunks were
+        sent (a worker that dies mid-stream ends it with UNAVAILABLE).
         buf:lint:ignore RPC_REQUEST_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
@@ -154,7 +232,9 @@ class LlemServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _llem_pb2.LoadModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_llem_pb2.LoadModelResponse, _abc.Awaitable[_llem_pb2.LoadModelResponse]]:
-        """LoadModel loads (and compiles) a model ahead of time."""
+        """LoadModel loads (and compiles) a model ahead of time. Errors as Generate;
+        generation fields in the config are INVALID_ARGUMENT.
+        """
 
     @_abc_1.abstractmethod
     def UnloadModel(
@@ -162,7 +242,9 @@ class LlemServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _llem_pb2.UnloadModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_llem_pb2.UnloadModelResponse, _abc.Awaitable[_llem_pb2.UnloadModelResponse]]:
-        """UnloadModel removes a cached model by its config hash and frees its memory."""
+        """UnloadModel removes a cached model by its config hash and frees its memory.
+        An empty hash is INVALID_ARGUMENT; an unknown one NOT_FOUND (UNKNOWN_CONFIG_HASH).
+        """
 
     @_abc_1.abstractmethod
     def ListModels(
@@ -170,7 +252,7 @@ class LlemServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _llem_pb2.ListModelsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_llem_pb2.ListModelsResponse, _abc.Awaitable[_llem_pb2.ListModelsResponse]]:
-        """ListModels lists the cached models."""
+        """ListModels lists the cached models (failed loads included, state FAILED)."""
 
     @_abc_1.abstractmethod
     def GetServerInfo(
@@ -186,7 +268,10 @@ class LlemServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _llem_pb2.MeasureBaselineRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_llem_pb2.MeasureBaselineResponse, _abc.Awaitable[_llem_pb2.MeasureBaselineResponse]]:
-        """MeasureBaseline measures idle power per device in the serving state."""
+        """MeasureBaseline measures idle power per device in the serving state; running
+        requests finish first and new ones wait until it is done. duration_s outside
+        (0, 600]: INVALID_ARGUMENT.
+        """
 
     @_abc_1.abstractmethod
     def GetEnergy(
@@ -195,7 +280,9 @@ class LlemServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_llem_pb2.GetEnergyResponse, _abc.Awaitable[_llem_pb2.GetEnergyResponse]]:
         """GetEnergy returns the energy of requests sent with
-        energy_delivery = ENERGY_DELIVERY_DEFERRED, waiting for it to settle.
+        energy_delivery = ENERGY_DELIVERY_DEFERRED, waiting for it to settle. An
+        unknown id is not an error: its result's state is DEFERRED_ENERGY_STATE_UNKNOWN.
+        No ids, over 1000 ids, or wait_seconds outside [0, 30]: INVALID_ARGUMENT.
         """
 
     @_abc_1.abstractmethod
