@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The CPU benchmark set (tiny demo model; each script < 2 min on 2 cores). Results land in
-# bench/results/<name>-cpu.{md,json}. Extra arguments go to every script (e.g. --quiet-wait 0).
+# The CPU benchmark set (tiny demo model; ~15 min on 2 cores, each script waiting up to 90 s
+# for a quiet machine first). Results overwrite bench/results/<name>-cpu.{md,json}, the
+# committed ones. Extra arguments go to every script (e.g. --quiet-wait 0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}

@@ -117,8 +117,14 @@ def test_files_and_n(tmp_path):
     txt.write_text("one\n\ntwo\nthree\n")
     prompts, info = load_prompts(build_experiment({"model": "m", "dataset": str(txt)}))
     assert [p.text for p in prompts] == ["one", "two", "three"]
-    with pytest.raises(ConfigurationError, match="has 3"):
+    assert "sources" not in info  # a .txt has none
+    with pytest.raises(ConfigurationError, match="has 3: set n to at most 3"):
         load_prompts(build_experiment({"model": "m", "dataset": str(txt), "n": 9}))
+    # lines without a source are counted too: the counts add up to "used"
+    mixed = tmp_path / "m.jsonl"
+    mixed.write_text('{"prompt": "x1", "source": "x"}\n{"prompt": "none"}\n{"prompt": "y1", "source": "y"}\n')
+    _, info = load_prompts(build_experiment({"model": "m", "dataset": str(mixed)}))
+    assert info["sources"] == {"x": 1, "(no source)": 1, "y": 1} and sum(info["sources"].values()) == info["used"]
     bad = tmp_path / "b.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"nope": 1}\nnot json\n')
     with pytest.raises(ConfigurationError) as ei:

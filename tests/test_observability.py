@@ -225,14 +225,17 @@ def test_metrics_scraped_over_http(obs, ostub):
 
 def test_energy_metrics_count_each_request_once_deferred_or_not(hard_root, tmp_path_factory):
     """Simulated counter: an answer carrying its energy and a deferred one each add their
-    measured joules once; only the first waited for the counter (the wait histogram)."""
+    measured joules once; only the first waited for the counter (the wait histogram).
+    Metrics listen on --metrics-host only (another loopback address than gRPC's)."""
     port = free_port()
     srv = start_server(tmp_path_factory.mktemp("obs-energy"), hard_root, "--energy-backend", "simulated",
-                       "--metrics-port", str(port))
-    srv.metrics_url = f"http://127.0.0.1:{port}/metrics"
+                       "--metrics-port", str(port), "--metrics-host", "127.0.0.2")
+    srv.metrics_url = f"http://127.0.0.2:{port}/metrics"
     try:
         with Client(srv.address, timeout=60) as c:
             c.load_model(model="llama")
+            with pytest.raises(OSError):  # not on gRPC's address
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
             before = _scrape(srv)
             r1 = c.generate(["in the answer"], model="llama", max_output_tokens=3)
             r2 = c.generate(["deferred"], model="llama", max_output_tokens=3, request_id="obs-d",

@@ -73,12 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-n", "--n", dest="n", type=int, help="override n (number of prompts)")
     run.add_argument("--batch-size", type=int, help="override pytorch.batch_size (prompts per request)")
     run.add_argument("--precision", help="override precision (fp32, fp16, bf16)")
-    run.add_argument("--dataset", help="override dataset (a .jsonl or .txt file)")
+    run.add_argument("--dataset", help="override dataset: a .jsonl file (one object a line with a \"prompt\" or "
+                                       "\"text\" string, optional \"source\") or a .txt file (one prompt a line)")
     run.add_argument("--output", "-o", help="override output_dir")
     run.add_argument("--in-flight", type=_in_flight, default=2, metavar="N",
                      help="measured Generate requests kept outstanding (default: %(default)s). The server runs one at a time "
-                          "per device, but answers each only after the energy counter's next update (~100 ms); with the "
-                          "next request already queued the device never idles during that wait. 1: strictly sequential")
+                          "per device, but answers each only after the energy counter's next update (~60 ms p50 on an H200); "
+                          "with the next request already queued the device need not idle during that wait. "
+                          "1: strictly sequential")
     run.add_argument("--energy-delivery", choices=["response", "in_response", "deferred"], default="response",
                      help="response (or in_response, as the Python API names it; the default): each answer carries its energy, after the counter's next update. "
                           "deferred: answers come without that wait (clean latencies even with --in-flight 1) and the "

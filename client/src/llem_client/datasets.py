@@ -19,6 +19,7 @@ from .errors import ConfigurationError
 from .experiment import Experiment
 
 DEFAULT_SEED = 42
+NO_SOURCE = "(no source)"  # dataset.sources key for .jsonl lines without a "source"
 
 # Short, common English words: most are one token in BPE vocabularies, so a prompt
 # of k words is about k tokens. Fixed here so that synthetic prompts never change.
@@ -166,7 +167,8 @@ def load_prompts(exp: Experiment) -> tuple[list[Prompt], dict[str, Any]]:
     prompts = order_prompts(prompts, exp.dataset_order, seed)
     if exp.n is not None:
         if exp.n > len(prompts):
-            raise ConfigurationError([("n", f"{exp.n} prompts asked for but the dataset has {len(prompts)}")])
+            raise ConfigurationError([("n", f"{exp.n} prompts asked for but the dataset has {len(prompts)}: "
+                                            f"set n to at most {len(prompts)} (-n on the command line)")])
         prompts = prompts[: exp.n]
     info["order"] = exp.dataset_order
     if exp.dataset_order == "shuffled":
@@ -177,8 +179,8 @@ def load_prompts(exp: Experiment) -> tuple[list[Prompt], dict[str, Any]]:
     info["used"] = len(prompts)
     sources: dict[str, int] = {}
     for p in prompts:
-        if p.source is not None:
-            sources[p.source] = sources.get(p.source, 0) + 1
-    if sources:
+        key = NO_SOURCE if p.source is None else p.source  # so that the counts add up to "used"
+        sources[key] = sources.get(key, 0) + 1
+    if set(sources) != {NO_SOURCE}:
         info["sources"] = sources
     return prompts, info

@@ -379,7 +379,7 @@ def summary_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
                      f"queue wait p50 {_fmt(q.get('p50'))} ms)"))
     t = a["time_to_first_token_ms"]
     if t["count"]:
-        rows.append(("time to first token p50 / p95", f"{_fmt(t['p50'])} / {_fmt(t['p95'])} ms ({t['count']} requests)"))
+        rows.append(("time to first token p50 / p95", f"{_fmt(t['p50'])} / {_fmt(t['p95'])} ms ({t['count']} request{'s' if t['count'] != 1 else ''})"))
     else:
         rows.append(("time to first token", "not reported"))
     warns = dict(a["warnings"])

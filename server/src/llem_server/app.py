@@ -81,7 +81,7 @@ def make_meter(settings: Settings, devices: list[tuple[str, int | None]], versio
 
 async def serve(settings: Settings, *, port_file: Path | None = None, auth_token_file: Path | None = None,
                 tls: tuple[Path, Path, Path | None] | None = None, metrics_port: int | None = None,
-                log=None, ready: asyncio.Event | None = None) -> int:
+                metrics_host: str | None = None, log=None, ready: asyncio.Event | None = None) -> int:
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # CUDA indices in NVML's order
     devices = detect_devices(settings.devices)
     workers = [DeviceWorker(i, dev, phys, max_models=settings.max_models, max_queue=settings.max_queue)
@@ -101,7 +101,7 @@ async def serve(settings: Settings, *, port_file: Path | None = None, auth_token
         from .metrics import Metrics
 
         metrics = Metrics()
-        metrics.start_http(metrics_port, settings.host)
+        metrics.start_http(metrics_port, metrics_host or settings.host)
         for w in workers:
             metrics.track_queue(w.index, w.queue_depth)
 

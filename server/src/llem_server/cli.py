@@ -33,16 +33,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure idle power this long at start-up, before serving (0: only via MeasureBaseline)")
     p.add_argument("--deferred-energy-keep", type=int, default=10_000,
                    help="energies of ENERGY_DELIVERY_DEFERRED requests kept for GetEnergy (most recent)")
-    p.add_argument("--auth-token-file", type=Path, help="bearer tokens, one per line; required on every call")
+    p.add_argument("--auth-token-file", type=Path,
+                   help="bearer tokens, one per line (ASCII, at least 16 characters; lines starting with '#' are comments): "
+                        "required on every llem.v1 call; health and reflection stay open for probes")
     p.add_argument("--tls-cert", type=Path, help="server certificate (PEM)")
     p.add_argument("--tls-key", type=Path, help="server private key (PEM)")
     p.add_argument("--tls-client-ca", type=Path, help="require client certificates signed by this CA (mTLS)")
-    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics (plain HTTP, no auth) on this port")
+    p.add_argument("--metrics-host", help="address the metrics port listens on (default: --host); "
+                                          "e.g. a private interface while gRPC listens on 0.0.0.0")
     p.add_argument("--grace-seconds", type=float, default=30.0, help="time in-flight calls get on SIGTERM")
     p.add_argument("--log-format", choices=["auto", "json", "console"], default="auto",
                    help="log lines: json (one object per line), console (readable), or auto: "
-                        "console on a terminal, json otherwise (default)")
-    p.add_argument("--log-level", default="info", help="debug, info, warning, error or critical (default: info)")
+                        "console on a terminal, json otherwise")
+    p.add_argument("--log-level", default="info", help="debug, info, warning, error or critical")
     return p
 
 
@@ -91,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     from .app import run
 
     return run(settings, port_file=args.port_file, auth_token_file=args.auth_token_file, tls=tls,
-               metrics_port=args.metrics_port,
+               metrics_port=args.metrics_port, metrics_host=args.metrics_host,
                log=get_logger())
 
 
