@@ -34,6 +34,7 @@ CLIENT_STATUSES = {
 
 # Small models in hard_root: copies of the session's llama/gpt2, broken copies, fault triggers.
 OOM_GEN, OOM_LOAD, SLOW_LOAD, COMPILE_FAIL = "oom-gen", "oom-load", "slow-load", "compile-fail"
+HOST_OOM = "host-oom"
 
 
 def make_hard_root(base: Path, model_root: Path) -> Path:
@@ -41,7 +42,7 @@ def make_hard_root(base: Path, model_root: Path) -> Path:
     root.mkdir(parents=True)
     for name in ("llama", "gpt2"):
         shutil.copytree(model_root / name, root / name)
-    for name in ("corrupt", "garbled", "missing", OOM_GEN, OOM_LOAD, SLOW_LOAD, COMPILE_FAIL, "other"):
+    for name in ("corrupt", "garbled", "missing", OOM_GEN, OOM_LOAD, SLOW_LOAD, COMPILE_FAIL, HOST_OOM, "other"):
         shutil.copytree(model_root / "llama", root / name)
     weights = root / "corrupt" / "model.safetensors"
     data = weights.read_bytes()
@@ -79,7 +80,8 @@ def hard_server(hard_root, tmp_path_factory, request):
     if "server" not in _shared:
         srv = start_server(tmp_path_factory.mktemp("hard-server"), hard_root, "--max-queue", "2", "--max-models", "2",
                            env={"LLEM_FAULT_OOM": OOM_GEN, "LLEM_FAULT_OOM_LOAD": OOM_LOAD, "LLEM_FAULT_SLOW_LOAD": SLOW_LOAD,
-                                "LLEM_FAULT_COMPILE": COMPILE_FAIL, "HF_HUB_OFFLINE": "1"})
+                                "LLEM_FAULT_COMPILE": COMPILE_FAIL, "LLEM_FAULT_HOST_OOM": HOST_OOM,
+                                "HF_HUB_OFFLINE": "1"})
         _shared["server"] = srv
         request.addfinalizer(lambda: stop_server(srv))
     return _shared["server"]

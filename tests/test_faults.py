@@ -26,8 +26,8 @@ from llem.v1 import llem_pb2, llem_pb2_grpc
 from llem_client import Client
 from llem_client.errors import ResourceExhausted
 
-from _hardening import (COMPILE_FAIL, OOM_GEN, OOM_LOAD, SLOW_LOAD, code_of, error_reason, hard_root,  # noqa: F401
-                        hard_server, json_lines, retry_delay)
+from _hardening import (COMPILE_FAIL, HOST_OOM, OOM_GEN, OOM_LOAD, SLOW_LOAD, code_of, error_reason,  # noqa: F401
+                        hard_root, hard_server, json_lines, retry_delay)
 from conftest import start_server, stop_server
 
 GREEDY = llem_pb2.DecoderConfig(do_sample=False)
@@ -59,7 +59,8 @@ def _serving(server) -> int:
 
 # -- out of memory ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("model,where", [(OOM_GEN, "forward"), (OOM_LOAD, "loading")])
+@pytest.mark.parametrize("model,where", [(OOM_GEN, "out of device memory"), (OOM_LOAD, "out of device memory while loading"),
+                                         (HOST_OOM, "out of memory while running")])  # host: was INTERNAL
 @pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
 def test_oom_is_resource_exhausted_and_the_server_recovers(hard_server, hstub, model, where, stream):
     pid = _worker_pid(hard_server)
@@ -68,7 +69,7 @@ def test_oom_is_resource_exhausted_and_the_server_recovers(hard_server, hstub, m
         (lambda r: hstub.Generate(r, timeout=60))
     code, err = code_of(call, _req(model))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, err
-    assert "out of device memory" in err.details() and where in err.details()
+    assert where in err.details()
     assert retry_delay(err) is not None and retry_delay(err) > 0
     assert error_reason(err) == "OUT_OF_MEMORY"  # told apart from a full queue without reading the text
     # The worker freed what it held and kept going: same process, healthy, the next request is served.

@@ -444,6 +444,31 @@ def test_an_unload_queued_between_requests_leaves_the_reloaded_model_listed(own_
     assert _listed_and_health(own_server, h)[0] == []
 
 
+def test_an_unload_whose_caller_gave_up_still_leaves_the_list(own_server):
+    """UnloadModel waits behind a running request and its caller's deadline passes: the worker
+    still unloads, so the list and health must drop the model (they said READY/SERVING for
+    good, and the next load's evictions were then lost too)."""
+    from grpc_health.v1 import health_pb2
+
+    stub = own_server.stub()
+    h = stub.Generate(request("llama", ["Hi"], 2), timeout=120).config_hash
+    running_hash = stub.LoadModel(pb.LoadModelRequest(model=pb.ModelConfig(model="gpt2")), timeout=120).config_hash
+    running = stub.Generate.future(request("gpt2", ["Hello"], 1000, min_new=1000), timeout=120)  # 1024 positions
+    _wait_running(own_server, running_hash)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.UnloadModel(pb.UnloadModelRequest(config_hash=h), timeout=0.5)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    running.result()
+    deadline = time.monotonic() + 30
+    while _listed_and_health(own_server, h)[0] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _listed_and_health(own_server, h) == ([], health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+    # and the model the worker loads again is listed READY once more
+    assert not stub.Generate(request("llama", ["Hi"], 2), timeout=120).cache_hit
+    assert _listed_and_health(own_server, h) == ([pb.MODEL_STATE_READY], health_pb2.HealthCheckResponse.SERVING)
+    assert running_hash in {m.config_hash for m in stub.ListModels(pb.ListModelsRequest(), timeout=30).models}
+
+
 def test_beam_search_streams_its_sequences_once_chosen(stub):
     """Beam search has no per-step signal (transformers refuses a streamer with beams): the
     stream still carries the same text as Generate, sent once known, and says so."""

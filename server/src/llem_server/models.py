@@ -132,10 +132,27 @@ def _refuse_disk_offload(model, source: str, load_kwargs: dict) -> None:
                                           "unload other models or use 4/8-bit quantization")
 
 
+_OOM_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's RuntimeError
+    ("DefaultCPUAllocator: can't allocate memory", as in a memory-limited container)."""
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return any(w in text for w in _OOM_WORDS)
+
+
+def oom_message(exc: BaseException, where: str) -> str:
+    kind = "device memory" if isinstance(exc, torch.cuda.OutOfMemoryError) or "cuda" in str(exc).lower() else "memory"
+    return f"out of {kind} {where}: {type(exc).__name__}: {str(exc)[:300]}"
+
+
 def _classify_load_error(exc: BaseException, source: str) -> LoadError:
     text = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
-        return LoadError("RESOURCE_EXHAUSTED", f"out of device memory while loading {source}: {exc}")
+    if is_out_of_memory(exc):
+        return LoadError("RESOURCE_EXHAUSTED", oom_message(exc, f"while loading {source}"), reason="OUT_OF_MEMORY")
     if isinstance(exc, ImportError):
         return LoadError("FAILED_PRECONDITION", f"a package needed to load {source} is missing: {exc}",
                          reason="PACKAGE_MISSING")
@@ -167,12 +184,15 @@ def _classify_load_error(exc: BaseException, source: str) -> LoadError:
 # substring; a model whose source path contains it fails:
 #   LLEM_FAULT_OOM_LOAD: from_pretrained raises torch.cuda.OutOfMemoryError (OOM during load);
 #   LLEM_FAULT_OOM:      the loaded model's forward raises it (OOM during generation);
+#   LLEM_FAULT_HOST_OOM: the forward raises the CPU allocator's "can't allocate memory"
+#                        (host memory exhausted, as under a container's memory limit);
 #   LLEM_FAULT_SLOW_LOAD: from_pretrained first waits 2 s (a load that outlasts a short deadline:
 #                        a tiny model reloads in ~15 ms, too fast to cancel reliably);
 #   LLEM_FAULT_COMPILE:  torch.compile's warm-up raises (a backend that fails to compile).
 # The errors then take the real paths (classification, worker clean-up, status mapping).
 FAULT_OOM_LOAD_ENV = "LLEM_FAULT_OOM_LOAD"
 FAULT_OOM_ENV = "LLEM_FAULT_OOM"
+FAULT_HOST_OOM_ENV = "LLEM_FAULT_HOST_OOM"
 FAULT_SLOW_LOAD_ENV = "LLEM_FAULT_SLOW_LOAD"
 FAULT_COMPILE_ENV = "LLEM_FAULT_COMPILE"
 
@@ -190,12 +210,16 @@ def _inject_load_fault(source: str) -> None:
 
 
 def _inject_generate_fault(model, source: str) -> None:
-    if not _fault_matches(FAULT_OOM_ENV, source):
+    host = _fault_matches(FAULT_HOST_OOM_ENV, source)
+    if not (host or _fault_matches(FAULT_OOM_ENV, source)):
         return
 
     def forward(*_args, **_kwargs):
         # Allocate first, as a real OOM would leave a half-built activation behind.
         _scratch = torch.empty(1 << 20)  # noqa: F841
+        if host:  # the text torch's CPU allocator raises
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate "
+                               f"memory: you tried to allocate 68719476736 bytes ({FAULT_HOST_OOM_ENV}, test-only)")
         raise torch.cuda.OutOfMemoryError(f"simulated out of memory in forward ({FAULT_OOM_ENV}, test-only)")
 
     model.forward = forward

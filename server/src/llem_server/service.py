@@ -466,8 +466,9 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             await abort(context, err)
 
     def _note_load(self, entry, data: dict) -> None:
-        if entry.state == READY and entry.info:
-            return
+        # "loaded" comes only from a real load, even for an entry listed READY (the worker
+        # may have dropped it: an unload whose caller gave up, a restart): record it all,
+        # evictions included, or the listing drifts from what the worker holds.
         self.registry.loaded(entry, data["model"], data.get("tokenizer_json"))
         if self.metrics is not None:  # once per load, whether LoadModel or a Generate cache miss loaded it
             self.metrics.model_loaded(data["model"].get("load_time_s", 0.0) + data["model"].get("compile_time_s", 0.0),
@@ -696,18 +697,30 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                 return llem_pb2.UnloadModelResponse(unloaded=True, freed_bytes=0)
             worker = self.workers[entry.device_index]
             job = self._submit(worker, "unload", {"config_hash": request.config_hash})
-            kind, data = await job.events.get()
+            try:
+                kind, data = await job.events.get()
+            except asyncio.CancelledError:
+                # The caller gave up, but the worker still unloads: take it off the list then.
+                self._in_background(self._unload_outcome(job, request.config_hash))
+                raise
             if kind == "error":
                 raise error_from_worker(data)
-            self.registry.remove(request.config_hash)
-            if self.log is not None:
-                self.log.info("unload_model", config_hash=request.config_hash, status="OK",
-                              freed_bytes=int(data["freed_bytes"]))
+            self._unloaded(request.config_hash, data)
             return llem_pb2.UnloadModelResponse(unloaded=True, freed_bytes=int(data["freed_bytes"]))
         except ServiceError as err:
             if self.log is not None:
                 self.log.info("unload_model", config_hash=request.config_hash, status=err.code.name)
             await abort(context, err)
+
+    def _unloaded(self, config_hash: str, data: dict) -> None:
+        self.registry.remove(config_hash)
+        if self.log is not None:
+            self.log.info("unload_model", config_hash=config_hash, status="OK", freed_bytes=int(data["freed_bytes"]))
+
+    async def _unload_outcome(self, job, config_hash: str) -> None:
+        kind, data = await job.events.get()
+        if kind != "error":
+            self._unloaded(config_hash, data)
 
     async def ListModels(self, request, context):
         return llem_pb2.ListModelsResponse(models=[e.to_proto() for e in self.registry.list()])

@@ -139,7 +139,7 @@ def worker_main(conn, device: str, cuda_index: int | None, cancel_flag, max_mode
 
     from . import compiling
     from .generation import run_generate
-    from .models import JobError, LoadError, ModelCache, load_model
+    from .models import JobError, LoadError, ModelCache, is_out_of_memory, load_model, oom_message
 
     compiling.configure(torch)
     cache = ModelCache(max_models)
@@ -200,19 +200,15 @@ def worker_main(conn, device: str, cuda_index: int | None, cancel_flag, max_mode
                   "reason": exc.reason,
                   "violations": list(exc.violations), "load_failed": isinstance(exc, LoadError),
                   "retryable": exc.status == "RESOURCE_EXHAUSTED", "evicted": evicted})
-        except torch.cuda.OutOfMemoryError as exc:
-            oom = True
-            send({"type": "error", "job": job, "status": "RESOURCE_EXHAUSTED",
-                  "message": f"out of device memory: {str(exc)[:300]}", "retryable": True})
         except (ValueError, TypeError) as exc:
             # transformers rejects a combination config.py let through: the client's input.
             send({"type": "error", "job": job, "status": "INVALID_ARGUMENT",
                   "message": f"transformers rejected the request: {type(exc).__name__}: {exc}"})
         except Exception as exc:  # noqa: BLE001 - a server bug: report it, keep serving
-            if "out of memory" in str(exc).lower():
+            if is_out_of_memory(exc):  # device or host (MemoryError, the CPU allocator's error)
                 oom = True
-                send({"type": "error", "job": job, "status": "RESOURCE_EXHAUSTED",
-                      "message": f"out of device memory: {str(exc)[:300]}", "retryable": True})
+                send({"type": "error", "job": job, "status": "RESOURCE_EXHAUSTED", "reason": "OUT_OF_MEMORY",
+                      "message": oom_message(exc, "while running this request"), "retryable": True})
             else:
                 send({"type": "error", "job": job, "status": "INTERNAL", "reason": "INTERNAL_ERROR",
                       "message": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
