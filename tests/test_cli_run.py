@@ -650,6 +650,26 @@ def short_keep_server(model_root, tmp_path_factory):
     stop_server(srv)
 
 
+def test_refused_deferred_requests_do_not_push_measured_energies_out(short_keep_server):
+    """30 refused deferred requests (more than the 24 kept) after a measured one: its energy is
+    still there, and each refusal still says why (they used to evict the measured ones)."""
+    from llem.v1 import llem_pb2
+
+    from llem_client import Client, InvalidArgument
+
+    with Client(short_keep_server.address, timeout=60) as c:
+        c.generate(["kept"], model="llama", max_output_tokens=3, request_id="kept-1", energy_delivery="deferred")
+        for i in range(30):
+            with pytest.raises(InvalidArgument):
+                c.generate(["x"], model="llama", decoder={"temperature": 5.0}, request_id=f"refused-{i}",
+                           energy_delivery="deferred")
+        kept, refused = c.get_energy(["kept-1", "refused-29"], wait_seconds=5).results
+    assert kept.state == llem_pb2.DEFERRED_ENERGY_STATE_SETTLED and kept.energy.available
+    assert refused.state == llem_pb2.DEFERRED_ENERGY_STATE_SETTLED
+    assert refused.energy.unavailable_reason.startswith("the request did not finish") and "temperature" in \
+        refused.energy.unavailable_reason
+
+
 def test_deferred_energy_is_fetched_as_the_run_goes(short_keep_server, tmp_path):
     # 48 deferred requests against a server keeping 24: fetched only at the end, 24 were lost.
     # Each request is made longer than an energy takes to settle (~100 ms), as on a GPU: the

@@ -96,6 +96,9 @@ def _name_by_directory(model_config: llem_pb2.ModelConfig, model) -> None:
         model_config.model = model.display
 
 
+_FAILED_DEFERRED_KEEP = 1000  # failed deferred requests whose reason GetEnergy still gives
+
+
 @dataclass
 class _Deferred:
     """A deferred request's energy to come: known from the request's arrival."""
@@ -124,6 +127,9 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         self._background: set[asyncio.Task] = set()
         # request_id -> its (Energy, [Warning]) to come, for ENERGY_DELIVERY_DEFERRED requests
         self._deferred: OrderedDict[str, _Deferred] = OrderedDict()
+        # Deferred requests that failed (refused, cancelled), kept apart with their reason: a
+        # flood of refusals must not push measured energies out of _deferred.
+        self._deferred_failed: OrderedDict[str, _Deferred] = OrderedDict()
         for w in workers:
             w.on_restart = self._on_worker_restart
 
@@ -271,6 +277,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                 why = exc.message if isinstance(exc, ServiceError) else "the request was cancelled"
                 deferred.fut.set_result((energy_proto.absent((
                     f"the request did not finish: {why}")), []))
+                self._move_to_failed(request_id, deferred)
             raise
         finally:
             await inner.aclose()
@@ -382,10 +389,18 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         """A deferred request's place for GetEnergy, from its arrival (most recent kept)."""
         held = _Deferred(asyncio.get_running_loop().create_future())
         self._deferred.pop(request_id, None)  # a reused id: the latest request wins
+        self._deferred_failed.pop(request_id, None)
         self._deferred[request_id] = held
         while len(self._deferred) > max(self.settings.deferred_energy_keep, 1):
             self._deferred.popitem(last=False)
         return held
+
+    def _move_to_failed(self, request_id: str, held: _Deferred) -> None:
+        if self._deferred.get(request_id) is held:
+            del self._deferred[request_id]
+            self._deferred_failed[request_id] = held
+            while len(self._deferred_failed) > _FAILED_DEFERRED_KEEP:
+                self._deferred_failed.popitem(last=False)
 
     def _defer_energy(self, held: _Deferred, request_id: str, config_hash: str, window, t_end, out_tokens,
                       device) -> None:
@@ -441,7 +456,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             deadline = time.monotonic() + wait
             resp = llem_pb2.GetEnergyResponse()
             for rid in ids:
-                held = self._deferred.get(rid)
+                held = self._deferred.get(rid) or self._deferred_failed.get(rid)
                 item = resp.results.add(request_id=rid, state=llem_pb2.DEFERRED_ENERGY_STATE_SETTLED)
                 if held is None:
                     item.state = llem_pb2.DEFERRED_ENERGY_STATE_UNKNOWN
