@@ -482,3 +482,69 @@ def test_beam_search_streams_its_sequences_once_chosen(stub):
         assert [t for ch in mine for t in ch.token_ids] == list(c.token_ids)
     assert any(w.code == "STREAM_NOT_INCREMENTAL" for w in final.warnings)
     assert not final.timing.HasField("time_to_first_token_ms")  # no per-step signal to time it by
+
+
+def test_a_worker_that_cannot_start_again_is_seen_and_refuses_queued_work(model_root, tmp_path):
+    """The worker dies and every new one fails to start (a lost GPU, a broken install): health
+    says so (readiness at once, liveness after 3 failed starts), each failure is logged, queued
+    requests get UNAVAILABLE instead of waiting forever, and service resumes once a start works."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from _hardening import json_lines
+
+    flag = tmp_path / "worker-cannot-start"
+    srv = start_server(tmp_path / "srv", model_root, env={"LLEM_FAULT_START_FILE": str(flag)})
+    try:
+        stub = srv.stub()
+        health = health_pb2_grpc.HealthStub(srv.channel())
+
+        def status(service: str) -> int:
+            return health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+
+        def wait_for(service: str, want: int, within: float) -> None:
+            deadline = time.monotonic() + within
+            while status(service) != want:
+                assert time.monotonic() < deadline, f"health {service!r} never became {want}"
+                time.sleep(0.05)
+
+        assert stub.Generate(request("llama", ["Hi"], 2), timeout=120).usage.output_tokens == 2
+        flag.touch()
+        (pid,) = worker_pids(srv)
+        psutil.Process(pid).kill()
+        wait_for("llem.v1.LlemService", health_pb2.HealthCheckResponse.NOT_SERVING, 10)
+        with pytest.raises(grpc.RpcError) as err:  # queued while restarts fail: answered, not left waiting
+            stub.Generate(request("llama", ["Hi"], 2), timeout=60)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "cannot start (3 tries" in err.value.details()
+        assert error_reason(err.value) == "WORKER_RESTARTED"
+        assert status("") == health_pb2.HealthCheckResponse.NOT_SERVING
+        flag.unlink()
+        wait_for("llem.v1.LlemService", health_pb2.HealthCheckResponse.SERVING, 60)
+        assert status("") == health_pb2.HealthCheckResponse.SERVING
+        assert stub.Generate(request("llama", ["Hi"], 2), timeout=120).usage.output_tokens == 2
+        events = [line["event"] for line in json_lines(srv)]
+        assert events.count("worker_died") == 1 and events.count("worker_start_failed") >= 3
+        assert "worker_restarted" in events
+    finally:
+        stop_server(srv)
+
+
+def test_sigterm_while_the_worker_restarts_is_a_clean_stop(model_root, tmp_path):
+    """A deploy that lands just after a worker crash: the stop is not taken for a second crash
+    (a false worker_died, and yet another worker started during shutdown)."""
+    from _hardening import json_lines
+
+    srv = start_server(tmp_path / "srv", model_root)
+    try:
+        assert srv.stub().Generate(request("llama", ["Hi"], 2), timeout=120).usage.output_tokens == 2
+        (pid,) = worker_pids(srv)
+        psutil.Process(pid).kill()
+        time.sleep(0.2)  # the new worker is starting
+        children = psutil.Process(srv.proc.pid).children(recursive=True)
+        assert srv.stop(60) == 0
+        events = [line["event"] for line in json_lines(srv)]
+        after = events[events.index("server_draining"):]
+        assert "worker_died" not in after and "worker_restarted" not in after, events
+        assert events.count("worker_died") == 1
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in children)
+    finally:
+        stop_server(srv)

@@ -42,6 +42,9 @@ class QueueFull(Exception):
     pass
 
 
+START_TRIES = 3  # failed restarts in a row after which queued jobs are refused and liveness fails
+
+
 class DeviceWorker:
     """A device, its worker process and its queue."""
 
@@ -55,6 +58,8 @@ class DeviceWorker:
         self.current: Job | None = None
         self.exclusive = asyncio.Lock()  # held while a job runs; a baseline takes it to see an idle device
         self.restarts = 0
+        self.start_failures = 0  # failed starts in a row since the last crash (0 once one succeeds)
+        self.last_start_error = ""
         self._ctx = mp.get_context("spawn")
         self._cancel = self._ctx.RawValue("q", 0)
         self._proc = None
@@ -63,6 +68,8 @@ class DeviceWorker:
         self._hello: asyncio.Future | None = None
         self._dispatcher: asyncio.Task | None = None
         self.on_restart = None  # callback(index, exit code) after a crash: the front's cache mirror, logs
+        self.on_start_failed = None  # callback(index, tries, error) when a restart fails: logs, health
+        self.on_ready = None  # callback(index) when a restarted worker is ready: health
 
     # -- process lifecycle -------------------------------------------------
     async def start(self) -> None:
@@ -86,7 +93,8 @@ class DeviceWorker:
                          name=f"llem-reader-{self.index}").start()
         hello = await self._hello
         self.capabilities = hello["capabilities"]
-        self.state = "ready"
+        if self.state != "stopped":  # stop() during the start: the new process got its "stop"
+            self.state = "ready"
 
     def _reader(self, conn, proc) -> None:
         """Runs in a thread: pipe messages → event loop."""
@@ -95,9 +103,15 @@ class DeviceWorker:
                 msg = conn.recv()
             except (EOFError, OSError):
                 break
-            self._loop.call_soon_threadsafe(self._on_message, msg)
+            self._post(self._on_message, msg)
         proc.join(timeout=5)
-        self._loop.call_soon_threadsafe(self._on_exit, proc)
+        self._post(self._on_exit, proc)
+
+    def _post(self, fn, arg) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, arg)
+        except RuntimeError:  # the loop closed: the server has stopped, nobody is listening
+            pass
 
     def _on_message(self, msg: dict) -> None:
         if msg["type"] == "hello":
@@ -138,11 +152,27 @@ class DeviceWorker:
         asyncio.ensure_future(self._restart())
 
     async def _restart(self) -> None:
-        try:
-            await self._spawn()
-        except Exception:  # noqa: BLE001 - try again shortly rather than take the server down
-            await asyncio.sleep(1.0)
-            asyncio.ensure_future(self._restart())
+        """Start a new worker, retrying with back-off (1, 2, 4 … 30 s) rather than take the
+        server down; each failure is reported, and queued jobs fail after START_TRIES."""
+        delay = 1.0
+        while self.state != "stopped":
+            try:
+                await self._spawn()
+            except Exception as exc:  # noqa: BLE001 - a broken install or a lost device
+                if self.state == "stopped":
+                    return
+                self.start_failures += 1
+                self.last_start_error = str(exc)
+                if self.on_start_failed:
+                    self.on_start_failed(self.index, self.start_failures, exc)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 30.0)
+                continue
+            if self.state == "ready":
+                self.start_failures, self.last_start_error = 0, ""
+                if self.on_ready:
+                    self.on_ready(self.index)
+            return
 
     async def stop(self) -> None:
         self.state = "stopped"
@@ -204,8 +234,15 @@ class DeviceWorker:
                 continue
             self._unwait(job)
             async with self.exclusive:
-                while self.state != "ready":
+                while self.state != "ready" and self.start_failures < START_TRIES:
                     await asyncio.sleep(0.05)
+                if self.state != "ready":
+                    # Restarts keep failing (a lost GPU, a broken install): answer, do not hang.
+                    job.finish("error", {
+                        "status": "UNAVAILABLE", "retryable": True, "reason": "WORKER_RESTARTED",
+                        "message": f"the worker process for device {self.device} cannot start "
+                                   f"({self.start_failures} tries; last: {self.last_start_error}); retry later"})
+                    continue
                 self.current = job
                 job.dispatched = time.monotonic()
                 try:

@@ -28,7 +28,7 @@ from .errors import ServiceError, abort
 from .logs import bind
 from .paths import ModelPathError, resolve_model
 from .registry import FAILED, READY, Registry
-from .scheduler import DeviceWorker, QueueFull, error_from_worker
+from .scheduler import START_TRIES, DeviceWorker, QueueFull, error_from_worker
 from .streaming import IncrementalDecoder
 
 _S = grpc.StatusCode
@@ -96,6 +96,7 @@ def _name_by_directory(model_config: llem_pb2.ModelConfig, model) -> None:
         model_config.model = model.display
 
 
+_SERVICE_NAME = llem_pb2.DESCRIPTOR.services_by_name["LlemService"].full_name
 _FAILED_DEFERRED_KEEP = 1000  # failed deferred requests whose reason GetEnergy still gives
 
 
@@ -132,6 +133,8 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         self._deferred_failed: OrderedDict[str, _Deferred] = OrderedDict()
         for w in workers:
             w.on_restart = self._on_worker_restart
+            w.on_start_failed = self._on_worker_start_failed
+            w.on_ready = self._on_worker_ready
 
     def _on_worker_restart(self, index: int, exitcode: int | None = None) -> None:
         if self.log is not None:
@@ -141,6 +144,32 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         self.registry.drop_device(index)
         if self.metrics is not None:
             self.metrics.record_worker_restart(self.meter_devices.get(index, index))
+        self._update_health()
+
+    def _on_worker_start_failed(self, index: int, tries: int, error: Exception) -> None:
+        if self.log is not None:
+            self.log.error("worker_start_failed", device=self.workers[index].device, tries=tries, error=str(error),
+                           note="retrying with back-off; queued requests fail with UNAVAILABLE after "
+                                f"{START_TRIES} tries in a row")
+        self._update_health()
+
+    def _on_worker_ready(self, index: int) -> None:
+        if self.log is not None:
+            self.log.info("worker_restarted", device=self.workers[index].device, restarts=self.workers[index].restarts)
+        self._update_health()
+
+    def _update_health(self) -> None:
+        """Readiness (llem.v1.LlemService): some worker can take requests. Liveness (""): no
+        worker is stuck failing to start (a lost GPU: restarting the process may help)."""
+        if self.health is None or self.draining:
+            return
+        from grpc_health.v1 import health_pb2
+
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        ready = any(w.state == "ready" for w in self.workers)
+        stuck = any(w.start_failures >= START_TRIES for w in self.workers)
+        self._in_background(self.health.set(_SERVICE_NAME, serving if ready else not_serving))
+        self._in_background(self.health.set("", not_serving if stuck else serving))
 
     # -- helpers -------------------------------------------------------------
     def capabilities(self) -> config.Capabilities:

@@ -134,6 +134,9 @@ def worker_main(conn, device: str, cuda_index: int | None, cancel_flag, max_mode
     if cuda_index is not None:
         # Each worker sees exactly its own GPU; set before torch initialises CUDA.
         os.environ["CUDA_VISIBLE_DEVICES"] = str(cuda_index)
+    fault = os.environ.get("LLEM_FAULT_START_FILE")  # test-only: a worker that cannot start
+    if fault and os.path.exists(fault):
+        sys.exit(3)
     _log_like_the_front()  # (imports torch: after the line above)
     import torch
 
