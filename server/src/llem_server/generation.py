@@ -153,17 +153,25 @@ def run_generate(entry: LoadedModel, prompts: list[str], plan: dict, *, job_id: 
     t_tok = time.monotonic()
     limit = int(plan["max_input_tokens"])
     texts, char_cut = _cut_long_prompts(tok, prompts, limit)
+    # A caller gone during a long tokenization (megabytes of prompts take seconds) frees the
+    # device at the next slice, not after all of them: checked before each one.
+    cancelled = False
     slices = []
     for start in range(0, len(texts), batch_size):
+        if cancel_flag.value == job_id:
+            cancelled, slices = True, []
+            break
         batch = texts[start:start + batch_size]
         enc = tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=limit)
         slices.append((start, enc))
-    lengths = _lengths(slices)
-    warnings = _truncation_warning(tok, texts, slices, lengths, limit, char_cut)
     decoder_used = _effective_decoder(model, gen_kwargs)
-    warnings += _model_defaults_warning(model, gen_kwargs, sampling=decoder_used["do_sample"])
+    warnings = []
+    if not cancelled:
+        lengths = _lengths(slices)
+        warnings = _truncation_warning(tok, texts, slices, lengths, limit, char_cut)
+        warnings += _model_defaults_warning(model, gen_kwargs, sampling=decoder_used["do_sample"])
+        _check_positions(model, lengths, max_new)
     tokenization_ms = (time.monotonic() - t_tok) * 1e3
-    _check_positions(model, lengths, max_new)
 
     # The seed is applied once per request, before its first generate call (CPU and CUDA).
     torch.manual_seed(int(plan["random_seed"]))
@@ -172,7 +180,6 @@ def run_generate(entry: LoadedModel, prompts: list[str], plan: dict, *, job_id: 
     results: list[SliceResult] = []
     graphs_before = compiling.graphs()
     model._llem_auto_compiled = False
-    cancelled = False
     started = False
     for start, enc in slices:
         input_ids = enc["input_ids"].to(device)
