@@ -329,3 +329,37 @@ def test_sigterm_when_idle_exits_at_once(hard_root, tmp_path):
     t0 = time.monotonic()
     assert stop_server(srv) == 0
     assert time.monotonic() - t0 < 10  # nothing in flight: no waiting out the grace period
+
+
+def test_a_full_queue_is_shared_between_connections(hard_server):
+    """One connection holds the running request and both queue places (--max-queue 2); another
+    connection still gets in: the first one's newest queued request is pushed out with
+    QUEUE_FULL and RetryInfo (a client retrying at once used to keep every place), while the
+    first connection itself is refused rather than pushing out its own."""
+    options = [("grpc.use_local_subchannel_pool", 1)]  # two real connections, two peers
+    eager = llem_pb2_grpc.LlemServiceStub(grpc.insecure_channel(hard_server.address, options=options))
+    polite = llem_pb2_grpc.LlemServiceStub(grpc.insecure_channel(hard_server.address, options=options))
+    eager.Generate(_req("llama"), timeout=60)  # loaded
+
+    def depth() -> int:
+        return eager.GetServerInfo(llem_pb2.GetServerInfoRequest(), timeout=10).devices[0].queue_depth
+
+    running = eager.Generate.future(_long(400), timeout=120)
+    deadline = time.monotonic() + 30
+    queued = []
+    for _ in range(2):
+        queued.append(eager.Generate.future(_long(20), timeout=120))
+        want = len(queued)
+        while depth() < want:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    code, err = code_of(eager.Generate, _req("llama"), timeout=60)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and error_reason(err) == "QUEUE_FULL"
+    assert "limit 2" in err.details()  # its own: refused, nothing pushed out
+    served = polite.Generate.future(_req("llama"), timeout=120)
+    with pytest.raises(grpc.RpcError) as pushed:
+        queued[1].result()
+    assert pushed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "pushed out" in pushed.value.details()
+    assert error_reason(pushed.value) == "QUEUE_FULL" and retry_delay(pushed.value) == pytest.approx(1.0)
+    assert served.result().usage.output_tokens == 4
+    assert queued[0].result().usage.output_tokens == 20 and running.result().usage.output_tokens == 400

@@ -30,6 +30,7 @@ class Job:
     cancelled: bool = False
     finished: bool = False
     waiting: bool = True  # counted in its device's queue depth (until dispatched or cancelled)
+    peer: str = ""  # the caller's connection: its share of a full queue
     over: asyncio.Event = field(default_factory=asyncio.Event)  # set with the job's last event
 
     def finish(self, kind: str, data) -> None:
@@ -53,6 +54,7 @@ class DeviceWorker:
         self.max_models, self.max_queue = max_models, max_queue
         self.queue: asyncio.Queue[Job] = asyncio.Queue()
         self._waiting = 0  # jobs in the queue that still count: a cancelled one frees its place at once
+        self._waiting_jobs: dict[int, Job] = {}  # the same jobs, oldest first
         self.state = "starting"
         self.capabilities: dict = {}
         self.current: Job | None = None
@@ -197,19 +199,44 @@ class DeviceWorker:
         return self._proc.pid if self._proc else None
 
     # -- jobs ----------------------------------------------------------------
-    def submit(self, op: str, payload: dict) -> Job:
-        """Queue a job or raise QueueFull; the caller awaits ``job.events``."""
+    def submit(self, op: str, payload: dict, peer: str = "") -> Job:
+        """Queue a job or raise QueueFull; the caller awaits ``job.events``.
+
+        A full queue is shared fairly between connections: a caller holding fewer places than
+        another by two or more takes the newest place of the one holding most (that job is
+        answered QUEUE_FULL with RetryInfo). Without this, a client retrying at once kept
+        every place and one honouring RetryInfo never got in."""
         if self._waiting >= self.max_queue:
-            raise QueueFull(f"device {self.device} has {self._waiting} requests waiting (limit {self.max_queue})")
-        job = Job(op, payload)
+            victim = self._fair_share_victim(peer)
+            if victim is None:
+                raise QueueFull(f"device {self.device} has {self._waiting} requests waiting (limit {self.max_queue})")
+            held = sum(1 for j in self._waiting_jobs.values() if j.peer == victim.peer)
+            victim.cancelled = True
+            self._unwait(victim)
+            victim.finish("error", {
+                "status": "RESOURCE_EXHAUSTED", "retryable": True, "reason": "QUEUE_FULL",
+                "message": f"pushed out of device {self.device}'s full queue (limit {self.max_queue}) by another "
+                           f"caller: this connection held {held} of the places; retry"})
+        job = Job(op, payload, peer=peer)
         self._waiting += 1
+        self._waiting_jobs[job.id] = job
         self.queue.put_nowait(job)
         return job
+
+    def _fair_share_victim(self, peer: str) -> Job | None:
+        counts: dict[str, int] = {}
+        for j in self._waiting_jobs.values():
+            counts[j.peer] = counts.get(j.peer, 0) + 1
+        top = max(counts, key=counts.get, default=None)
+        if top is None or top == peer or counts[top] < counts.get(peer, 0) + 2:
+            return None
+        return [j for j in self._waiting_jobs.values() if j.peer == top][-1]  # its newest
 
     def _unwait(self, job: Job) -> None:
         if job.waiting:
             job.waiting = False
             self._waiting -= 1
+            self._waiting_jobs.pop(job.id, None)
 
     def cancel(self, job: Job) -> None:
         """Stop a job: skipped if still queued, stopped within one decode step if running."""

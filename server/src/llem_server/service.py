@@ -231,9 +231,9 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             return self.workers[index]
         return min(self.workers, key=lambda w: (w.queue_depth() + (1 if w.current else 0), w.index))
 
-    def _submit(self, worker: DeviceWorker, op: str, payload: dict):
+    def _submit(self, worker: DeviceWorker, op: str, payload: dict, context=None):
         try:
-            return worker.submit(op, payload)
+            return worker.submit(op, payload, peer=context.peer() if context is not None else "")
         except QueueFull as exc:
             raise ServiceError(_S.RESOURCE_EXHAUSTED, str(exc), retry_delay_s=1.0, reason="QUEUE_FULL") from None
 
@@ -337,7 +337,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                      "random_seed": plan.random_seed},
         }
         try:
-            job = self._submit(worker, "generate", payload)
+            job = self._submit(worker, "generate", payload, context)
         except ServiceError:
             self.registry.release(entry)
             raise
@@ -692,7 +692,8 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                 job = self._submit(worker, "load", {
                     "config_hash": config_hash, "source": model.source, "model_root": model.root,
                     "load_kwargs": load.load_kwargs(),
-                    "compile_kwargs": load.compile_kwargs(), "pinned": self.registry.hashes_on(worker.index)})
+                    "compile_kwargs": load.compile_kwargs(), "pinned": self.registry.hashes_on(worker.index)},
+                    context)
             except ServiceError:
                 self.registry.release(entry)
                 raise
@@ -740,7 +741,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                 self.registry.remove(request.config_hash)
                 return llem_pb2.UnloadModelResponse(unloaded=True, freed_bytes=0)
             worker = self.workers[entry.device_index]
-            job = self._submit(worker, "unload", {"config_hash": request.config_hash})
+            job = self._submit(worker, "unload", {"config_hash": request.config_hash}, context)
             try:
                 kind, data = await job.events.get()
             except asyncio.CancelledError:

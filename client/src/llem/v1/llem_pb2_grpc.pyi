@@ -31,7 +31,9 @@ whose reason is one of:
   UNKNOWN_CONFIG_HASH      NOT_FOUND            UnloadModel: no cached model has that hash
   OUT_OF_MEMORY            RESOURCE_EXHAUSTED   device or host memory ran out (RetryInfo when
                                                 unloading other models may help)
-  QUEUE_FULL               RESOURCE_EXHAUSTED   the device's queue is full (RetryInfo)
+  QUEUE_FULL               RESOURCE_EXHAUSTED   the device's queue is full, or this queued
+                                                request made room for another connection's
+                                                fair share of a full queue (RetryInfo)
   SHUTTING_DOWN            UNAVAILABLE          the server is draining (RetryInfo: go elsewhere)
   WORKER_RESTARTED         UNAVAILABLE          the device's worker process died while running
                                                 this request and is restarting (RetryInfo)
