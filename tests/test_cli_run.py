@@ -698,3 +698,21 @@ def test_interrupted_deferred_run_fetches_the_finished_requests_energy(short_kee
     assert res["status"] == "interrupted" and len(res["requests"]) >= 3
     for r in res["requests"]:  # fetched before the file was written, not "fetch it with GetEnergy"
         assert r["energy"]["available"], r["energy"]
+
+
+def test_deferred_energies_from_a_server_without_the_state_field_are_still_asked_again():
+    """DEFERRED_ENERGY_STATE_UNSPECIFIED: an older server; its words decide, as the proto says."""
+    from llem.v1 import llem_pb2
+
+    from llem_client.runner import _not_settled, _pick_deferred
+
+    def item(reason: str, state=llem_pb2.DEFERRED_ENERGY_STATE_UNSPECIFIED):
+        return llem_pb2.RequestEnergy(request_id="r", state=state,
+                                      energy=llem_pb2.Energy(available=False, unavailable_reason=reason))
+
+    assert _not_settled(item("not settled within wait_seconds=0: ask again"))
+    assert not _not_settled(item("the request did not finish: cancelled"))
+    assert _not_settled(item("x", llem_pb2.DEFERRED_ENERGY_STATE_PENDING))
+    other = item("no deferred energy for this request id on this server: ...")
+    knew = item("the request did not finish: cancelled")
+    assert _pick_deferred([other, knew]) is knew

@@ -363,3 +363,6 @@ def test_a_full_queue_is_shared_between_connections(hard_server):
     assert error_reason(pushed.value) == "QUEUE_FULL" and retry_delay(pushed.value) == pytest.approx(1.0)
     assert served.result().usage.output_tokens == 4
     assert queued[0].result().usage.output_tokens == 20 and running.result().usage.output_tokens == 400
+    # the pushed-out request let go of its model: nothing is left counted as active
+    llama = [m for m in eager.ListModels(llem_pb2.ListModelsRequest(), timeout=10).models if m.config.model == "llama"]
+    assert [(m.state, m.active_requests) for m in llama] == [(llem_pb2.MODEL_STATE_READY, 0)]

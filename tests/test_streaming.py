@@ -548,3 +548,31 @@ def test_sigterm_while_the_worker_restarts_is_a_clean_stop(model_root, tmp_path)
         assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in children)
     finally:
         stop_server(srv)
+
+
+def test_a_request_given_up_while_the_worker_restarts_never_runs(own_server):
+    """Its caller's deadline passes while the worker restarts: the dispatcher, waiting for the
+    worker, used to send the dead job anyway, and the next request then waited behind 4000
+    tokens nobody wanted while the device counted as idle."""
+    stub = own_server.stub()
+    stub.Generate(request("llama", ["Hi"], 2), timeout=120)
+    (pid,) = worker_pids(own_server)
+    psutil.Process(pid).kill()
+
+    def wait_state(want: str) -> None:
+        deadline = time.monotonic() + 60
+        while stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10).devices[0].worker_state != want:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+
+    wait_state("restarting")  # the front has seen the death: the next request waits for the new worker
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(request("llama", ["Hello"], 4000, min_new=4000), timeout=1.0)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_state("ready")
+    r = stub.Generate(request("llama", ["Hi"], 2), timeout=120)
+    assert r.usage.output_tokens == 2
+    # The new worker's first request is this one: the dead job neither loaded the model nor ran.
+    assert not r.cache_hit
+    (info,) = [m for m in stub.ListModels(pb.ListModelsRequest(), timeout=30).models if m.config_hash == r.config_hash]
+    assert info.use_count == 1

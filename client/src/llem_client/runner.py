@@ -93,7 +93,15 @@ def _energy_text(e: llem_pb2.Energy | dict | None) -> str:
 
 def _not_settled(item: llem_pb2.RequestEnergy) -> bool:
     """An energy still settling: ask again later."""
+    if item.state == llem_pb2.DEFERRED_ENERGY_STATE_UNSPECIFIED:  # a server older than the state: its words
+        return not item.energy.available and item.energy.unavailable_reason.endswith("ask again")
     return item.state == llem_pb2.DEFERRED_ENERGY_STATE_PENDING
+
+
+def _unknown_here(item: llem_pb2.RequestEnergy) -> bool:
+    if item.state == llem_pb2.DEFERRED_ENERGY_STATE_UNSPECIFIED:  # as above
+        return item.energy.unavailable_reason.startswith("no deferred energy for this request id")
+    return item.state == llem_pb2.DEFERRED_ENERGY_STATE_UNKNOWN
 
 
 def _pick_deferred(items: list[llem_pb2.RequestEnergy]) -> llem_pb2.RequestEnergy:
@@ -103,7 +111,7 @@ def _pick_deferred(items: list[llem_pb2.RequestEnergy]) -> llem_pb2.RequestEnerg
         if item.energy.available:
             return item
     for item in items:
-        if item.state != llem_pb2.DEFERRED_ENERGY_STATE_UNKNOWN:
+        if not _unknown_here(item):
             return item
     return items[0]
 

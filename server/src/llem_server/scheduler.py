@@ -211,7 +211,8 @@ class DeviceWorker:
             if victim is None:
                 raise QueueFull(f"device {self.device} has {self._waiting} requests waiting (limit {self.max_queue})")
             held = sum(1 for j in self._waiting_jobs.values() if j.peer == victim.peer)
-            victim.cancelled = True
+            # Finished, not cancelled: its handler then releases the model it held (a cancelled
+            # job's release is left to the handler's background clean-up, which this one has not).
             self._unwait(victim)
             victim.finish("error", {
                 "status": "RESOURCE_EXHAUSTED", "retryable": True, "reason": "QUEUE_FULL",
@@ -257,12 +258,14 @@ class DeviceWorker:
     async def _dispatch(self) -> None:
         while True:
             job = await self.queue.get()
-            if job.cancelled:
+            if job.cancelled or job.finished:  # cancelled, or pushed out of a full queue
                 continue
             self._unwait(job)
             async with self.exclusive:
                 while self.state != "ready" and self.start_failures < START_TRIES:
                     await asyncio.sleep(0.05)
+                if job.cancelled or job.finished:  # its caller gave up while the worker restarted
+                    continue
                 if self.state != "ready":
                     # Restarts keep failing (a lost GPU, a broken install): answer, do not hang.
                     job.finish("error", {

@@ -229,7 +229,8 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         index = self.registry.device_of(config_hash)
         if index is not None:
             return self.workers[index]
-        return min(self.workers, key=lambda w: (w.queue_depth() + (1 if w.current else 0), w.index))
+        # A worker that cannot start answers its queue at once: never prefer it for its short queue.
+        return min(self.workers, key=lambda w: (w.state != "ready", w.queue_depth() + (1 if w.current else 0), w.index))
 
     def _submit(self, worker: DeviceWorker, op: str, payload: dict, context=None):
         try:
@@ -302,7 +303,9 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             async for event in inner:
                 yield event
         except BaseException as exc:
-            if not deferred.fut.done():
+            # Only while it generates: a stream closed just after its final message is done,
+            # and its energy, settling in the background, is still to come.
+            if deferred.generating and not deferred.fut.done():
                 why = exc.message if isinstance(exc, ServiceError) else "the request was cancelled"
                 deferred.fut.set_result((energy_proto.absent((
                     f"the request did not finish: {why}")), []))
@@ -442,7 +445,8 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                 energy, warnings = await self._energy(window, t_end, out_tokens)
             except Exception as exc:  # noqa: BLE001 - a reason, never a lost future
                 energy, warnings = energy_proto.absent(f"energy failed: {exc!r}"), []
-            fut.set_result((energy, warnings))
+            if not fut.done():
+                fut.set_result((energy, warnings))
             if self.metrics is not None:  # counted once, when known: the answer itself did not count it
                 self.metrics.record_energy_message(energy, device)
             if self.log is not None:

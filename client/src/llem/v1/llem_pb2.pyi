@@ -36,7 +36,8 @@ whose reason is one of:
                                                 fair share of a full queue (RetryInfo)
   SHUTTING_DOWN            UNAVAILABLE          the server is draining (RetryInfo: go elsewhere)
   WORKER_RESTARTED         UNAVAILABLE          the device's worker process died while running
-                                                this request and is restarting (RetryInfo)
+                                                this request and is restarting, or cannot
+                                                start again (RetryInfo)
   CANCELLED                CANCELLED            cancelled before it reached the device
   INTERNAL_ERROR           INTERNAL             a server bug (never the caller's input)
 Config problems also carry a google.rpc.BadRequest with one violation per problem
