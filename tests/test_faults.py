@@ -339,7 +339,7 @@ def test_a_full_queue_is_shared_between_connections(hard_server):
     options = [("grpc.use_local_subchannel_pool", 1)]  # two real connections, two peers
     eager = llem_pb2_grpc.LlemServiceStub(grpc.insecure_channel(hard_server.address, options=options))
     polite = llem_pb2_grpc.LlemServiceStub(grpc.insecure_channel(hard_server.address, options=options))
-    eager.Generate(_req("llama"), timeout=60)  # loaded
+    config_hash = eager.Generate(_req("llama"), timeout=60).config_hash  # loaded
 
     def depth() -> int:
         return eager.GetServerInfo(llem_pb2.GetServerInfoRequest(), timeout=10).devices[0].queue_depth
@@ -364,5 +364,5 @@ def test_a_full_queue_is_shared_between_connections(hard_server):
     assert served.result().usage.output_tokens == 4
     assert queued[0].result().usage.output_tokens == 20 and running.result().usage.output_tokens == 400
     # the pushed-out request let go of its model: nothing is left counted as active
-    llama = [m for m in eager.ListModels(llem_pb2.ListModelsRequest(), timeout=10).models if m.config.model == "llama"]
+    llama = [m for m in eager.ListModels(llem_pb2.ListModelsRequest(), timeout=10).models if m.config_hash == config_hash]
     assert [(m.state, m.active_requests) for m in llama] == [(llem_pb2.MODEL_STATE_READY, 0)]
