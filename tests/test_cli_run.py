@@ -77,7 +77,7 @@ def check_result(res: dict, *, requests: int, prompts: int) -> None:
         assert len(r["completions"]) == r["prompts"]
         assert r["output_tokens"] <= 4 * r["prompts"]
     # energy.md rule 7: an energy that was not measured is absent with a reason, never 0 J
-    absent = {"available", "unavailable_reason", "method"}
+    absent = {"available", "unavailable_reason", "method", "absence"}
     for energy in [r["energy"] for r in res["requests"]] + [res["model_load"]["load_energy"]]:
         if energy is not None and not energy["available"]:
             assert set(energy) <= absent and energy["unavailable_reason"], energy

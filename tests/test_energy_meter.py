@@ -111,6 +111,7 @@ def test_counter_going_backwards_makes_spanning_windows_unavailable():
     spanning = m.report(window(m, 1.0, 2.0, rid="x"), 0.01)
     assert not spanning.available and spanning.total_j is None
     assert "went backwards" in spanning.reason and "driver reload" in spanning.reason
+    assert spanning.absence == "MEASUREMENT_FAILED"  # this window only: a rerun may measure it
     assert ("ENERGY_UNAVAILABLE", spanning.reason) in spanning.warnings
     before = m.report(window(m, 0.3, 1.2, rid="b"), 0.01)
     after = m.report(window(m, 2.0, 3.2, rid="c"), 0.01)
@@ -140,6 +141,7 @@ def test_gpu_with_neither_counter_nor_power_has_a_reason():
     assert not s.available and "no energy sensor" in s.reason and "NVML_ERROR_NOT_SUPPORTED" in s.reason
     r = m.report(window(m, 0.0, 1.0), 0.01)
     assert not r.available and r.reason == s.reason and r.total_j is None
+    assert r.absence == "NOT_METERED"
 
 
 @pytest.mark.parametrize("code,expect", [
@@ -184,7 +186,7 @@ def test_cpu_only_meter_reports_its_reason():
     w = m.open_window([], time.monotonic(), "r")
     m.close_window(w, time.monotonic(), 5)
     r = m.report(w, 0.01)
-    assert not r.available and r.reason == reason and r.total_j is None
+    assert not r.available and r.reason == reason and r.total_j is None and r.absence == "NOT_METERED"
     assert not r.cpu.available and "no RAPL" in r.cpu.reason
 
 

@@ -56,7 +56,7 @@ def test_unavailable_report_carries_reason_and_no_numbers():
     assert not m.HasField("total_j") and not m.HasField("uncertainty_j")
     assert m.HasField("duration_s") and m.duration_s == 1.0  # the window itself was stamped
     assert not m.cpu.available and "no RAPL" in m.cpu.unavailable_reason and not m.cpu.HasField("energy_j")
-    assert not energy_proto.absent("deferred").HasField("duration_s")
+    assert not energy_proto.absent("deferred", llem_pb2.ENERGY_ABSENCE_DEFERRED).HasField("duration_s")
 
 
 def test_sensor_and_baseline():

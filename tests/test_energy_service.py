@@ -138,6 +138,7 @@ def test_deferred_energy_answers_at_once_and_is_fetched_later(client):
                         energy_delivery="deferred")
     assert r.request_id == "deferred-1" and r.usage.output_tokens == 4
     assert not r.energy.available and "GetEnergy" in r.energy.unavailable_reason
+    assert r.energy.absence == llem_pb2.ENERGY_ABSENCE_DEFERRED
     assert r.timing.energy_wait_ms == 0.0  # no wait for the counter
     got = client.get_energy(["deferred-1", "never-sent"], wait_seconds=5)
     assert [x.request_id for x in got.results] == ["deferred-1", "never-sent"]
@@ -152,6 +153,8 @@ def test_deferred_energy_answers_at_once_and_is_fetched_later(client):
     # the state, not the wording, tells a driver whether to ask again
     assert [x.state for x in got.results] == [llem_pb2.DEFERRED_ENERGY_STATE_SETTLED,
                                               llem_pb2.DEFERRED_ENERGY_STATE_UNKNOWN]
+    assert [x.energy.absence for x in got.results] == [llem_pb2.ENERGY_ABSENCE_UNSPECIFIED,
+                                                       llem_pb2.ENERGY_ABSENCE_UNKNOWN_REQUEST]
     # asking again gives the same figure
     again = client.get_energy("deferred-1").results[0].energy
     assert again.total_j == e.total_j
@@ -200,6 +203,7 @@ def test_get_energy_waits_for_a_deferred_request_still_generating(client):
     early = client.get_energy("deferred-running", wait_seconds=0).results[0]
     assert early.state == llem_pb2.DEFERRED_ENERGY_STATE_PENDING and not early.energy.available
     assert early.energy.unavailable_reason.startswith("still generating")
+    assert early.energy.absence == llem_pb2.ENERGY_ABSENCE_PENDING
     got = client.get_energy("deferred-running", wait_seconds=30).results[0]
     assert call.result().usage.output_tokens == 600
     assert got.energy.available, got.energy.unavailable_reason
@@ -213,6 +217,7 @@ def test_get_energy_waits_for_a_deferred_request_still_generating(client):
     assert failed.state == llem_pb2.DEFERRED_ENERGY_STATE_SETTLED  # final: asking again will not help
     e = failed.energy
     assert not e.available and e.unavailable_reason.startswith("the request did not finish")
+    assert e.absence == llem_pb2.ENERGY_ABSENCE_NOT_RUN
     assert e.cpu.unavailable_reason  # every absent part says why
 
 

@@ -188,6 +188,7 @@ def test_energy_is_absent_with_a_reason_on_a_machine_without_gpu(client):
     r = client.generate(["Hello"], model="llama", decoder=GREEDY, max_output_tokens=2)
     assert not r.energy.available
     assert "GPU" in r.energy.unavailable_reason
+    assert r.energy.absence == pb.ENERGY_ABSENCE_NOT_METERED  # for a program: every request here
     assert not r.energy.HasField("joules_per_output_token")
     assert any(w.code == "ENERGY_UNAVAILABLE" for w in r.warnings)
 

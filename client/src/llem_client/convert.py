@@ -288,6 +288,8 @@ def message_to_dict(msg: Message) -> dict[str, Any]:
         absent: dict[str, Any] = {"available": False, "unavailable_reason": msg.unavailable_reason}  # type: ignore[attr-defined]
         if getattr(msg, "method", ""):
             absent["method"] = msg.method  # type: ignore[attr-defined]
+        if getattr(msg, "absence", 0):  # Energy's kind of reason, by name (ENERGY_ABSENCE_NOT_METERED, ...)
+            absent["absence"] = msg.DESCRIPTOR.fields_by_name["absence"].enum_type.values_by_number[msg.absence].name
         return absent
     out: dict[str, Any] = {}
     for field in msg.DESCRIPTOR.fields:

@@ -10,6 +10,8 @@ def energy(report: EnergyReport) -> llem_pb2.Energy:
     msg = llem_pb2.Energy(available=report.available, unavailable_reason=report.reason,
                           method=report.method_label, duration_s=report.duration_s,
                           provenance=provenance(report.provenance))
+    if not report.available:
+        msg.absence = llem_pb2.EnergyAbsence.Value(f"ENERGY_ABSENCE_{report.absence or 'MEASUREMENT_FAILED'}")
     c = report.cpu
     msg.cpu.CopyFrom(llem_pb2.CpuEnergy(available=c.available, unavailable_reason=c.reason, domains=c.domains))
     if c.available and c.energy_j is not None:
@@ -40,9 +42,10 @@ def energy(report: EnergyReport) -> llem_pb2.Energy:
     return msg
 
 
-def absent(reason: str) -> llem_pb2.Energy:
-    """Energy not (yet) measured, for a reason that holds for the GPU and CPU parts alike."""
-    return llem_pb2.Energy(available=False, unavailable_reason=reason,
+def absent(reason: str, absence: int) -> llem_pb2.Energy:
+    """Energy not (yet) measured, for a reason that holds for the GPU and CPU parts alike;
+    ``absence`` its kind (llem_pb2.ENERGY_ABSENCE_*)."""
+    return llem_pb2.Energy(available=False, unavailable_reason=reason, absence=absence,
                            cpu=llem_pb2.CpuEnergy(available=False, unavailable_reason=reason))
 
 

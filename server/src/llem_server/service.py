@@ -246,7 +246,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                       output_tokens: int | None) -> tuple[llem_pb2.Energy, list[llem_pb2.Warning]]:
         """Waits (off the device) for the counter to pass the window's end, then attributes."""
         if window is None:
-            return energy_proto.absent("no generation ran for this request"), []
+            return energy_proto.absent("no generation ran for this request", llem_pb2.ENERGY_ABSENCE_NOT_RUN), []
         self.meter.close_window(window, t_end, output_tokens)
         if not window.devices and not self.meter.cpu_sensor().available:
             # Nothing to wait for (no metered GPU, no RAPL): the report is immediate, so skip the
@@ -308,7 +308,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             if deferred.generating and not deferred.fut.done():
                 why = exc.message if isinstance(exc, ServiceError) else "the request was cancelled"
                 deferred.fut.set_result((energy_proto.absent((
-                    f"the request did not finish: {why}")), []))
+                    f"the request did not finish: {why}"), llem_pb2.ENERGY_ABSENCE_NOT_RUN), []))
                 self._move_to_failed(request_id, deferred)
             raise
         finally:
@@ -408,7 +408,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                                self.meter_devices.get(entry.device_index, entry.device_index))
             energy, energy_warnings = energy_proto.absent((
                 "deferred (energy_delivery = ENERGY_DELIVERY_DEFERRED): fetch it with GetEnergy(request_id) once "
-                "the energy counter has passed this request's end (~100 ms)")), []
+                "the energy counter has passed this request's end (~100 ms)"), llem_pb2.ENERGY_ABSENCE_DEFERRED), []
         else:
             energy, energy_warnings = await self._energy(window, t_end, out_tokens)
         energy_warnings.extend(stream_warnings)
@@ -444,7 +444,8 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             try:
                 energy, warnings = await self._energy(window, t_end, out_tokens)
             except Exception as exc:  # noqa: BLE001 - a reason, never a lost future
-                energy, warnings = energy_proto.absent(f"energy failed: {exc!r}"), []
+                energy, warnings = energy_proto.absent(f"energy failed: {exc!r}",
+                                                       llem_pb2.ENERGY_ABSENCE_MEASUREMENT_FAILED), []
             if not fut.done():
                 fut.set_result((energy, warnings))
             if self.metrics is not None:  # counted once, when known: the answer itself did not count it
@@ -496,7 +497,8 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                     item.energy.CopyFrom(energy_proto.absent((
                         "no deferred energy for this request id on this server: it was not sent with "
                         "ENERGY_DELIVERY_DEFERRED, is older than the last "
-                        f"{self.settings.deferred_energy_keep} deferred requests, or went to another server")))
+                        f"{self.settings.deferred_energy_keep} deferred requests, or went to another server"),
+                        llem_pb2.ENERGY_ABSENCE_UNKNOWN_REQUEST))
                     continue
                 try:
                     energy, warnings = await asyncio.wait_for(asyncio.shield(held.fut),
@@ -505,7 +507,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                     state = "still generating" if held.generating else "not settled"
                     item.state = llem_pb2.DEFERRED_ENERGY_STATE_PENDING
                     item.energy.CopyFrom(energy_proto.absent((
-                        f"{state} within wait_seconds={wait:g}: ask again")))
+                        f"{state} within wait_seconds={wait:g}: ask again"), llem_pb2.ENERGY_ABSENCE_PENDING))
                     continue
                 item.energy.CopyFrom(energy)
                 item.warnings.extend(warnings)
@@ -525,7 +527,8 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         # Every load's energy (LoadModel or a Generate's cache miss), measured off the request
         # path: the window is registered after the fact; its energy comes from the samples.
         entry.load_energy = energy_proto.absent((
-            "being measured: the energy counter has not yet passed the end of the load"))
+            "being measured: the energy counter has not yet passed the end of the load"),
+            llem_pb2.ENERGY_ABSENCE_PENDING)
         entry.load_energy_warnings = []
         entry.load_energy_task = self._in_background(self._measure_load(entry, *data["model"]["load_window"]))
 

@@ -330,6 +330,54 @@ FINISH_REASON_CANCELLED: FinishReason.ValueType  # 3
 """The request was cancelled or its deadline passed."""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
+class _EnergyAbsence:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EnergyAbsenceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EnergyAbsence.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ENERGY_ABSENCE_UNSPECIFIED: _EnergyAbsence.ValueType  # 0
+    """Energy is available (or the server predates this field: read unavailable_reason)."""
+    ENERGY_ABSENCE_NOT_METERED: _EnergyAbsence.ValueType  # 1
+    """This server does not meter the request's device: no NVIDIA GPU or driver, NVML
+    unusable, or --energy-backend none. Holds for every request on this server.
+    """
+    ENERGY_ABSENCE_MEASUREMENT_FAILED: _EnergyAbsence.ValueType  # 2
+    """The device is metered but this window could not be measured (samples missing, a
+    read error, a counter reset, ...): running the request again may measure it.
+    """
+    ENERGY_ABSENCE_DEFERRED: _EnergyAbsence.ValueType  # 3
+    """energy_delivery = ENERGY_DELIVERY_DEFERRED: fetch it with GetEnergy(request_id)."""
+    ENERGY_ABSENCE_NOT_RUN: _EnergyAbsence.ValueType  # 4
+    """The request failed or was cancelled before its tokens were done, or generated nothing."""
+    ENERGY_ABSENCE_PENDING: _EnergyAbsence.ValueType  # 5
+    """Not settled yet (GetEnergy within wait_seconds; a load's energy being measured)."""
+    ENERGY_ABSENCE_UNKNOWN_REQUEST: _EnergyAbsence.ValueType  # 6
+    """GetEnergy: this server holds nothing for the request id."""
+
+class EnergyAbsence(_EnergyAbsence, metaclass=_EnergyAbsenceEnumTypeWrapper):
+    """EnergyAbsence is the kind of reason energy is absent: what a driver can do about it."""
+
+ENERGY_ABSENCE_UNSPECIFIED: EnergyAbsence.ValueType  # 0
+"""Energy is available (or the server predates this field: read unavailable_reason)."""
+ENERGY_ABSENCE_NOT_METERED: EnergyAbsence.ValueType  # 1
+"""This server does not meter the request's device: no NVIDIA GPU or driver, NVML
+unusable, or --energy-backend none. Holds for every request on this server.
+"""
+ENERGY_ABSENCE_MEASUREMENT_FAILED: EnergyAbsence.ValueType  # 2
+"""The device is metered but this window could not be measured (samples missing, a
+read error, a counter reset, ...): running the request again may measure it.
+"""
+ENERGY_ABSENCE_DEFERRED: EnergyAbsence.ValueType  # 3
+"""energy_delivery = ENERGY_DELIVERY_DEFERRED: fetch it with GetEnergy(request_id)."""
+ENERGY_ABSENCE_NOT_RUN: EnergyAbsence.ValueType  # 4
+"""The request failed or was cancelled before its tokens were done, or generated nothing."""
+ENERGY_ABSENCE_PENDING: EnergyAbsence.ValueType  # 5
+"""Not settled yet (GetEnergy within wait_seconds; a load's energy being measured)."""
+ENERGY_ABSENCE_UNKNOWN_REQUEST: EnergyAbsence.ValueType  # 6
+"""GetEnergy: this server holds nothing for the request id."""
+Global___EnergyAbsence: _TypeAlias = EnergyAbsence  # noqa: Y015
+
 class _ModelState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -1184,6 +1232,7 @@ class Energy(_message.Message):
     PROVENANCE_FIELD_NUMBER: _builtins.int
     CPU_FIELD_NUMBER: _builtins.int
     ADJUSTED_UNCERTAINTY_J_FIELD_NUMBER: _builtins.int
+    ABSENCE_FIELD_NUMBER: _builtins.int
     available: _builtins.bool
     """True when total_j was measured."""
     unavailable_reason: _builtins.str
@@ -1216,6 +1265,10 @@ class Energy(_message.Message):
     """Error bound of adjusted_j, joules: uncertainty_j plus the baseline's
     uncertainty_w x duration_s (absent with no baseline).
     """
+    absence: Global___EnergyAbsence.ValueType
+    """Why energy is absent, for a program (unavailable_reason says it for people).
+    Unspecified when available.
+    """
     @_builtins.property
     def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceEnergy]:
         """Per-GPU figures."""
@@ -1247,10 +1300,11 @@ class Energy(_message.Message):
         provenance: Global___Provenance | None = ...,
         cpu: Global___CpuEnergy | None = ...,
         adjusted_uncertainty_j: _builtins.float | None = ...,
+        absence: Global___EnergyAbsence.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_adjusted_j", b"_adjusted_j", "_adjusted_uncertainty_j", b"_adjusted_uncertainty_j", "_baseline_power_w", b"_baseline_power_w", "_duration_s", b"_duration_s", "_joules_per_output_token", b"_joules_per_output_token", "_total_j", b"_total_j", "_uncertainty_j", b"_uncertainty_j", "adjusted_j", b"adjusted_j", "adjusted_uncertainty_j", b"adjusted_uncertainty_j", "baseline_power_w", b"baseline_power_w", "cpu", b"cpu", "duration_s", b"duration_s", "joules_per_output_token", b"joules_per_output_token", "provenance", b"provenance", "total_j", b"total_j", "uncertainty_j", b"uncertainty_j"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_adjusted_j", b"_adjusted_j", "_adjusted_uncertainty_j", b"_adjusted_uncertainty_j", "_baseline_power_w", b"_baseline_power_w", "_duration_s", b"_duration_s", "_joules_per_output_token", b"_joules_per_output_token", "_total_j", b"_total_j", "_uncertainty_j", b"_uncertainty_j", "adjusted_j", b"adjusted_j", "adjusted_uncertainty_j", b"adjusted_uncertainty_j", "approximate", b"approximate", "available", b"available", "baseline_power_w", b"baseline_power_w", "cpu", b"cpu", "devices", b"devices", "duration_s", b"duration_s", "exclusive", b"exclusive", "joules_per_output_token", b"joules_per_output_token", "low_confidence", b"low_confidence", "method", b"method", "provenance", b"provenance", "total_j", b"total_j", "unavailable_reason", b"unavailable_reason", "uncertainty_j", b"uncertainty_j"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_adjusted_j", b"_adjusted_j", "_adjusted_uncertainty_j", b"_adjusted_uncertainty_j", "_baseline_power_w", b"_baseline_power_w", "_duration_s", b"_duration_s", "_joules_per_output_token", b"_joules_per_output_token", "_total_j", b"_total_j", "_uncertainty_j", b"_uncertainty_j", "absence", b"absence", "adjusted_j", b"adjusted_j", "adjusted_uncertainty_j", b"adjusted_uncertainty_j", "approximate", b"approximate", "available", b"available", "baseline_power_w", b"baseline_power_w", "cpu", b"cpu", "devices", b"devices", "duration_s", b"duration_s", "exclusive", b"exclusive", "joules_per_output_token", b"joules_per_output_token", "low_confidence", b"low_confidence", "method", b"method", "provenance", b"provenance", "total_j", b"total_j", "unavailable_reason", b"unavailable_reason", "uncertainty_j", b"uncertainty_j"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__adjusted_j: _TypeAlias = _typing.Literal["adjusted_j"]  # noqa: Y015
     _WhichOneofArgType__adjusted_j: _TypeAlias = _typing.Literal["_adjusted_j", b"_adjusted_j"]  # noqa: Y015

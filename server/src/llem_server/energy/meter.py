@@ -121,6 +121,7 @@ class DeviceReading:
 class EnergyReport:
     available: bool
     reason: str = ""
+    absence: str = ""  # when not available: NOT_METERED or MEASUREMENT_FAILED (llem.v1.EnergyAbsence)
     method: str = ""
     attribution: str = ""  # "exclusive", "shared_by_time", "shared_by_tokens"
     exclusive: bool = False
@@ -393,9 +394,10 @@ class EnergyMeter:
             sampler.relax()
 
     # -- report ----------------------------------------------------------------------
-    def _unavailable(self, window: Window, reason: str, **kw: Any) -> EnergyReport:
+    def _unavailable(self, window: Window, reason: str, absence: str = "MEASUREMENT_FAILED", **kw: Any) -> EnergyReport:
+        """An absent figure; ``absence`` NOT_METERED where this server never meters the device."""
         dur = (window.t_end - window.t_start) if window.t_end is not None else 0.0
-        return EnergyReport(False, reason, duration_s=dur, output_tokens=window.output_tokens,
+        return EnergyReport(False, reason, absence=absence, duration_s=dur, output_tokens=window.output_tokens,
                             provenance=self.provenance(), warnings=[("ENERGY_UNAVAILABLE", reason)], **kw)
 
     def report(self, window: Window, timeout_s: float = 1.0) -> EnergyReport:
@@ -421,14 +423,15 @@ class EnergyMeter:
         t0, t1 = window.t_start, window.t_end
         cpu = self._cpu_report(t0, t1, deadline)
         if not window.devices:
-            return self._unavailable(window, self._gpu_reason or "no GPU in this request's energy window", cpu=cpu)
+            return self._unavailable(window, self._gpu_reason or "no GPU in this request's energy window",
+                                     "NOT_METERED", cpu=cpu)
         devs = []
         for i in window.devices:
             d = self._devs.get(i)
             if d is None:
-                return self._unavailable(window, f"GPU {i} is not metered by this server", cpu=cpu)
+                return self._unavailable(window, f"GPU {i} is not metered by this server", "NOT_METERED", cpu=cpu)
             if not d.state.available:
-                return self._unavailable(window, d.state.reason, cpu=cpu)
+                return self._unavailable(window, d.state.reason, "NOT_METERED", cpu=cpu)
             devs.append(d)
         for d in devs:
             if not d.sampler.wait_for_point(t1, deadline):
