@@ -174,6 +174,8 @@ def test_unavailable_energy_has_no_zero_figures():
     assert message_to_dict(absent) == {"available": False, "unavailable_reason": "no NVIDIA GPU"}
     absent.absence = llem_pb2.ENERGY_ABSENCE_NOT_METERED  # its kind, by name
     assert message_to_dict(absent)["absence"] == "ENERGY_ABSENCE_NOT_METERED"
+    absent.absence = 99  # a kind from a newer server: its number, not a crash
+    assert message_to_dict(absent)["absence"] == 99
     measured = llem_pb2.Energy(available=True, method="nvml", total_j=2.5, uncertainty_j=0.1,
                                cpu=llem_pb2.CpuEnergy(available=False, unavailable_reason="RAPL not readable"))
     d = message_to_dict(measured)

@@ -289,7 +289,8 @@ def message_to_dict(msg: Message) -> dict[str, Any]:
         if getattr(msg, "method", ""):
             absent["method"] = msg.method  # type: ignore[attr-defined]
         if getattr(msg, "absence", 0):  # Energy's kind of reason, by name (ENERGY_ABSENCE_NOT_METERED, ...)
-            absent["absence"] = msg.DESCRIPTOR.fields_by_name["absence"].enum_type.values_by_number[msg.absence].name
+            known = msg.DESCRIPTOR.fields_by_name["absence"].enum_type.values_by_number.get(msg.absence)
+            absent["absence"] = known.name if known else msg.absence  # a newer server's kind: its number
         return absent
     out: dict[str, Any] = {}
     for field in msg.DESCRIPTOR.fields:

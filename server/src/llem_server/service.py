@@ -388,20 +388,30 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                 window = self.meter.open_window(self._meter_indices(worker), result["window"][0], request_id)
         out_tokens = sum(c["output_tokens"] for c in result["completions"])
         stream_warnings = []
-        # Every token goes out before the energy wait (the counter's next update, up to
-        # ~100 ms): a stream's last token is not delayed by metering, only its totals.
-        if stream and not decoders and out_tokens:
-            # Beam search has no per-step signal: its tokens can only be sent once known.
-            for c in result["completions"]:
-                yield llem_pb2.TokenChunk(index=c["index"], token_ids=c["token_ids"], text=c["text"])
-            stream_warnings.append(llem_pb2.Warning(
-                code="STREAM_NOT_INCREMENTAL",
-                message="num_beams > 1: beam search picks its sequences at the end, so tokens were sent once done"))
-        if stream:
-            for index, dec in decoders.items():
-                tail = dec.flush()
-                if tail:
-                    yield llem_pb2.TokenChunk(index=index, text=tail)
+        try:
+            # Every token goes out before the energy wait (the counter's next update, up to
+            # ~100 ms): a stream's last token is not delayed by metering, only its totals.
+            if stream and not decoders and out_tokens:
+                # Beam search has no per-step signal: its tokens can only be sent once known.
+                for c in result["completions"]:
+                    yield llem_pb2.TokenChunk(index=c["index"], token_ids=c["token_ids"], text=c["text"])
+                stream_warnings.append(llem_pb2.Warning(
+                    code="STREAM_NOT_INCREMENTAL",
+                    message="num_beams > 1: beam search picks its sequences at the end, so tokens were sent once done"))
+            if stream:
+                for index, dec in decoders.items():
+                    tail = dec.flush()
+                    if tail:
+                        yield llem_pb2.TokenChunk(index=index, text=tail)
+        except (asyncio.CancelledError, GeneratorExit):
+            # Closed after generation, before its totals: the work was done, so its window is
+            # closed and measured (left open, it would share every later window's energy).
+            device = self.meter_devices.get(entry.device_index, entry.device_index)
+            if deferred is not None:
+                self._defer_energy(deferred, request_id, config_hash, window, t_end, out_tokens, device)
+            else:
+                self._in_background(self._energy(window, t_end, out_tokens))
+            raise
         t_wait = time.monotonic()
         if deferred is not None:
             self._defer_energy(deferred, request_id, config_hash, window, t_end, out_tokens,

@@ -340,7 +340,7 @@ class _EnergyAbsenceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EnergyA
     """Energy is available (or the server predates this field: read unavailable_reason)."""
     ENERGY_ABSENCE_NOT_METERED: _EnergyAbsence.ValueType  # 1
     """This server does not meter the request's device: no NVIDIA GPU or driver, NVML
-    unusable, or --energy-backend none. Holds for every request on this server.
+    unusable for it, or --energy-backend none. Holds for every request on that device.
     """
     ENERGY_ABSENCE_MEASUREMENT_FAILED: _EnergyAbsence.ValueType  # 2
     """The device is metered but this window could not be measured (samples missing, a
@@ -362,7 +362,7 @@ ENERGY_ABSENCE_UNSPECIFIED: EnergyAbsence.ValueType  # 0
 """Energy is available (or the server predates this field: read unavailable_reason)."""
 ENERGY_ABSENCE_NOT_METERED: EnergyAbsence.ValueType  # 1
 """This server does not meter the request's device: no NVIDIA GPU or driver, NVML
-unusable, or --energy-backend none. Holds for every request on this server.
+unusable for it, or --energy-backend none. Holds for every request on that device.
 """
 ENERGY_ABSENCE_MEASUREMENT_FAILED: EnergyAbsence.ValueType  # 2
 """The device is metered but this window could not be measured (samples missing, a
