@@ -11,12 +11,10 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from llem.v1 import llem_pb2, llem_pb2_grpc
+from llem.v1 import llem_pb2_grpc
 
 from .scheduler import DeviceWorker
-from .service import LlemServicer, Settings
-
-SERVICE_NAME = llem_pb2.DESCRIPTOR.services_by_name["LlemService"].full_name
+from .service import SERVICE_NAME, LlemServicer, Settings
 
 
 def detect_devices(spec: str) -> list[tuple[str, int | None]]:

@@ -29,7 +29,6 @@ class Job:
     dispatched: float | None = None
     cancelled: bool = False
     finished: bool = False
-    waiting: bool = True  # counted in its device's queue depth (until dispatched or cancelled)
     peer: str = ""  # the caller's connection: its share of a full queue
     over: asyncio.Event = field(default_factory=asyncio.Event)  # set with the job's last event
 
@@ -53,8 +52,9 @@ class DeviceWorker:
         self.index, self.device, self.cuda_index = index, device, cuda_index
         self.max_models, self.max_queue = max_models, max_queue
         self.queue: asyncio.Queue[Job] = asyncio.Queue()
-        self._waiting = 0  # jobs in the queue that still count: a cancelled one frees its place at once
-        self._waiting_jobs: dict[int, Job] = {}  # the same jobs, oldest first
+        # Jobs in the queue that still count (its depth), oldest first: a cancelled or dispatched
+        # one leaves at once, freeing its place.
+        self._waiting_jobs: dict[int, Job] = {}
         self.state = "starting"
         self.capabilities: dict = {}
         self.current: Job | None = None
@@ -206,11 +206,11 @@ class DeviceWorker:
         another by two or more takes the newest place of the one holding most (that job is
         answered QUEUE_FULL with RetryInfo). Without this, a client retrying at once kept
         every place and one honouring RetryInfo never got in."""
-        if self._waiting >= self.max_queue:
-            victim = self._fair_share_victim(peer)
+        if len(self._waiting_jobs) >= self.max_queue:
+            victim, held = self._fair_share_victim(peer)
             if victim is None:
-                raise QueueFull(f"device {self.device} has {self._waiting} requests waiting (limit {self.max_queue})")
-            held = sum(1 for j in self._waiting_jobs.values() if j.peer == victim.peer)
+                raise QueueFull(f"device {self.device} has {len(self._waiting_jobs)} requests waiting "
+                                f"(limit {self.max_queue})")
             # Finished, not cancelled: its handler then releases the model it held (a cancelled
             # job's release is left to the handler's background clean-up, which this one has not).
             self._unwait(victim)
@@ -219,25 +219,23 @@ class DeviceWorker:
                 "message": f"pushed out of device {self.device}'s full queue (limit {self.max_queue}) by another "
                            f"caller: this connection held {held} of the places; retry"})
         job = Job(op, payload, peer=peer)
-        self._waiting += 1
         self._waiting_jobs[job.id] = job
         self.queue.put_nowait(job)
         return job
 
-    def _fair_share_victim(self, peer: str) -> Job | None:
+    def _fair_share_victim(self, peer: str) -> tuple[Job | None, int]:
+        """The newest job of the connection holding most places, and how many it holds, where
+        that is two more than ``peer`` holds; else (None, 0)."""
         counts: dict[str, int] = {}
         for j in self._waiting_jobs.values():
             counts[j.peer] = counts.get(j.peer, 0) + 1
         top = max(counts, key=counts.get, default=None)
         if top is None or top == peer or counts[top] < counts.get(peer, 0) + 2:
-            return None
-        return [j for j in self._waiting_jobs.values() if j.peer == top][-1]  # its newest
+            return None, 0
+        return [j for j in self._waiting_jobs.values() if j.peer == top][-1], counts[top]
 
     def _unwait(self, job: Job) -> None:
-        if job.waiting:
-            job.waiting = False
-            self._waiting -= 1
-            self._waiting_jobs.pop(job.id, None)
+        self._waiting_jobs.pop(job.id, None)
 
     def cancel(self, job: Job) -> None:
         """Stop a job: skipped if still queued, stopped within one decode step if running."""
@@ -253,7 +251,7 @@ class DeviceWorker:
             job.finish("error", {"status": "CANCELLED", "message": "cancelled before it reached the device"})
 
     def queue_depth(self) -> int:
-        return self._waiting
+        return len(self._waiting_jobs)
 
     async def _dispatch(self) -> None:
         while True:

@@ -96,7 +96,7 @@ def _name_by_directory(model_config: llem_pb2.ModelConfig, model) -> None:
         model_config.model = model.display
 
 
-_SERVICE_NAME = llem_pb2.DESCRIPTOR.services_by_name["LlemService"].full_name
+SERVICE_NAME = llem_pb2.DESCRIPTOR.services_by_name["LlemService"].full_name  # its health name too
 _FAILED_DEFERRED_KEEP = 1000  # failed deferred requests whose reason GetEnergy still gives
 
 
@@ -168,7 +168,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
         ready = any(w.state == "ready" for w in self.workers)
         stuck = any(w.start_failures >= START_TRIES for w in self.workers)
-        self._in_background(self.health.set(_SERVICE_NAME, serving if ready else not_serving))
+        self._in_background(self.health.set(SERVICE_NAME, serving if ready else not_serving))
         self._in_background(self.health.set("", not_serving if stuck else serving))
 
     # -- helpers -------------------------------------------------------------
@@ -387,6 +387,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             if window is None:  # "started" is always sent first; keep a window regardless
                 window = self.meter.open_window(self._meter_indices(worker), result["window"][0], request_id)
         out_tokens = sum(c["output_tokens"] for c in result["completions"])
+        device = self.meter_devices.get(entry.device_index, entry.device_index)
         stream_warnings = []
         try:
             # Every token goes out before the energy wait (the counter's next update, up to
@@ -406,7 +407,6 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         except (asyncio.CancelledError, GeneratorExit):
             # Closed after generation, before its totals: the work was done, so its window is
             # closed and measured (left open, it would share every later window's energy).
-            device = self.meter_devices.get(entry.device_index, entry.device_index)
             if deferred is not None:
                 self._defer_energy(deferred, request_id, config_hash, window, t_end, out_tokens, device)
             else:
@@ -414,8 +414,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             raise
         t_wait = time.monotonic()
         if deferred is not None:
-            self._defer_energy(deferred, request_id, config_hash, window, t_end, out_tokens,
-                               self.meter_devices.get(entry.device_index, entry.device_index))
+            self._defer_energy(deferred, request_id, config_hash, window, t_end, out_tokens, device)
             energy, energy_warnings = energy_proto.absent((
                 "deferred (energy_delivery = ENERGY_DELIVERY_DEFERRED): fetch it with GetEnergy(request_id) once "
                 "the energy counter has passed this request's end (~100 ms)"), llem_pb2.ENERGY_ABSENCE_DEFERRED), []
