@@ -1,4 +1,6 @@
-"""Regenerate the Python stubs from proto/llem/v1/llem.proto.
+"""Regenerate the Python stubs from proto/llem/v1/llem.proto, and llem.binpb: the
+contract's descriptor with its comments (protoc --include_source_info), which the
+server's reflection sends so that `grpcurl describe` shows the documentation.
 
     python buildscripts/gen_stubs.py          # write client/src/llem/v1/*
     python buildscripts/gen_stubs.py --check  # exit 1 when the committed stubs are stale
@@ -19,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
 PROTO = PROTO_ROOT / "llem" / "v1" / "llem.proto"
 TARGET = ROOT / "client" / "src" / "llem" / "v1"
-GENERATED = ["llem_pb2.py", "llem_pb2.pyi", "llem_pb2_grpc.py", "llem_pb2_grpc.pyi"]
+GENERATED = ["llem_pb2.py", "llem_pb2.pyi", "llem_pb2_grpc.py", "llem_pb2_grpc.pyi", "llem.binpb"]
 
 
 def generate(out: Path) -> None:
@@ -28,6 +30,7 @@ def generate(out: Path) -> None:
     # protoc finds the mypy plugins on PATH: use the ones beside this interpreter, so a
     # venv's python works without the venv being activated.
     os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+    (out / "llem" / "v1").mkdir(parents=True, exist_ok=True)
     args = [
         "protoc",
         f"-I{PROTO_ROOT}",
@@ -36,6 +39,8 @@ def generate(out: Path) -> None:
         f"--grpc_python_out={out}",
         f"--mypy_out={out}",
         f"--mypy_grpc_out={out}",
+        "--include_source_info",
+        f"--descriptor_set_out={out / 'llem' / 'v1' / 'llem.binpb'}",
         str(PROTO),
     ]
     if protoc.main(args) != 0:

@@ -7,8 +7,9 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from llem_server import reflection
 from llem_server.auth import BearerTokenInterceptor, load_tokens
 
 SERVICE = "test.Guarded"
@@ -40,7 +41,7 @@ async def _scenario(check, options=()) -> None:
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    reflection.enable(server, [SERVICE, health.SERVICE_NAME])
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
@@ -111,6 +112,13 @@ def test_health_and_reflection_open_without_token():
         await call.done_writing()
         names = {s.name for s in reply.list_services_response.service}
         assert SERVICE in names
+        # ... under v1 as well (same messages on the wire, another method path).
+        v1 = ch.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                              request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                              response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)(timeout=5)
+        await v1.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+        assert SERVICE in {s.name for s in (await v1.read()).list_services_response.service}
+        await v1.done_writing()
 
     asyncio.run(_scenario(check))
 

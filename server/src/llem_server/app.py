@@ -10,9 +10,9 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from llem.v1 import llem_pb2_grpc
 
+from . import reflection
 from .scheduler import DeviceWorker
 from .service import SERVICE_NAME, LlemServicer, Settings
 
@@ -126,7 +126,7 @@ async def serve(settings: Settings, *, port_file: Path | None = None, auth_token
                             log=log, metrics=metrics,
                             health=health_servicer, front_versions=front_versions)
     llem_pb2_grpc.add_LlemServiceServicer_to_server(servicer, server)
-    reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    reflection.enable(server, [SERVICE_NAME, health.SERVICE_NAME])
 
     address = f"{settings.host}:{settings.port}"
     if tls is not None:
