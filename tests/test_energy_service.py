@@ -282,3 +282,27 @@ def test_energy_between_refuses_what_cannot_be_subtracted():
                      (reading(3.0, 0.0, available=False), "no NVIDIA GPU")):
         (bad,) = energy_between(reading(1.0, 100.0), end)
         assert bad["energy_j"] is None and why in bad["unavailable_reason"], bad
+
+
+def test_a_stream_read_slowly_does_not_share_the_next_requests_energy(sim_server, client):
+    """A stream whose reader stops reading holds its handler in grpc's write after the
+    generation ended; the next request, run alone on the device meanwhile, must still get
+    its whole window's energy (before the fix: about half, marked shared_by_time)."""
+    import grpc
+
+    # No BDP probing: the flow-control window stays at 64 KB, so the unread stream's writes stop.
+    with grpc.insecure_channel(sim_server.address, options=[("grpc.http2.bdp_probe", 0)]) as ch:
+        from llem.v1 import llem_pb2_grpc
+
+        slow = llem_pb2_grpc.LlemServiceStub(ch).GenerateStream(llem_pb2.GenerateRequest(
+            model=llem_pb2.ModelConfig(model="llama", pytorch=llem_pb2.PyTorchConfig(batch_size=64)),
+            prompts=["hello there"] * 64, max_output_tokens=250,
+            decoder=llem_pb2.DecoderConfig(do_sample=False, min_new_tokens=250)), timeout=120)
+        next(slow)  # one message, then nothing read until B is answered
+        b = client.generate(["B"], model="llama", decoder=GREEDY, max_output_tokens=64)
+        unread = sum(1 for _ in slow)
+    assert unread > 5000  # the stream really was behind (~200 KB unread): B ran while its writes waited
+    e = b.energy
+    assert e.available and e.exclusive, e.method
+    assert not any(w.code == "ENERGY_SHARED_WINDOW" for w in b.warnings)
+    assert abs(e.total_j - POWER_W * e.duration_s) <= e.uncertainty_j + 1e-6

@@ -12,7 +12,9 @@ import itertools
 import multiprocessing as mp
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import ServiceError, status_from_name
 
@@ -31,10 +33,19 @@ class Job:
     finished: bool = False
     peer: str = ""  # the caller's connection: its share of a full queue
     over: asyncio.Event = field(default_factory=asyncio.Event)  # set with the job's last event
+    # Called with each event as it arrives, before it is queued: what must happen when the
+    # device starts or stops (an energy window's edges) cannot wait for a handler that may be
+    # blocked writing to a slow reader.
+    watch: Callable[[str, Any], None] | None = None
+
+    def post(self, kind: str, data) -> None:
+        if self.watch is not None:
+            self.watch(kind, data)
+        self.events.put_nowait((kind, data))
 
     def finish(self, kind: str, data) -> None:
         self.finished = True
-        self.events.put_nowait((kind, data))
+        self.post(kind, data)
         self.over.set()
 
 
@@ -124,11 +135,11 @@ class DeviceWorker:
         if job is None or job.id != msg.get("job"):
             return
         if msg["type"] == "started":
-            job.events.put_nowait(("started", msg["t"]))
+            job.post("started", msg["t"])
         elif msg["type"] == "loaded":
-            job.events.put_nowait(("loaded", msg["result"]))
+            job.post("loaded", msg["result"])
         elif msg["type"] == "tokens":
-            job.events.put_nowait(("tokens", msg["items"]))
+            job.post("tokens", msg["items"])
         elif msg["type"] in ("done", "error"):
             job.finish(msg["type"], msg["result"] if msg["type"] == "done" else msg)
 

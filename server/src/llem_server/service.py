@@ -107,6 +107,28 @@ class _Deferred:
     generating: bool = True  # until its tokens are done; then the counter's update is awaited
 
 
+class _JobWindow:
+    """A generate job's energy window, opened and closed as the worker's events arrive
+    (``Job.watch``), not when the RPC's handler reads them: a handler blocked writing to a
+    slow stream reader would otherwise hold the window open while the next request runs,
+    and that request's energy would be split with it."""
+
+    def __init__(self, meter, devices: list[int], request_id: str):
+        self.meter, self.devices, self.request_id = meter, devices, request_id
+        self.window = None
+
+    def __call__(self, kind: str, data) -> None:
+        if kind == "started" and self.window is None:
+            self.window = self.meter.open_window(self.devices, data, self.request_id)
+        elif kind == "done" and data.get("window"):
+            t0, t1 = data["window"]
+            if self.window is None:  # "started" is always sent first; keep a window regardless
+                self.window = self.meter.open_window(self.devices, t0, self.request_id)
+            self.meter.close_window(self.window, t1, sum(c["output_tokens"] for c in data.get("completions", [])))
+        elif kind == "error" and self.window is not None:
+            self.meter.discard(self.window)
+
+
 class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
     def __init__(self, settings: Settings, workers: list[DeviceWorker], meter, *, meter_devices: dict[int, int],
                  energy_reason: str = "", log=None, metrics=None, health=None,
@@ -247,7 +269,8 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         """Waits (off the device) for the counter to pass the window's end, then attributes."""
         if window is None:
             return energy_proto.absent("no generation ran for this request", llem_pb2.ENERGY_ABSENCE_NOT_RUN), []
-        self.meter.close_window(window, t_end, output_tokens)
+        if window.t_end is None:
+            self.meter.close_window(window, t_end, output_tokens)
         if not window.devices and not self.meter.cpu_sensor().available:
             # Nothing to wait for (no metered GPU, no RAPL): the report is immediate, so skip the
             # thread-pool hop (two context switches on every unmetered request's path).
@@ -344,17 +367,17 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         except ServiceError:
             self.registry.release(entry)
             raise
+        # Set before any event can arrive (they come through this loop, after this step).
+        edges = job.watch = _JobWindow(self.meter, self._meter_indices(worker), request_id)
         # The RPC can end (cancel, disconnect, deadline) while this handler waits anywhere,
         # a stream typically inside grpc's write: stop the device from the RPC's own end.
         context.add_done_callback(lambda _ctx: None if job.finished else worker.cancel(job))
-        window, decoders, result = None, {}, None
+        decoders, result = {}, None
         t_end = None
         try:
             while True:
                 kind, data = await job.events.get()
-                if kind == "started":
-                    window = self.meter.open_window(self._meter_indices(worker), data, request_id)
-                elif kind == "loaded":
+                if kind == "loaded":
                     self._note_load(entry, data)
                 elif kind == "tokens" and stream:
                     for chunk in self._chunks(entry, decoders, data):
@@ -362,9 +385,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                 elif kind == "done":
                     result = data
                     break
-                elif kind == "error":
-                    if window is not None:
-                        self.meter.discard(window)
+                elif kind == "error":  # its window was discarded as the error arrived
                     data = _hide_root(data, model)
                     self._job_failed(entry, data)
                     raise error_from_worker(data)
@@ -375,17 +396,16 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             # For the log only: grpc cancels at the deadline a hair early by the server's clock.
             remaining = context.time_remaining() if context is not None else None
             status = "DEADLINE_EXCEEDED" if remaining is not None and remaining < 0.05 else "CANCELLED"
-            self._finish_in_background(worker, job, entry, window, request_id, status)
+            self._finish_in_background(worker, job, entry, edges, request_id, status)
             raise
         finally:
             if result is not None or not job.cancelled:
                 self.registry.release(entry)
         # A load (and its evictions) was reported by the "loaded" event before generation began.
         self.registry.used(entry, result["model"])
+        window = edges.window  # closed already, as "done" arrived
         if result.get("window"):
             t_end = result["window"][1]
-            if window is None:  # "started" is always sent first; keep a window regardless
-                window = self.meter.open_window(self._meter_indices(worker), result["window"][0], request_id)
         out_tokens = sum(c["output_tokens"] for c in result["completions"])
         device = self.meter_devices.get(entry.device_index, entry.device_index)
         stream_warnings = []
@@ -571,23 +591,20 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             chunks.append(llem_pb2.TokenChunk(index=index, token_ids=ids, text=dec.push(ids)))
         return chunks
 
-    def _finish_in_background(self, worker, job, entry, window, request_id, status: str) -> None:
+    def _finish_in_background(self, worker, job, entry, edges: _JobWindow, request_id, status: str) -> None:
         """After a cancel: wait for the worker's partial result, then log its tokens and energy."""
         async def finish():
-            w = window
             try:
                 while True:
                     kind, data = await job.events.get()
-                    if kind == "started":
-                        w = self.meter.open_window(self._meter_indices(worker), data, request_id)
-                    elif kind == "loaded":  # the load finished although nobody waits: the cache has it
+                    if kind == "loaded":  # the load finished although nobody waits: the cache has it
                         self._note_load(entry, data)
                     elif kind in ("done", "error"):
                         break
                 if kind == "error":
                     self._job_failed(entry, data)
                 tokens = sum(c["output_tokens"] for c in data.get("completions", [])) if kind == "done" else 0
-                energy = None
+                energy, w = None, edges.window
                 if w is not None and kind == "done" and data.get("window"):
                     energy, _ = await self._energy(w, data["window"][1], tokens)
                 elif w is not None:
