@@ -258,6 +258,27 @@ def test_two_identical_overlapping_windows_share_equally():
     assert abs(ra.total_j + rb.total_j - 400.0) <= ra.uncertainty_j
 
 
+def test_shared_windows_subtract_idle_power_over_their_share_of_the_time():
+    """adjusted_j of shared windows adds up to the energy above idle: each subtracts idle power
+    over its share of the time (it subtracted the whole duration, counting idle twice)."""
+    from llem_server.energy.baseline import BaselineResult
+
+    clock = FakeClock()
+    sim, m = make([SimGpu(power=[(0, 100.0), (1.0, 300.0), (3.0, 100.0)], update_period_s=0.1)], clock)
+    drive(m, clock, 4.0, 0.05)
+    m._baselines[0] = BaselineResult(0, True, power_w=100.0, duration_s=5.0, measured_monotonic=clock.t,
+                                      method="nvml_total_energy_counter", uncertainty_w=0.0)
+    a, b = window(m, 1.0, 3.0, rid="a"), window(m, 2.0, 3.0, rid="b")
+    ra, rb = m.report(a, 0.01), m.report(b, 0.01)
+    assert not ra.exclusive and not rb.exclusive
+    above_idle = sim.true_energy_j(0, T0 + 1.0, T0 + 3.0) - 100.0 * 2.0  # 400 J
+    assert ra.adjusted_j + rb.adjusted_j == pytest.approx(above_idle, abs=300.0 * 0.1)  # one counter step
+    # a ran alone for 1 s and shared 1 s equally: 1.5 s of idle power is its part
+    assert ra.total_j - ra.adjusted_j == pytest.approx(150.0)
+    assert rb.total_j - rb.adjusted_j == pytest.approx(50.0)
+    assert ra.adjusted_uncertainty_j == pytest.approx(ra.uncertainty_j)
+
+
 # ---------------------------------------------------------------- real threads
 def test_request_path_makes_no_nvml_call_and_does_not_hold_the_device():
     sim = SimulatedNvml([SimGpu(power=120.0, update_period_s=0.02)])

@@ -9,6 +9,19 @@ from pathlib import Path
 from .service import Settings
 
 
+def _devices(spec: str) -> str:
+    """auto, cpu or distinct CUDA indices: one index twice would be two workers on one GPU,
+    each timing its windows as if it ran alone there."""
+    if spec in ("auto", "cpu"):
+        return spec
+    parts = [x.strip() for x in spec.split(",")]
+    if not all(x.isdigit() for x in parts):
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected auto, cpu, or CUDA indices such as 0,1")
+    if len(set(map(int, parts))) != len(parts):
+        raise argparse.ArgumentTypeError(f"{spec!r}: each GPU once (one worker per GPU)")
+    return ",".join(parts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llem-server", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -25,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-input-tokens", type=int, default=8192, help="max_input_tokens at most")
     p.add_argument("--max-output-tokens", type=int, default=4096, help="max_output_tokens at most")
     p.add_argument("--max-message-bytes", type=int, default=16 * 1024 * 1024, help="largest request message")
-    p.add_argument("--devices", default="auto", help="auto, cpu, or comma-separated CUDA indices")
+    p.add_argument("--devices", default="auto", type=_devices,
+                   help="auto, cpu, or comma-separated CUDA indices (each once)")
     p.add_argument("--energy-backend", choices=["auto", "nvml", "simulated", "none"], default="auto",
                    help="where GPU energy comes from; 'simulated' is a known-power fake counter for tests")
     p.add_argument("--simulated-power-w", type=float, default=150.0, help="power of the simulated counter")

@@ -1246,7 +1246,11 @@ class Energy(_message.Message):
     total_j: _builtins.float
     """Raw energy over the window, all GPUs, joules (absent, not 0, when not measured)."""
     adjusted_j: _builtins.float
-    """total_j minus baseline power x duration, joules (absent with no baseline)."""
+    """total_j minus baseline power x duration, joules (absent with no baseline).
+    A shared window (exclusive false) subtracts idle power over its share of
+    the time, split as its energy was, so shared requests' adjusted_j add up
+    to the GPUs' energy above idle.
+    """
     baseline_power_w: _builtins.float
     """Baseline idle power summed over the request's GPUs, watts."""
     joules_per_output_token: _builtins.float
@@ -1263,7 +1267,8 @@ class Energy(_message.Message):
     """True where the figure integrates NVML's ~1 s average power (no counter)."""
     adjusted_uncertainty_j: _builtins.float
     """Error bound of adjusted_j, joules: uncertainty_j plus the baseline's
-    uncertainty_w x duration_s (absent with no baseline).
+    uncertainty_w x duration_s (its share of it where shared; absent with no
+    baseline).
     """
     absence: Global___EnergyAbsence.ValueType
     """Why energy is absent, for a program (unavailable_reason says it for people).

@@ -33,6 +33,10 @@ class Span:
 @dataclass
 class Split:
     shares_mj: dict = field(default_factory=dict)
+    # Each span's share of the time, seconds: its length where it ran alone, the same
+    # fractions as its energy where shared. Idle power is subtracted over this, so that the
+    # baseline-adjusted shares add up to the energy above idle.
+    shares_s: dict = field(default_factory=dict)
     idle_mj: float = 0.0
     by_tokens: bool = False  # some sub-segment was split by tokens
     by_time: bool = False    # some shared sub-segment was split equally
@@ -127,4 +131,5 @@ def split(pt_t: Sequence[float], pt_e: Sequence[float], spans: Sequence[Span], t
         total_w = sum(weights)
         for s, w in zip(active, weights):
             out.shares_mj[s.key] = out.shares_mj.get(s.key, 0.0) + seg * w / total_w
+            out.shares_s[s.key] = out.shares_s.get(s.key, 0.0) + (b - a) * w / total_w
     return out

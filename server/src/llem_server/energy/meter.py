@@ -443,6 +443,7 @@ class EnergyMeter:
         dur = t1 - t0
         out: list[DeviceReport] = []
         bl_unc_w: list = []  # each device's baseline bound, beside out
+        share_s: list[float] = []  # this window's share of each device's time, beside out
         warnings: list[tuple[str, str]] = []
         shared_tokens = shared_time = False
         approximate = False
@@ -469,6 +470,7 @@ class EnergyMeter:
             shared_tokens |= sp.by_tokens
             shared_time |= sp.by_time
             e_j = sp.shares_mj.get(window.id, 0.0) / 1000.0
+            share_s.append(sp.shares_s.get(window.id, 0.0))
             unc_j = _edges_mj(v, t0, t1) / 1000.0
             avg_w = e_j / dur if dur > 0 else 0.0
             if d.state.method == METHOD_POWER:
@@ -506,10 +508,13 @@ class EnergyMeter:
             warnings.append(("ENERGY_SHARED_WINDOW",
                              f"other requests ran on the same GPU during this one: the shared energy was split {how} "
                              "(energy.md rule 3)"))
-        baseline_w = baseline_unc_w = None
+        baseline_w = adjusted = adjusted_unc = None
         if all(r.baseline_power_w is not None for r in out):
             baseline_w = sum(r.baseline_power_w for r in out)
-            baseline_unc_w = sum(bl_unc_w)
+            # Idle power over this window's share of each GPU's time (its whole window when
+            # exclusive): a shared window's energy is a share, so is the idle energy in it.
+            adjusted = total - sum(r.baseline_power_w * s for r, s in zip(out, share_s))
+            adjusted_unc = unc + sum(u * s for u, s in zip(bl_unc_w, share_s))
         tokens = window.output_tokens
         if self._simulated:
             warnings.append(("ENERGY_SIMULATED", "this energy comes from a simulated NVML counter "
@@ -520,8 +525,7 @@ class EnergyMeter:
                 "shared_by_tokens" if shared_tokens and not shared_time else "shared_by_time"),
             exclusive=exclusive, total_j=total, duration_s=dur, uncertainty_j=unc, low_confidence=low,
             approximate=approximate, devices=out, baseline_power_w=baseline_w,
-            adjusted_j=total - baseline_w * dur if baseline_w is not None else None,
-            adjusted_uncertainty_j=unc + baseline_unc_w * dur if baseline_unc_w is not None else None,
+            adjusted_j=adjusted, adjusted_uncertainty_j=adjusted_unc,
             joules_per_output_token=total / tokens if tokens else None, output_tokens=tokens,
             provenance=self.provenance(), cpu=cpu, warnings=warnings)
 
