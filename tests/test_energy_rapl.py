@@ -23,12 +23,14 @@ def test_packages_summed_subzones_ignored_and_wrap_undone(tmp_path):
     p0 = zone(tmp_path, "intel-rapl:0", "package-0", 900_000)
     p1 = zone(tmp_path, "intel-rapl:1", "package-1", 10_000)
     core = zone(tmp_path, "intel-rapl:0:0", "core", 5)
+    psys = zone(tmp_path, "intel-rapl:2", "psys", 7)  # the platform: the packages are inside it
     r = RaplReader(str(tmp_path))
     assert r.domains == ["package-0", "package-1"]
     assert r.read().value == 0.0
     (p0 / "energy_uj").write_text("100000\n")  # wrapped: 900 000 -> MAX -> 100 000
     (p1 / "energy_uj").write_text("60000\n")
     (core / "energy_uj").write_text("999999\n")
+    (psys / "energy_uj").write_text("999999\n")
     assert r.read().value == pytest.approx((200_000 + 50_000) / 1000)  # mJ
 
 
@@ -67,3 +69,9 @@ def test_absent_with_reasons(tmp_path, monkeypatch):
         RaplReader(str(tmp_path))
     s = EnergyMeter([], rapl_root=str(tmp_path)).cpu_sensor()
     assert not s.available and "permission denied" in s.reason
+
+
+def test_a_platform_zone_alone_is_no_package_energy(tmp_path):
+    zone(tmp_path, "intel-rapl:0", "psys", 1)
+    with pytest.raises(RaplUnavailable, match="no package zone.*only psys"):
+        RaplReader(str(tmp_path))

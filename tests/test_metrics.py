@@ -126,6 +126,17 @@ def test_servicer_level_helpers():
     assert 'llem_energy_joules_total{device="cpu"}' not in text
 
 
+def test_simulated_joules_are_kept_out_of_the_measured_total():
+    llem_pb2 = pytest.importorskip("llem.v1.llem_pb2")
+    m = Metrics()
+    for method, j in (("nvml_total_energy_counter/exclusive", 10.0), ("simulated:nvml_total_energy_counter/exclusive", 99.0)):
+        m.record_energy_message(llem_pb2.Energy(available=True, method=method, total_j=j,
+                                                devices=[llem_pb2.DeviceEnergy(index=0, energy_j=j)]))
+    text = m.render().decode()
+    assert 'llem_energy_joules_total{device="0"} 10.0' in text
+    assert 'llem_simulated_energy_joules_total{device="0"} 99.0' in text
+
+
 SERVICE = "test.Metered"
 
 

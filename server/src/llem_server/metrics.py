@@ -21,6 +21,7 @@ without end. Requests by method and status come from :meth:`Metrics.interceptor`
 | llem_input_tokens_total / llem_output_tokens_total | counter | device |
 | llem_stopped_output_tokens_total | counter | device (tokens made by requests cancelled or past their deadline; not in output_tokens) |
 | llem_energy_joules_total | counter | device (measured energy only; never estimated, never zero-for-unknown) |
+| llem_simulated_energy_joules_total | counter | device (joules of `--energy-backend simulated`: test figures, kept out of the measured total) |
 | llem_energy_unavailable_total | counter | device (requests whose energy could not be measured) |
 | llem_model_cache_hits_total / _misses_total / _evictions_total | counter | device (hits and misses of completed generations; every load, a stopped request's too, is in llem_model_load_seconds) |
 | llem_queue_depth | gauge | device |
@@ -115,6 +116,9 @@ class Metrics:
                                         ["device"], registry=r)
         self.c_energy_joules = Counter("llem_energy_joules", "Measured GPU energy attributed to requests, joules.",
                                        ["device"], registry=r)
+        self.c_simulated_joules = Counter("llem_simulated_energy_joules",
+                                          "Simulated GPU energy (--energy-backend simulated), joules: not a measurement.",
+                                          ["device"], registry=r)
         self.c_energy_unavailable = Counter("llem_energy_unavailable",
                                             "Requests whose energy could not be measured.", ["device"], registry=r)
         self.c_cache_hits = Counter("llem_model_cache_hits", "Requests served by an already loaded model.",
@@ -160,14 +164,16 @@ class Metrics:
         if output_tokens > 0:
             (self.c_stopped_tokens if stopped else self.c_output_tokens).labels(device=d).inc(output_tokens)
 
-    def record_energy(self, device: int | str | None, joules: float | None) -> None:
+    def record_energy(self, device: int | str | None, joules: float | None, *, simulated: bool = False) -> None:
         """Measured joules for one request on one device. ``None`` (or a value that
-        is not a finite, non-negative number) counts as unavailable, never as 0 J."""
+        is not a finite, non-negative number) counts as unavailable, never as 0 J.
+        Simulated joules go to a counter of their own: a dashboard summing the measured
+        total must not take in a test figure."""
         d = _device(device)
         if joules is None or not math.isfinite(joules) or joules < 0:
             self.c_energy_unavailable.labels(device=d).inc()
             return
-        self.c_energy_joules.labels(device=d).inc(joules)
+        (self.c_simulated_joules if simulated else self.c_energy_joules).labels(device=d).inc(joules)
 
     def record_energy_wait(self, device: int | str | None, seconds: float) -> None:
         if math.isfinite(seconds) and seconds >= 0:
@@ -210,11 +216,13 @@ class Metrics:
         gets the total), or one "unavailable" on ``device``."""
         if not getattr(energy, "available", False):
             self.record_energy(device, None)
-        elif energy.devices:
+            return
+        simulated = energy.method.startswith("simulated:")
+        if energy.devices:
             for d in energy.devices:
-                self.record_energy(d.index, d.energy_j)
+                self.record_energy(d.index, d.energy_j, simulated=simulated)
         else:
-            self.record_energy(device, energy.total_j)
+            self.record_energy(device, energy.total_j, simulated=simulated)
 
     def stopped_tokens(self, tokens: int, device: int | str | None = None) -> None:
         """Output tokens a cancelled (or timed-out) request produced before it stopped."""

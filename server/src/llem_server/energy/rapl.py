@@ -1,7 +1,9 @@
 """CPU package energy from RAPL (``/sys/class/powercap/intel-rapl:N``).
 
-Only top-level zones (packages, ``intel-rapl:N``) are summed: their sub-zones (core,
-uncore, dram) are parts of or beside the package and would count twice. ``energy_uj``
+Only top-level package zones (``intel-rapl:N`` named ``package-K``) are summed: their
+sub-zones (core, uncore, dram) are parts of or beside the package and would count twice,
+and the top-level ``psys`` zone (the whole platform, where the firmware offers it)
+already contains the packages. ``energy_uj``
 wraps at ``max_energy_range_uj`` (minutes at full load); sampling every ~100 ms sees at
 most one wrap per read, which ``read`` unwraps into a continuous total.
 """
@@ -38,10 +40,14 @@ class RaplReader:
         if not zones:
             raise RaplUnavailable(f"no RAPL: no intel-rapl:N package zones under {root}")
         self.zones: list[tuple[str, str, int]] = []  # (dir, name, max range uJ)
+        skipped = []
         for z in zones:
             d = os.path.join(root, z)
             try:
                 name = open(os.path.join(d, "name")).read().strip() if os.path.exists(os.path.join(d, "name")) else z
+                if name != z and not name.startswith("package"):
+                    skipped.append(name)  # psys: the platform, packages included
+                    continue
                 max_uj = _read_int(os.path.join(d, "max_energy_range_uj"))
                 _read_int(os.path.join(d, "energy_uj"))
             except PermissionError:
@@ -51,6 +57,8 @@ class RaplReader:
             except (OSError, ValueError) as exc:
                 raise RaplUnavailable(f"RAPL not readable: {d}: {exc}") from None
             self.zones.append((d, name, max_uj))
+        if not self.zones:
+            raise RaplUnavailable(f"no RAPL: no package zone under {root} (only {', '.join(skipped)})")
         self.domains = [n for _, n, _ in self.zones]
         self._last: list[int | None] = [None] * len(self.zones)
         self._acc_uj = 0  # continuous total across wraps
