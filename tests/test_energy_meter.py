@@ -279,6 +279,37 @@ def test_shared_windows_subtract_idle_power_over_their_share_of_the_time():
     assert ra.adjusted_uncertainty_j == pytest.approx(ra.uncertainty_j)
 
 
+def test_a_window_longer_than_the_sample_buffer_is_measured_and_accounted_whole():
+    """The buffer keeps `capacity` points (2-4 h at the default); a request running longer
+    pins them from its start, and the ledger stays whole (it lost the evicted stretch)."""
+    clock = FakeClock()
+    sim, m = make([SimGpu(power=[(0, 80.0), (1.0, 300.0), (30.0, 80.0)], update_period_s=0.1)], clock, capacity=50)
+    drive(m, clock, 0.9, 0.1)
+    w = m.open_window([0], T0 + 1.0, "long")  # opened as generation starts, closed 29 s (~290 points) later
+    drive(m, clock, 30.0, 0.1)
+    m.close_window(w, T0 + 30.0, 1000)
+    drive(m, clock, 31.0, 0.1)
+    r = m.report(w, 0.01)
+    assert r.available, r.reason
+    assert abs(r.total_j - sim.true_energy_j(0, T0 + 1.0, T0 + 30.0)) <= r.uncertainty_j
+    attributed, idle = m.ledger(0)
+    assert attributed == pytest.approx(r.total_j, abs=1e-6)
+    assert attributed + idle == pytest.approx(m.counter_delta_j(0), abs=300.0 * 0.1)
+
+
+def test_an_idle_stretch_longer_than_the_buffer_stays_in_the_ledger_and_memory_stays_bounded():
+    clock = FakeClock()
+    sim, m = make([SimGpu(power=60.0, update_period_s=0.1)], clock, capacity=50)
+    drive(m, clock, 120.0, 0.1)  # 1200 reads, no request: the ledger settles by itself every 10 s
+    assert m.sampler_stats(0)["points"] <= 2 * 50 + 120  # twice the capacity, plus the pin's lag
+    w = window(m, 120.5, 121.0, rid="after-idle")
+    drive(m, clock, 122.0, 0.1)
+    assert m.report(w, 0.01).available
+    attributed, idle = m.ledger(0)
+    assert attributed + idle == pytest.approx(m.counter_delta_j(0), abs=60.0 * 0.1)
+    assert idle == pytest.approx(60.0 * 121.5, rel=0.01)
+
+
 # ---------------------------------------------------------------- real threads
 def test_request_path_makes_no_nvml_call_and_does_not_hold_the_device():
     sim = SimulatedNvml([SimGpu(power=120.0, update_period_s=0.02)])

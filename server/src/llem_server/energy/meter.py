@@ -52,6 +52,7 @@ COUNTER_UNIT_MJ = 1.0  # nvmlDeviceGetTotalEnergyConsumption counts whole millij
 PHASE_WAIT_S = 5.0  # a baseline waits at most this long for the sampler to learn the update clock
 TEMP_DRIFT_C = 10.0
 POWER_AVG_LAG_S = 0.5  # the ~1 s average lags by about half its span at each edge
+SETTLE_EVERY_S = 10.0  # the ledger settles at least this often, requests or not (its horizon pins the samples)
 POWER_AVG_REL = 0.015  # counter vs integrated average agreed within 1.5 % over >= 8 s (energy.md)
 
 _ids = itertools.count(1)
@@ -154,8 +155,13 @@ class _Dev:
     sampler: Sampler | None = None
     windows: list[Window] = field(default_factory=list)
     acct_t: float | None = None
+    settled_at: float | None = None  # clock time of the last settle
     attr_mj: float = 0.0
     idle_mj: float = 0.0
+
+
+def dur_h(t0: float, t1: float) -> str:
+    return f"{(t1 - t0) / 3600:.1f} h"
 
 
 def _nearest(ts: list[float], vals: list, t: float):
@@ -299,7 +305,15 @@ class EnergyMeter:
         sampler = Sampler(read, mode=mode, period_s=self._period, clock=self._clock, capacity=capacity,
                           fast_period_s=self._fast_period,
                           name=f"gpu{idx}")
-        return _Dev(idx, SensorState(True, "", method), static, sampler)
+        dev = _Dev(idx, SensorState(True, "", method), static, sampler)
+        sampler.after_read = lambda: self._housekeep(dev)
+        return dev
+
+    def _housekeep(self, d: _Dev) -> None:
+        """Settle the ledger now and then even with no request reported: it pins the
+        sampler's points from its horizon on, so an idle stretch must not hold them."""
+        if d.settled_at is None or self._clock() - d.settled_at >= SETTLE_EVERY_S:
+            self._settle(d)
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -316,6 +330,7 @@ class EnergyMeter:
         for d in self._devs.values():
             if d.sampler:
                 d.sampler.sample_once()
+                self._housekeep(d)
         if self._cpu_sampler:
             self._cpu_sampler.sample_once()
 
@@ -453,8 +468,10 @@ class EnergyMeter:
                 return self._unavailable(window, f"GPU {d.index}: the window began before the energy sampler's "
                                                  "first reading", cpu=cpu)
             if v.oldest_t is not None and t0 < v.oldest_t:
-                return self._unavailable(window, f"GPU {d.index}: the window is older than the energy sample "
-                                                 "buffer", cpu=cpu)
+                return self._unavailable(window, (
+                    f"GPU {d.index}: the window ({dur_h(t0, t1)}) began before the oldest energy sample kept: "
+                    "samples are held for an open request up to 8 x the buffer (8-16 h); split the work into "
+                    "shorter requests"), cpu=cpu)
             if v.gaps:
                 return self._unavailable(window, f"GPU {d.index}: {v.gaps[0][2]}", cpu=cpu)
             with self._lock:
@@ -576,8 +593,10 @@ class EnergyMeter:
             return
         now = self._clock()
         with self._lock:
+            d.settled_at = now
             if d.acct_t is None:
                 d.acct_t = d.sampler.first_point()[0]
+                d.sampler.pin(d.acct_t)
             h = min(lp[0], now - self._grace)
             for w in d.windows:
                 # A closed window never reported for 5 min is abandoned, not a reason to stall.
@@ -588,6 +607,9 @@ class EnergyMeter:
                 return
             self._account(d, d.acct_t, h, commit=True)
             d.acct_t = h
+            # Open windows start after the horizon (it waits for them): pinning it keeps
+            # both the ledger's and their points.
+            d.sampler.pin(h)
             d.windows = [w for w in d.windows if not (w.t_end is not None and w.t_end <= h
                                                       and (w.reported or now - (w.closed_at or now) >= 300))]
 

@@ -108,6 +108,11 @@ class _Buf:
             lst.append(x)
 
 
+# How far a pin may hold points back, in capacities: beyond it the oldest go anyway (a
+# window open that long, 8-16 h at the default capacity, is then refused with a reason).
+PIN_LIMIT = 8
+
+
 class Sampler:
     def __init__(self, read: Callable[[], Reading], *, mode: str = "counter", period_s: float = 0.1,
                  clock: Callable[[], float] = time.monotonic, capacity: int = 72_000, name: str = "sensor",
@@ -143,6 +148,12 @@ class Sampler:
         self._wake = threading.Event()
         self._clock = clock
         self._cap = capacity  # 72 000 samples = 2 h at 100 ms
+        # Points at or after this time are kept (up to PIN_LIMIT x capacity): the meter pins
+        # what its ledger has not settled and what open windows still need, so a request
+        # longer than the buffer, or a long idle stretch, is measured and accounted whole.
+        self._pin: float | None = None
+        # Called on the sampler's thread after each read (the meter's periodic settling).
+        self.after_read: Callable[[], None] | None = None
         self.name = name
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -277,6 +288,8 @@ class Sampler:
         while not self._stop.is_set():
             last = self._clock()
             self.sample_once()
+            if self.after_read is not None:
+                self.after_read()
             self._cpu = (time.thread_time() - cpu0, self._read_cpu_s, time.monotonic() - wall0)
             nxt = self.schedule(last, nxt)
             if nxt < self._clock():
@@ -461,11 +474,21 @@ class Sampler:
             return None
         return next((c for c in cands if round((c - prev) / period) == n), None)
 
+    def pin(self, t: float | None) -> None:
+        """Keep the points from ``t`` on (None: no pin)."""
+        self._pin = t
+
     def _trim(self) -> None:
         b = self._buf
+        pin = self._pin
         for ts, others in ((b.s_t, (b.s_temp, b.s_reasons)), (b.pt_t, (b.pt_e, b.pt_lo, b.pt_hi))):
             if len(ts) > 2 * self._cap:  # amortised: lists stay bisectable
                 cut = len(ts) - self._cap
+                if pin is not None and len(ts) <= PIN_LIMIT * self._cap:
+                    # a few points before the pin: interpolation at it needs its neighbours
+                    cut = min(cut, bisect.bisect_right(ts, pin) - 4)
+                    if cut < self._cap // 2:
+                        continue  # too few to free: wait for the pin to move
                 del ts[:cut]
                 for o in others:
                     del o[:cut]
