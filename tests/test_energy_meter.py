@@ -134,6 +134,22 @@ def test_counterless_gpu_integrates_average_power_marked_approximate():
     assert "ENERGY_APPROXIMATE" in [c for c, _ in r.warnings]
 
 
+@pytest.mark.parametrize("idle_w,burst_w", [(20.0, 1000.0), (20.0, 300.0), (60.0, 700.0)])
+@pytest.mark.parametrize("burst_s", [0.1, 0.3, 0.5, 1.5])
+def test_counterless_bound_covers_a_burst_that_the_trailing_average_hides(idle_w, burst_w, burst_s):
+    """The lag of a ~1 s average is worst for a burst after idle: the bound is taken from the
+    power read at the edges (where the burst shows), not the window's own lagged average."""
+    clock = FakeClock()
+    sim, m = make([SimGpu(power=[(0, idle_w), (10.0, burst_w), (10.0 + burst_s, idle_w)], counter=False)], clock)
+    drive(m, clock, 12.0, 0.1)
+    r = m.report(window(m, 10.0, 10.0 + burst_s), 0.01)
+    truth = sim.true_energy_j(0, T0 + 10.0, T0 + 10.0 + burst_s)
+    assert abs(r.total_j - truth) <= r.uncertainty_j, (r.total_j, truth, r.uncertainty_j)
+    assert r.low_confidence  # under 10 s of a 1 s average: the edges weigh
+    # a counter-less GPU has no counter updates to report
+    assert r.devices[0].counter_updates == 0 and r.devices[0].counter_update_ms is None
+
+
 def test_gpu_with_neither_counter_nor_power_has_a_reason():
     clock = FakeClock()
     sim, m = make([SimGpu(counter=False, power_reading=False)], clock)

@@ -1075,9 +1075,9 @@ class DeviceEnergy(_message.Message):
     (counter_update_ms apart), so this is about one update's energy.
     """
     counter_update_ms: _builtins.float
-    """Median time between counter updates, milliseconds."""
+    """Median time between counter updates, milliseconds (absent without a counter)."""
     counter_updates: _builtins.int
-    """Counter updates inside the window."""
+    """Counter updates inside the window (0 on a GPU without an energy counter)."""
     baseline_power_w: _builtins.float
     """Baseline idle power for this GPU, watts (absent with no baseline)."""
     def __init__(
@@ -1260,7 +1260,10 @@ class Energy(_message.Message):
     uncertainty_j: _builtins.float
     """Error bound on total_j, joules (absent with total_j)."""
     low_confidence: _builtins.bool
-    """True for windows under ~1 s or with fewer than 10 counter updates."""
+    """True for windows under ~1 s or with fewer than 10 counter updates (on a
+    GPU without a counter, approximate: under 10 s, ten spans of its ~1 s
+    average power).
+    """
     exclusive: _builtins.bool
     """True when no other request shared the window on these GPUs."""
     approximate: _builtins.bool

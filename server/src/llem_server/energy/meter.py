@@ -51,7 +51,8 @@ MIN_UPDATES = 10
 COUNTER_UNIT_MJ = 1.0  # nvmlDeviceGetTotalEnergyConsumption counts whole millijoules
 PHASE_WAIT_S = 5.0  # a baseline waits at most this long for the sampler to learn the update clock
 TEMP_DRIFT_C = 10.0
-POWER_AVG_LAG_S = 0.5  # the ~1 s average lags by about half its span at each edge
+POWER_AVG_SPAN_S = 1.0  # NVML's average power covers about the last second
+POWER_SHORT_WINDOW_S = 10.0  # counter-less GPUs: windows shorter than 10 spans are low-confidence
 SETTLE_EVERY_S = 10.0  # the ledger settles at least this often, requests or not (its horizon pins the samples)
 POWER_AVG_REL = 0.015  # counter vs integrated average agreed within 1.5 % over >= 8 s (energy.md)
 
@@ -158,6 +159,13 @@ class _Dev:
     settled_at: float | None = None  # clock time of the last settle
     attr_mj: float = 0.0
     idle_mj: float = 0.0
+
+
+def _edge_power_w(v, t: float) -> float:
+    """The highest average power read within 0.3 s of ``t`` (else the nearest read), W."""
+    reads = [(abs(ts - t), p) for ts, p in zip(v.s_t, v.s_power) if p is not None]
+    near = [p for dt, p in reads if dt <= 0.3]
+    return max(near) if near else min(reads, default=(0.0, 0.0))[1]
 
 
 def dur_h(t0: float, t1: float) -> str:
@@ -492,7 +500,11 @@ class EnergyMeter:
             avg_w = e_j / dur if dur > 0 else 0.0
             if d.state.method == METHOD_POWER:
                 approximate = True
-                unc_j += 2 * POWER_AVG_LAG_S * avg_w + POWER_AVG_REL * e_j
+                # Integrating a trailing ~1 s average counts up to 1 s of power from before
+                # the window and misses up to 1 s of its end: each at most the average read
+                # at that edge (a burst shorter than the span is in the first read after it).
+                # The window's own average cannot bound it: it is what the lag hides.
+                unc_j += POWER_AVG_SPAN_S * max(_edge_power_w(v, t0), _edge_power_w(v, t1)) + POWER_AVG_REL * e_j
             # Reasons are a state at read time: include the first sample after the end.
             reasons = 0
             for ts, r in zip(v.s_t, v.s_reasons):
@@ -506,20 +518,28 @@ class EnergyMeter:
                 power_limit_w=st.get("power_limit_w"), persistence_mode=st.get("persistence_mode"),
                 temperature_start_c=_nearest(v.s_t, v.s_temp, t0), temperature_end_c=_nearest(v.s_t, v.s_temp, t1),
                 counter_resolution_mj=v.resolution_mj if d.state.method == METHOD_COUNTER else None,
-                counter_update_ms=v.update_s * 1000.0 if v.update_s else None,
-                counter_updates=updates_inside(v.pt_t, t0, t1),
+                # A counter-less GPU has no counter updates: its points are power reads.
+                counter_update_ms=v.update_s * 1000.0 if v.update_s and d.state.method == METHOD_COUNTER else None,
+                counter_updates=updates_inside(v.pt_t, t0, t1) if d.state.method == METHOD_COUNTER else 0,
                 baseline_power_w=bl.power_w if bl and bl.available else None,
                 uncertainty_j=unc_j, exclusive=exclusive))
             warnings += self._device_warnings(d, out[-1], reasons, bl)
         total = sum(r.energy_j for r in out)
         unc = sum(r.uncertainty_j for r in out)
         exclusive = all(r.exclusive for r in out)
-        min_updates = min(r.counter_updates for r in out)
-        low = dur < SHORT_WINDOW_S or min_updates < MIN_UPDATES
+        counted = [r.counter_updates for r, d in zip(out, devs) if d.state.method == METHOD_COUNTER]
+        min_updates = min(counted) if counted else None
+        low = dur < SHORT_WINDOW_S or (min_updates is not None and min_updates < MIN_UPDATES)
         if low:
             warnings.insert(0, ("ENERGY_SHORT_WINDOW",
                                 f"energy window of {dur:.3f} s spans {min_updates} counter update(s) (under "
                                 f"{SHORT_WINDOW_S:g} s or {MIN_UPDATES} updates): {total:.3f} J ± {unc:.3f} J"))
+        elif approximate and dur < POWER_SHORT_WINDOW_S:
+            # The counter's "10 updates", for a trailing 1 s average: 10 of its spans.
+            low = True
+            warnings.insert(0, ("ENERGY_SHORT_WINDOW",
+                                f"energy window of {dur:.3f} s integrates a ~1 s average power (no counter): under "
+                                f"{POWER_SHORT_WINDOW_S:g} s its edges weigh: {total:.3f} J ± {unc:.3f} J"))
         if not exclusive:
             how = "by token rate" if shared_tokens and not shared_time else "by time"
             warnings.append(("ENERGY_SHARED_WINDOW",

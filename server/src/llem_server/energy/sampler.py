@@ -70,6 +70,7 @@ class View:
     s_t: list[float]
     s_temp: list[float | None]
     s_reasons: list[int | None]
+    s_power: list[float | None]  # power mode: each read's ~1 s average power, W (else None)
     gaps: list[tuple[float, float, str]]
     resolution_mj: float | None
     update_s: float | None
@@ -100,6 +101,7 @@ class _Buf:
     s_t: list[float] = field(default_factory=list)
     s_temp: list = field(default_factory=list)
     s_reasons: list = field(default_factory=list)
+    s_power: list = field(default_factory=list)
 
     def add_point(self, t: float, e: float, span: tuple[float, float] | None = None) -> None:
         """A point; ``span``: where its update may lie, where wider than ``t``'s error."""
@@ -345,6 +347,7 @@ class Sampler:
         b.s_t.append(t)
         b.s_temp.append(r.temperature_c)
         b.s_reasons.append(r.event_reasons)
+        b.s_power.append(r.value if self.mode == "power" else None)
         v, prev, prev_t = r.value, self._prev_raw, self._prev_t
         if self.mode == "power":
             e = 0.0 if not b.pt_e else b.pt_e[-1] + (self._prev_power + v) / 2 * (t - prev_t) * 1000.0
@@ -481,7 +484,7 @@ class Sampler:
     def _trim(self) -> None:
         b = self._buf
         pin = self._pin
-        for ts, others in ((b.s_t, (b.s_temp, b.s_reasons)), (b.pt_t, (b.pt_e, b.pt_lo, b.pt_hi))):
+        for ts, others in ((b.s_t, (b.s_temp, b.s_reasons, b.s_power)), (b.pt_t, (b.pt_e, b.pt_lo, b.pt_hi))):
             if len(ts) > 2 * self._cap:  # amortised: lists stay bisectable
                 cut = len(ts) - self._cap
                 if pin is not None and len(ts) <= PIN_LIMIT * self._cap:
@@ -592,6 +595,7 @@ class Sampler:
             return View(
                 pt_t=b.pt_t[i:j], pt_e=b.pt_e[i:j], pt_lo=b.pt_lo[i:j], pt_hi=b.pt_hi[i:j],
                 s_t=b.s_t[k:m], s_temp=b.s_temp[k:m], s_reasons=b.s_reasons[k:m],
+                s_power=b.s_power[k:m],
                 gaps=[g for g in self._gaps if g[0] < t1 and g[1] > t0],
                 resolution_mj=self._min_step,
                 update_s=self._update_period(),
