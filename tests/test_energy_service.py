@@ -87,10 +87,14 @@ def test_a_load_made_by_generate_has_its_energy_measured_too(client):
 
 
 def test_baseline_is_measured_and_subtracted(client):
+    client.generate(["resident"], model="llama", decoder=GREEDY, max_output_tokens=1)
     before = time.time()
     b = client.measure_baseline(duration_s=0.6)
     dev = b.devices[0]
     assert dev.available and 0 < dev.baseline.uncertainty_w
+    # the serving state it was measured in: with the model resident
+    ready = [m for m in client.list_models().models if m.state == llem_pb2.MODEL_STATE_READY]
+    assert dev.baseline.HasField("models_loaded") and dev.baseline.models_loaded == len(ready) > 0
     assert abs(dev.baseline.power_w - POWER_W) <= dev.baseline.uncertainty_w + 1e-6
     assert dev.baseline.measured_unix >= before + 0.6  # its age counts from the end of the measurement
     # under 1 s: said so, with the bound that adjusted figures will carry
@@ -306,3 +310,17 @@ def test_a_stream_read_slowly_does_not_share_the_next_requests_energy(sim_server
     assert e.available and e.exclusive, e.method
     assert not any(w.code == "ENERGY_SHARED_WINDOW" for w in b.warnings)
     assert abs(e.total_j - POWER_W * e.duration_s) <= e.uncertainty_j + 1e-6
+
+
+def test_a_start_up_baseline_is_measured_before_serving_and_says_no_model_was_loaded(model_root, tmp_path):
+    from conftest import start_server, stop_server
+
+    srv = start_server(tmp_path, model_root, "--energy-backend", "simulated", "--simulated-power-w", "150",
+                       "--baseline-seconds", "0.5")
+    try:
+        with Client(srv.address, timeout=60) as c:
+            b = c.server_info().devices[0].baseline
+    finally:
+        stop_server(srv)
+    assert abs(b.power_w - POWER_W) <= b.uncertainty_w + 1e-6 and b.duration_s >= 0.5
+    assert b.HasField("models_loaded") and b.models_loaded == 0

@@ -92,7 +92,7 @@ async def serve(settings: Settings, *, port_file: Path | None = None, auth_token
     baseline_s = float(settings.extra.get("baseline_seconds") or 0)
     if baseline_s > 0 and meter_devices:
         # Before serving, so nothing runs; the workers already hold their CUDA contexts.
-        await asyncio.to_thread(meter.measure_baseline, baseline_s)
+        await asyncio.to_thread(meter.measure_baseline, baseline_s, None, {i: 0 for i in meter_devices.values()})
 
     metrics = None
     if metrics_port is not None:

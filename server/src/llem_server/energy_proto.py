@@ -65,8 +65,11 @@ def sensor(state: SensorState) -> llem_pb2.EnergySensor:
 
 
 def baseline(b: BaselineResult) -> llem_pb2.Baseline:
-    return llem_pb2.Baseline(power_w=b.power_w or 0.0, duration_s=b.duration_s, measured_unix=b.measured_unix,
-                             age_s=b.age_s, method=b.method, uncertainty_w=b.uncertainty_w)
+    msg = llem_pb2.Baseline(power_w=b.power_w or 0.0, duration_s=b.duration_s, measured_unix=b.measured_unix,
+                            age_s=b.age_s, method=b.method, uncertainty_w=b.uncertainty_w)
+    if b.models_loaded is not None:
+        msg.models_loaded = b.models_loaded
+    return msg
 
 
 def device_baseline(b: BaselineResult) -> llem_pb2.DeviceBaseline:

@@ -152,6 +152,10 @@ class Registry:
         entry = self._entries.get(config_hash)
         return None if entry is None or entry.state == FAILED else entry.device_index
 
+    def loaded_on(self, device_index: int) -> int:
+        """Models resident (READY) on a device."""
+        return sum(1 for e in self._entries.values() if e.device_index == device_index and e.state == READY)
+
     def hashes_on(self, device_index: int) -> list[str]:
         return [h for h, e in self._entries.items() if e.device_index == device_index and e.active > 0]
 

@@ -862,7 +862,8 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                 for w in sorted(metered.values(), key=lambda w: w.index):
                     await w.exclusive.acquire()
                     held.append(w.exclusive)
-                results = await asyncio.to_thread(self.meter.measure_baseline, duration, cancel)
+                loaded = {i: self.registry.loaded_on(w.index) for i, w in metered.items()}
+                results = await asyncio.to_thread(self.meter.measure_baseline, duration, cancel, loaded)
             except asyncio.CancelledError:
                 cancel.set()
                 raise

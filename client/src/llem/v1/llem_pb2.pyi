@@ -1899,6 +1899,7 @@ class Baseline(_message.Message):
     AGE_S_FIELD_NUMBER: _builtins.int
     METHOD_FIELD_NUMBER: _builtins.int
     UNCERTAINTY_W_FIELD_NUMBER: _builtins.int
+    MODELS_LOADED_FIELD_NUMBER: _builtins.int
     power_w: _builtins.float
     """Mean idle power, watts."""
     duration_s: _builtins.float
@@ -1913,6 +1914,12 @@ class Baseline(_message.Message):
     """Error bound of power_w, watts: the counter's resolution and period where whole
     counter updates were counted, else about one update's energy at each edge.
     """
+    models_loaded: _builtins.int
+    """Models resident on the device while it was measured. 0 for a start-up
+    baseline (--baseline-seconds), taken before any load: the serving state's
+    idle power can be higher with weights in memory, so measure again with the
+    model loaded before relying on adjusted_j.
+    """
     def __init__(
         self,
         *,
@@ -1922,12 +1929,15 @@ class Baseline(_message.Message):
         age_s: _builtins.float = ...,
         method: _builtins.str = ...,
         uncertainty_w: _builtins.float = ...,
+        models_loaded: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_models_loaded", b"_models_loaded", "models_loaded", b"models_loaded"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["age_s", b"age_s", "duration_s", b"duration_s", "measured_unix", b"measured_unix", "method", b"method", "power_w", b"power_w", "uncertainty_w", b"uncertainty_w"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_models_loaded", b"_models_loaded", "age_s", b"age_s", "duration_s", b"duration_s", "measured_unix", b"measured_unix", "method", b"method", "models_loaded", b"models_loaded", "power_w", b"power_w", "uncertainty_w", b"uncertainty_w"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__models_loaded: _TypeAlias = _typing.Literal["models_loaded"]  # noqa: Y015
+    _WhichOneofArgType__models_loaded: _TypeAlias = _typing.Literal["_models_loaded", b"_models_loaded"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__models_loaded) -> _WhichOneofReturnType__models_loaded | None: ...
 
 Global___Baseline: _TypeAlias = Baseline  # noqa: Y015
 

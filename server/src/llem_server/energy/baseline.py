@@ -29,6 +29,9 @@ class BaselineResult:
     method: str = ""
     age_s: float = 0.0  # filled in when read back (EnergyMeter.baseline)
     uncertainty_w: float = 0.0
+    # Models resident on the device while it was measured (None: not known): a start-up
+    # baseline has none, and weights in memory can change the idle power of the serving state.
+    models_loaded: int | None = None
 
     @property
     def stale(self) -> bool:

@@ -675,7 +675,8 @@ class EnergyMeter:
         return 0.0 if first is None or last is None else (last[1] - first[1]) / 1000.0
 
     # -- baseline --------------------------------------------------------------------
-    def measure_baseline(self, duration_s: float, cancel: threading.Event | None = None) -> dict[int, BaselineResult]:
+    def measure_baseline(self, duration_s: float, cancel: threading.Event | None = None,
+                         models_loaded: dict[int, int] | None = None) -> dict[int, BaselineResult]:
         """Blocking; the caller guarantees no request runs on these devices meanwhile.
 
         ``cancel`` set during the measurement abandons it: the caller no longer holds the
@@ -728,7 +729,7 @@ class EnergyMeter:
                 if counted is not None and abs(counted - power) <= unc + c_unc:
                     power, unc = counted, c_unc  # whole updates: far tighter, and it agrees
                 res = BaselineResult(d.index, True, "", power, t1 - t0, unix1, t1, self._label(d.state.method),
-                                     uncertainty_w=unc)
+                                     uncertainty_w=unc, models_loaded=(models_loaded or {}).get(d.index))
                 with self._lock:
                     self._baselines[d.index] = res
             out[d.index] = res
