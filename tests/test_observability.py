@@ -247,7 +247,9 @@ def test_energy_metrics_count_each_request_once_deferred_or_not(hard_root, tmp_p
         def delta(name, **labels):
             return _total(text, name, **labels) - _total(before, name, **labels)
 
-        assert delta("llem_energy_joules_total") == pytest.approx(r1.energy.total_j + e2.total_j)
+        # simulated joules are counted apart from measured ones
+        assert delta("llem_simulated_energy_joules_total") == pytest.approx(r1.energy.total_j + e2.total_j)
+        assert delta("llem_energy_joules_total") == 0
         assert delta("llem_energy_unavailable_total") == 0  # "deferred" is not "unmeasured"
         assert delta("llem_energy_wait_seconds_count") == 1
         assert delta("llem_energy_wait_seconds_sum") == pytest.approx(r1.timing.energy_wait_ms / 1e3)
