@@ -349,7 +349,7 @@ def test_request_path_makes_no_nvml_call_and_does_not_hold_the_device():
         m.report(b, timeout_s=1.0)
         m.ledger(0)
         assert sim.calls_from(me, mark) == []  # no NVML call on the request path
-        assert any(tid != me for tid, _ in sim.calls[mark:])  # the samplers kept reading
+        assert any(tid != me for tid, _ in sim.calls_since(mark))  # the samplers kept reading
     finally:
         m.close()
 
@@ -458,3 +458,18 @@ def test_baseline_counts_whole_counter_updates_once_the_update_clock_is_known():
         assert min(unc) < 0.01 * 123.0, unc
     finally:
         m.close()
+
+
+def test_the_simulated_nvml_keeps_a_bounded_call_log(monkeypatch):
+    """A simulated server (demos, CI) runs for weeks: its call log must not grow with time."""
+    from llem_server.energy import simulated
+
+    monkeypatch.setattr(simulated, "KEEP_CALLS", 10)
+    sim = SimulatedNvml([SimGpu()])
+    h = sim.nvmlDeviceGetHandleByIndex(0)
+    for _ in range(25):
+        sim.nvmlDeviceGetTotalEnergyConsumption(h)
+    mark = sim.call_count()
+    sim.nvmlDeviceGetPowerUsage(h)
+    assert len(sim.calls) == 10 and mark == 26
+    assert [n for _, n in sim.calls_since(mark)] == ["nvmlDeviceGetPowerUsage"]

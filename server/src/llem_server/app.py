@@ -99,7 +99,7 @@ async def serve(settings: Settings, *, port_file: Path | None = None, auth_token
         from .metrics import Metrics
 
         metrics = Metrics()
-        metrics.start_http(metrics_port, metrics_host or settings.host)
+        metrics_port = metrics.start_http(metrics_port, metrics_host or settings.host)  # 0: the one bound
         for w in workers:
             metrics.track_queue(w.index, w.queue_depth)
 

@@ -10,12 +10,16 @@ makes none. Thread-safe.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable
+
+KEEP_CALLS = 100_000  # the latest NVML calls kept for tests' checks
 
 NVML_TEMPERATURE_GPU = 0
 NVML_ERROR_UNINITIALIZED = 1
@@ -83,7 +87,10 @@ class SimulatedNvml:
         self.t0 = clock()
         self.init_error = init_error
         self.count_error = count_error
-        self.calls: list[tuple[int, str]] = []  # (thread ident, function name)
+        # (thread ident, function name) of the latest calls: bounded, since a simulated server
+        # (demos, CI) may run for weeks and its samplers call ~40 times a second.
+        self.calls: deque[tuple[int, str]] = deque(maxlen=KEEP_CALLS)
+        self._n_calls = 0
         self._lock = threading.Lock()
         g = globals()
         for k in list(g):
@@ -132,6 +139,7 @@ class SimulatedNvml:
     def _rec(self, name: str) -> None:
         with self._lock:
             self.calls.append((threading.get_ident(), name))
+            self._n_calls += 1
 
     def _gpu(self, handle: int) -> SimGpu:
         return self.gpus[handle]
@@ -208,13 +216,18 @@ class SimulatedNvml:
         return 13000
 
     # -- test helpers --------------------------------------------------------------
-    def calls_from(self, thread_ident: int, since: int = 0) -> list[str]:
+    def calls_since(self, since: int = 0) -> list[tuple[int, str]]:
+        """(thread, function) of the calls after the ``since``-th (as ``call_count`` said)."""
         with self._lock:
-            return [n for tid, n in self.calls[since:] if tid == thread_ident]
+            skip = since - (self._n_calls - len(self.calls))
+            return list(itertools.islice(self.calls, max(skip, 0), None))
+
+    def calls_from(self, thread_ident: int, since: int = 0) -> list[str]:
+        return [n for tid, n in self.calls_since(since) if tid == thread_ident]
 
     def call_count(self) -> int:
         with self._lock:
-            return len(self.calls)
+            return self._n_calls
 
 
 def switching_load(rng: random.Random, seconds: float = 400.0) -> list[tuple[float, float]]:
