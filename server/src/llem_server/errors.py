@@ -68,6 +68,10 @@ _MAX_DETAILS_BYTES = 4096
 _MAX_MESSAGE_CHARS = 1024
 _MAX_DESCRIPTION_CHARS = 300
 
+# grpc ends a call at its deadline a hair early by the server's clock: a call ending with
+# less than this left is counted (logs, metrics) as past its deadline, not cancelled.
+DEADLINE_SLACK_S = 0.05
+
 
 def status_from_name(name: str | grpc.StatusCode) -> grpc.StatusCode:
     """``"INVALID_ARGUMENT"`` (any case) -> ``grpc.StatusCode.INVALID_ARGUMENT``.

@@ -44,6 +44,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 
 from . import __version__
+from .errors import DEADLINE_SLACK_S
 
 __all__ = ["Metrics", "MetricsInterceptor", "SKIP_PREFIXES"]
 
@@ -265,18 +266,30 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def _final_code(context: grpc.aio.ServicerContext, exc: BaseException | None) -> grpc.StatusCode:
+def _final_code(context: grpc.aio.ServicerContext, exc: BaseException | None,
+                answered: bool = False) -> grpc.StatusCode:
     # GeneratorExit: grpc closed a streaming handler's generator because the call ended
     # (the client cancelled or its deadline passed while a message was being written).
     if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        if answered:  # the stream's final message was sent: the caller has its whole answer
+            return grpc.StatusCode.OK
         remaining = context.time_remaining()
-        return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+        past = remaining is not None and remaining < DEADLINE_SLACK_S
+        return grpc.StatusCode.DEADLINE_EXCEEDED if past else grpc.StatusCode.CANCELLED
     code = context.code()  # set by abort()/abort_with_status()/set_code()
     if isinstance(code, grpc.StatusCode):
         return code
     if exc is not None and not isinstance(exc, grpc.aio.AbortError):
         return grpc.StatusCode.UNKNOWN  # what grpc answers for an exception escaping a handler
     return grpc.StatusCode.OK
+
+
+def _is_final(item: Any) -> bool:
+    """A stream's last message, whole answer inside (GenerateStreamResponse.final)."""
+    try:
+        return item.HasField("final")
+    except (AttributeError, ValueError):
+        return False
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
@@ -311,23 +324,26 @@ def _wrap(handler: grpc.RpcMethodHandler, label: str, m: Metrics) -> grpc.RpcMet
     else:
         kind, behavior, factory = "stream_stream", handler.stream_stream, grpc.stream_stream_rpc_method_handler
 
-    def done(context, start: float, exc: BaseException | None) -> None:
-        m._record(label, _final_code(context, exc), time.monotonic() - start)
+    def done(context, start: float, exc: BaseException | None, answered: bool = False) -> None:
+        m._record(label, _final_code(context, exc, answered), time.monotonic() - start)
 
     if not (inspect.isasyncgenfunction(behavior) or inspect.iscoroutinefunction(behavior)):
         return handler  # a sync handler runs in grpc's thread pool; wrapping it here would block the loop
     if inspect.isasyncgenfunction(behavior):
         # Streaming handlers written as async generators must stay generators.
         async def wrapped(request, context):
-            start, exc = time.monotonic(), None
+            start, exc, answered = time.monotonic(), None, False
             try:
                 async for item in behavior(request, context):
+                    answered = _is_final(item)
                     yield item
+                    # a caller that closes once it has the final message (as the Python
+                    # client's stream does) lands here: its call did what it asked
             except BaseException as e:
                 exc = e
                 raise
             finally:
-                done(context, start, exc)
+                done(context, start, exc, answered)
     else:
         async def wrapped(request, context):
             start, exc = time.monotonic(), None

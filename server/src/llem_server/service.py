@@ -24,7 +24,7 @@ from llem.v1 import llem_pb2, llem_pb2_grpc
 
 from . import __version__, config
 from . import energy_proto
-from .errors import ServiceError, abort
+from .errors import DEADLINE_SLACK_S, ServiceError, abort
 from .logs import bind
 from .paths import ModelPathError, resolve_model
 from .registry import FAILED, READY, Registry
@@ -395,7 +395,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             worker.cancel(job)
             # For the log only: grpc cancels at the deadline a hair early by the server's clock.
             remaining = context.time_remaining() if context is not None else None
-            status = "DEADLINE_EXCEEDED" if remaining is not None and remaining < 0.05 else "CANCELLED"
+            status = "DEADLINE_EXCEEDED" if remaining is not None and remaining < DEADLINE_SLACK_S else "CANCELLED"
             self._finish_in_background(worker, job, entry, edges, request_id, status)
             raise
         finally:
