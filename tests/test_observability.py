@@ -253,6 +253,30 @@ def test_energy_metrics_count_each_request_once_deferred_or_not(hard_root, tmp_p
         assert delta("llem_energy_unavailable_total") == 0  # "deferred" is not "unmeasured"
         assert delta("llem_energy_wait_seconds_count") == 1
         assert delta("llem_energy_wait_seconds_sum") == pytest.approx(r1.timing.energy_wait_ms / 1e3)
+
+        # Callers gone after generation, before the answer (beam search's tokens come once done,
+        # then the answer waits ~50-100 ms for the counter): their tokens and energy still count.
+        stub = llem_pb2_grpc.LlemServiceStub(srv.channel())
+        got = 0
+        for i in range(3):
+            call = stub.GenerateStream(llem_pb2.GenerateRequest(
+                model=llem_pb2.ModelConfig(model="llama", pytorch=llem_pb2.PyTorchConfig(num_beams=2)),
+                prompts=["beams"], max_output_tokens=6, request_id=f"obs-beam-{i}",
+                decoder=llem_pb2.DecoderConfig(min_new_tokens=6, do_sample=False)), timeout=30)
+            got += len(next(call).chunk.token_ids)
+            call.cancel()
+        assert got == 18
+        deadline = time.monotonic() + 10
+        while len([l for l in json_lines(srv) if l.get("event") == "request_stopped"]) < 3 \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stopped = [l for l in json_lines(srv) if l.get("event") == "request_stopped"]
+        assert sorted(l["request_id"] for l in stopped) == [f"obs-beam-{i}" for i in range(3)]
+        assert all(l["status"] == "CANCELLED" and l["output_tokens"] == 6 and l["energy_j"] > 0 for l in stopped)
+        after = _scrape(srv)
+        assert _total(after, "llem_stopped_output_tokens_total") - _total(text, "llem_stopped_output_tokens_total") == 18
+        assert _total(after, "llem_simulated_energy_joules_total") - _total(text, "llem_simulated_energy_joules_total") \
+            == pytest.approx(sum(l["energy_j"] for l in stopped))
     finally:
         stop_server(srv)
 

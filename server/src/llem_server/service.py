@@ -107,6 +107,13 @@ class _Deferred:
     generating: bool = True  # until its tokens are done; then the counter's update is awaited
 
 
+def _stop_status(context) -> str:
+    """How a call that stopped ended, for the log: grpc cancels at the deadline a hair early
+    by the server's clock."""
+    remaining = context.time_remaining() if context is not None else None
+    return "DEADLINE_EXCEEDED" if remaining is not None and remaining < DEADLINE_SLACK_S else "CANCELLED"
+
+
 class _JobWindow:
     """A generate job's energy window, opened and closed as the worker's events arrive
     (``Job.watch``), not when the RPC's handler reads them: a handler blocked writing to a
@@ -393,10 +400,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             # Client cancelled, went away or its deadline passed (a closed stream sees
             # GeneratorExit): stop within one decode step, account for the work in the background.
             worker.cancel(job)
-            # For the log only: grpc cancels at the deadline a hair early by the server's clock.
-            remaining = context.time_remaining() if context is not None else None
-            status = "DEADLINE_EXCEEDED" if remaining is not None and remaining < DEADLINE_SLACK_S else "CANCELLED"
-            self._finish_in_background(worker, job, entry, edges, request_id, status)
+            self._finish_in_background(worker, job, entry, edges, request_id, _stop_status(context))
             raise
         finally:
             if result is not None or not job.cancelled:
@@ -429,8 +433,10 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             # closed and measured (left open, it would share every later window's energy).
             if deferred is not None:
                 self._defer_energy(deferred, request_id, config_hash, window, t_end, out_tokens, device)
+                self._stopped_after_generation(context, request_id, config_hash, out_tokens, device, None)
             else:
-                self._in_background(self._energy(window, t_end, out_tokens))
+                self._stopped_after_generation(context, request_id, config_hash, out_tokens, device,
+                                               self._in_background(self._energy(window, t_end, out_tokens)))
             raise
         t_wait = time.monotonic()
         if deferred is not None:
@@ -439,7 +445,14 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                 "deferred (energy_delivery = ENERGY_DELIVERY_DEFERRED): fetch it with GetEnergy(request_id) once "
                 "the energy counter has passed this request's end (~100 ms)"), llem_pb2.ENERGY_ABSENCE_DEFERRED), []
         else:
-            energy, energy_warnings = await self._energy(window, t_end, out_tokens)
+            # Shielded: a caller whose deadline passes during this wait (most of a short
+            # request's latency) stops waiting, but its tokens and energy are still counted.
+            measuring = self._in_background(self._energy(window, t_end, out_tokens))
+            try:
+                energy, energy_warnings = await asyncio.shield(measuring)
+            except asyncio.CancelledError:
+                self._stopped_after_generation(context, request_id, config_hash, out_tokens, device, measuring)
+                raise
         energy_warnings.extend(stream_warnings)
         # Deferred: nothing waited for the counter (registering the settlement is bookkeeping).
         wait_ms = 0.0 if deferred is not None else (time.monotonic() - t_wait) * 1e3
@@ -590,6 +603,30 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                 dec = decoders[index] = IncrementalDecoder(entry.tokenizer)
             chunks.append(llem_pb2.TokenChunk(index=index, token_ids=ids, text=dec.push(ids)))
         return chunks
+
+    def _stopped_after_generation(self, context, request_id: str, config_hash: str, out_tokens: int, device,
+                                  measuring: asyncio.Task | None) -> None:
+        """A caller gone after its generation ended, before its answer: the tokens were made
+        and the energy spent, so both are counted (as a stopped request's) and logged."""
+        status = _stop_status(context)
+
+        async def finish():
+            energy = None
+            if measuring is not None:
+                try:
+                    energy, _ = await measuring
+                except Exception:  # noqa: BLE001 - counted without its energy
+                    energy = None
+            if self.metrics is not None:
+                self.metrics.stopped_tokens(out_tokens, device=device)
+                if energy is not None and energy.available:
+                    self.metrics.record_energy_message(energy, device)
+            if self.log is not None:
+                self.log.info("request_stopped", request_id=request_id, config_hash=config_hash, status=status,
+                              output_tokens=out_tokens, after_generation=True,
+                              energy_j=energy.total_j if energy is not None and energy.available else None)
+
+        self._in_background(finish())
 
     def _finish_in_background(self, worker, job, entry, edges: _JobWindow, request_id, status: str) -> None:
         """After a cancel: wait for the worker's partial result, then log its tokens and energy."""
