@@ -2,7 +2,7 @@
 
 * grpc.health.v1: overall, ``llem.v1.LlemService``, and one service name per cached config
   hash, with Watch following load (NOT_SERVING while loading, SERVING when ready), eviction
-  and unload (SERVICE_UNKNOWN);
+  and unload (SERVICE_UNKNOWN to a watcher, then no entry: NOT_FOUND);
 * Prometheus on ``--metrics-port``: every family named ``llem_*``; requests by status, latency,
   tokens, cache hits/misses/evictions, queue depth, load seconds after real traffic;
 * structlog JSON lines with request id, config hash, tokens, energy and status;
@@ -130,6 +130,8 @@ def test_health_watch_follows_load_eviction_and_unload(obs, ostub):
             watch_b.wait_for(H.SERVING)
             ostub.UnloadModel(llem_pb2.UnloadModelRequest(config_hash=b), timeout=60)
             watch_b.wait_for(H.SERVICE_UNKNOWN)
+            # and the entry is gone, as for a name never served: no entry kept per config ever seen
+            assert _check(h, b) == "NOT_FOUND" and _check(h, a) == "NOT_FOUND"
         finally:
             watch_b.close()
     finally:

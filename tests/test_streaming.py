@@ -382,13 +382,18 @@ def test_worker_killed_mid_stream_ends_it_with_unavailable_and_recovers(own_serv
     assert own_server.proc.poll() is None
 
 
-def _listed_and_health(srv, config_hash: str) -> tuple[list, int]:
+def _listed_and_health(srv, config_hash: str) -> tuple[list, int | str]:
+    """Its states in ListModels, and its health ("NOT_FOUND" once forgotten)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     ch = srv.channel()
     listed = [m.state for m in srv.stub().ListModels(pb.ListModelsRequest(), timeout=30).models
               if m.config_hash == config_hash]
-    health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=config_hash), timeout=10)
+    try:
+        health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=config_hash), timeout=10)
+    except grpc.RpcError as err:
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+        return listed, "NOT_FOUND"
     return listed, health.status
 
 
@@ -462,7 +467,7 @@ def test_an_unload_whose_caller_gave_up_still_leaves_the_list(own_server):
     deadline = time.monotonic() + 30
     while _listed_and_health(own_server, h)[0] and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _listed_and_health(own_server, h) == ([], health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+    assert _listed_and_health(own_server, h) == ([], "NOT_FOUND")
     # and the model the worker loads again is listed READY once more
     assert not stub.Generate(request("llama", ["Hi"], 2), timeout=120).cache_hit
     assert _listed_and_health(own_server, h) == ([pb.MODEL_STATE_READY], health_pb2.HealthCheckResponse.SERVING)

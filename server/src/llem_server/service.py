@@ -224,10 +224,24 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             return
         from grpc_health.v1 import health_pb2
 
-        status = health_pb2.HealthCheckResponse.SERVING if state == READY else health_pb2.HealthCheckResponse.NOT_SERVING
         if state is None:
-            status = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+            self._in_background(self._forget_health(config_hash))
+            return
+        status = health_pb2.HealthCheckResponse.SERVING if state == READY else health_pb2.HealthCheckResponse.NOT_SERVING
         self._in_background(self.health.set(config_hash, status))
+
+    async def _forget_health(self, config_hash: str) -> None:
+        """A config gone from the cache: its watchers see SERVICE_UNKNOWN, then its entry is
+        dropped (Check answers NOT_FOUND, as for a name never served), so that a server that
+        has cached thousands of configurations keeps no entry per one gone. grpc's servicer
+        has no call for that: its status map is reached directly."""
+        from grpc_health.v1 import health_pb2
+
+        unknown = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        await self.health.set(config_hash, unknown)
+        statuses = getattr(self.health, "_server_status", None)
+        if isinstance(statuses, dict) and statuses.get(config_hash) == unknown:  # not set again meanwhile
+            del statuses[config_hash]
 
     def _check_open(self) -> None:
         if self.draining:
