@@ -146,6 +146,8 @@ def test_counterless_bound_covers_a_burst_that_the_trailing_average_hides(idle_w
     truth = sim.true_energy_j(0, T0 + 10.0, T0 + 10.0 + burst_s)
     assert abs(r.total_j - truth) <= r.uncertainty_j, (r.total_j, truth, r.uncertainty_j)
     assert r.low_confidence  # under 10 s of a 1 s average: the edges weigh
+    (short,) = [m for c, m in r.warnings if c == "ENERGY_SHORT_WINDOW"]
+    assert "~1 s average power" in short and "None" not in short
     # a counter-less GPU has no counter updates to report
     assert r.devices[0].counter_updates == 0 and r.devices[0].counter_update_ms is None
 
@@ -283,7 +285,7 @@ def test_shared_windows_subtract_idle_power_over_their_share_of_the_time():
     sim, m = make([SimGpu(power=[(0, 100.0), (1.0, 300.0), (3.0, 100.0)], update_period_s=0.1)], clock)
     drive(m, clock, 4.0, 0.05)
     m._baselines[0] = BaselineResult(0, True, power_w=100.0, duration_s=5.0, measured_monotonic=clock.t,
-                                      method="nvml_total_energy_counter", uncertainty_w=0.0)
+                                      method="nvml_total_energy_counter", uncertainty_w=2.0)
     a, b = window(m, 1.0, 3.0, rid="a"), window(m, 2.0, 3.0, rid="b")
     ra, rb = m.report(a, 0.01), m.report(b, 0.01)
     assert not ra.exclusive and not rb.exclusive
@@ -292,7 +294,9 @@ def test_shared_windows_subtract_idle_power_over_their_share_of_the_time():
     # a ran alone for 1 s and shared 1 s equally: 1.5 s of idle power is its part
     assert ra.total_j - ra.adjusted_j == pytest.approx(150.0)
     assert rb.total_j - rb.adjusted_j == pytest.approx(50.0)
-    assert ra.adjusted_uncertainty_j == pytest.approx(ra.uncertainty_j)
+    # and the baseline's own bound over the same share
+    assert ra.adjusted_uncertainty_j == pytest.approx(ra.uncertainty_j + 2.0 * 1.5)
+    assert rb.adjusted_uncertainty_j == pytest.approx(rb.uncertainty_j + 2.0 * 0.5)
 
 
 def test_a_window_longer_than_the_sample_buffer_is_measured_and_accounted_whole():
@@ -311,6 +315,23 @@ def test_a_window_longer_than_the_sample_buffer_is_measured_and_accounted_whole(
     attributed, idle = m.ledger(0)
     assert attributed == pytest.approx(r.total_j, abs=1e-6)
     assert attributed + idle == pytest.approx(m.counter_delta_j(0), abs=300.0 * 0.1)
+
+
+def test_a_load_registered_when_it_ends_is_not_booked_idle_meanwhile():
+    """A load's window is known only once the load ends, its start in the past; the ledger
+    settles every 10 s by itself, but not over a running job's time (EnergyMeter.hold)."""
+    clock = FakeClock()
+    sim, m = make([SimGpu(power=[(0, 50.0), (1.0, 250.0), (31.0, 50.0)], update_period_s=0.1)], clock)
+    drive(m, clock, 0.9, 0.1)
+    m.hold(0, T0 + 0.95)  # the job was sent to the worker
+    drive(m, clock, 31.0, 0.1)  # a 30 s load; settles run meanwhile
+    load = window(m, 1.0, 31.0, rid="load")
+    m.hold(0, None)
+    drive(m, clock, 32.0, 0.1)
+    r = m.report(load, 0.01)
+    attributed, idle = m.ledger(0)
+    assert attributed == pytest.approx(r.total_j, abs=1e-6) and r.total_j == pytest.approx(7500.0, abs=50.0)
+    assert attributed + idle == pytest.approx(m.counter_delta_j(0), abs=250.0 * 0.1)
 
 
 def test_an_idle_stretch_longer_than_the_buffer_stays_in_the_ledger_and_memory_stays_bounded():

@@ -75,3 +75,23 @@ def test_a_platform_zone_alone_is_no_package_energy(tmp_path):
     zone(tmp_path, "intel-rapl:0", "psys", 1)
     with pytest.raises(RaplUnavailable, match="no package zone.*only psys"):
         RaplReader(str(tmp_path))
+
+
+def test_cpu_energy_of_a_window_longer_than_the_sample_buffer(tmp_path):
+    """Open windows pin the RAPL samples too (up to 8 x the buffer)."""
+    p0 = zone(tmp_path, "intel-rapl:0", "package-0", 0, max_uj=10**12)
+    t = [100.0]
+    m = EnergyMeter.unavailable("no NVIDIA GPU: test", rapl_root=str(tmp_path), clock=lambda: t[0], capacity=20)
+    uj = 0
+    w = None
+    for k in range(130):  # 13 s at 0.1 s: six times the buffer
+        t[0] = 100.0 + k * 0.1
+        (p0 / "energy_uj").write_text(f"{uj}\n")
+        m.sample_once()
+        if k == 5:
+            w = m.open_window([], 100.55, "long")
+        uj += 2_000_000  # 20 W
+    m.close_window(w, 112.55, 1)
+    r = m.report(w, 0.01)
+    assert r.cpu.available, r.cpu.reason
+    assert r.cpu.energy_j == pytest.approx(20.0 * 12.0, rel=1e-6)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import platform
 import signal
@@ -89,6 +90,9 @@ async def serve(settings: Settings, *, port_file: Path | None = None, auth_token
     versions = {k: caps["versions"].get(k, "") for k in ("torch", "transformers", "cuda")}
     meter, meter_devices, energy_reason = make_meter(settings, devices, versions)
     meter.start()
+    for w in workers:  # the ledger keeps a running job's time unsettled (see EnergyMeter.hold)
+        if w.index in meter_devices:
+            w.on_busy = functools.partial(meter.hold, meter_devices[w.index])
     baseline_s = float(settings.extra.get("baseline_seconds") or 0)
     if baseline_s > 0 and meter_devices:
         # Before serving, so nothing runs; the workers already hold their CUDA contexts.

@@ -335,10 +335,11 @@ def _wrap(handler: grpc.RpcMethodHandler, label: str, m: Metrics) -> grpc.RpcMet
             start, exc, answered = time.monotonic(), None, False
             try:
                 async for item in behavior(request, context):
+                    # Counted once the final message is handed to grpc, where the log and the
+                    # token counters count the answer: a caller that closes once it has it (as
+                    # the Python client's stream does) did get what it asked for.
                     answered = _is_final(item)
                     yield item
-                    # a caller that closes once it has the final message (as the Python
-                    # client's stream does) lands here: its call did what it asked
             except BaseException as e:
                 exc = e
                 raise

@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ServiceError, status_from_name
+from .logs import get_logger
 
 _job_ids = itertools.count(1)
+_log = get_logger(component="scheduler")
 
 
 @dataclass
@@ -40,7 +42,10 @@ class Job:
 
     def post(self, kind: str, data) -> None:
         if self.watch is not None:
-            self.watch(kind, data)
+            try:
+                self.watch(kind, data)
+            except Exception:  # noqa: BLE001 - the event must still reach its handler and the dispatcher
+                _log.exception("job_watch_failed", kind=kind)
         self.events.put_nowait((kind, data))
 
     def finish(self, kind: str, data) -> None:
@@ -69,6 +74,10 @@ class DeviceWorker:
         self.state = "starting"
         self.capabilities: dict = {}
         self.current: Job | None = None
+        # Told when a job is sent to the worker (its front-clock time) and when it is over
+        # (None): the energy ledger must not book the device's time as idle meanwhile, even
+        # before the job's window (a load's is known only once the load ends) is registered.
+        self.on_busy: Callable[[float | None], None] | None = None
         self.exclusive = asyncio.Lock()  # held while a job runs; a baseline takes it to see an idle device
         self.restarts = 0
         self.start_failures = 0  # failed starts in a row since the last crash (0 once one succeeds)
@@ -284,14 +293,25 @@ class DeviceWorker:
                     continue
                 self.current = job
                 job.dispatched = time.monotonic()
+                self._busy(job.dispatched)
                 try:
-                    self._conn.send({"op": job.op, "job": job.id, **job.payload})
-                except Exception as exc:  # noqa: BLE001 - broken pipe: the reader sees the exit
-                    job.finish("error", {"status": "UNAVAILABLE", "retryable": True, "reason": "WORKER_RESTARTED",
-                                         "message": f"worker unreachable: {exc}"})
-                # One job at a time: the next is sent once this one's last message arrived.
-                await job.over.wait()
-                self.current = None
+                    try:
+                        self._conn.send({"op": job.op, "job": job.id, **job.payload})
+                    except Exception as exc:  # noqa: BLE001 - broken pipe: the reader sees the exit
+                        job.finish("error", {"status": "UNAVAILABLE", "retryable": True, "reason": "WORKER_RESTARTED",
+                                             "message": f"worker unreachable: {exc}"})
+                    # One job at a time: the next is sent once this one's last message arrived.
+                    await job.over.wait()
+                finally:
+                    self.current = None
+                    self._busy(None)
+
+    def _busy(self, since: float | None) -> None:
+        if self.on_busy is not None:
+            try:
+                self.on_busy(since)
+            except Exception:  # noqa: BLE001 - bookkeeping must never stop the device's queue
+                _log.exception("on_busy_failed")
 
 
 def error_from_worker(msg: dict) -> ServiceError:

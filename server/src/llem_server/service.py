@@ -222,25 +222,26 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
     def _on_model_change(self, config_hash: str, state: int | None) -> None:
         if self.health is None:
             return
+        self._in_background(self._sync_health(config_hash))
+
+    async def _sync_health(self, config_hash: str) -> None:
+        """Set a config's health from the registry as it is when this runs (so tasks that
+        overtake one another still end on the latest state). A config gone from the cache:
+        its watchers see SERVICE_UNKNOWN, then its entry is dropped (Check answers NOT_FOUND,
+        as for a name never served), so a server that has cached thousands of configurations
+        keeps no entry per one gone. grpc's servicer has no call for that: its status map is
+        reached directly."""
         from grpc_health.v1 import health_pb2
 
-        if state is None:
-            self._in_background(self._forget_health(config_hash))
+        serving = health_pb2.HealthCheckResponse
+        entry = self.registry.get(config_hash)
+        if entry is not None:
+            await self.health.set(config_hash, serving.SERVING if entry.state == READY else serving.NOT_SERVING)
             return
-        status = health_pb2.HealthCheckResponse.SERVING if state == READY else health_pb2.HealthCheckResponse.NOT_SERVING
-        self._in_background(self.health.set(config_hash, status))
-
-    async def _forget_health(self, config_hash: str) -> None:
-        """A config gone from the cache: its watchers see SERVICE_UNKNOWN, then its entry is
-        dropped (Check answers NOT_FOUND, as for a name never served), so that a server that
-        has cached thousands of configurations keeps no entry per one gone. grpc's servicer
-        has no call for that: its status map is reached directly."""
-        from grpc_health.v1 import health_pb2
-
-        unknown = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
-        await self.health.set(config_hash, unknown)
+        await self.health.set(config_hash, serving.SERVICE_UNKNOWN)
         statuses = getattr(self.health, "_server_status", None)
-        if isinstance(statuses, dict) and statuses.get(config_hash) == unknown:  # not set again meanwhile
+        if self.registry.get(config_hash) is None and isinstance(statuses, dict) \
+                and statuses.get(config_hash) == serving.SERVICE_UNKNOWN:  # not loaded again meanwhile
             del statuses[config_hash]
 
     def _check_open(self) -> None:
@@ -442,6 +443,11 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                     tail = dec.flush()
                     if tail:
                         yield llem_pb2.TokenChunk(index=index, text=tail)
+        except Exception:
+            # The tail failed (a decoder's last characters): the answer is lost, but the window
+            # is measured, so it does not keep its samplers hurried, nor stay unreported.
+            self._in_background(self._energy(window, t_end, out_tokens))
+            raise
         except (asyncio.CancelledError, GeneratorExit):
             # Closed after generation, before its totals: the work was done, so its window is
             # closed and measured (left open, it would share every later window's energy).

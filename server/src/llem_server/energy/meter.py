@@ -157,6 +157,7 @@ class _Dev:
     windows: list[Window] = field(default_factory=list)
     acct_t: float | None = None
     settled_at: float | None = None  # clock time of the last settle
+    busy_since: float | None = None  # a job runs on the device since then (hold)
     attr_mj: float = 0.0
     idle_mj: float = 0.0
 
@@ -245,6 +246,7 @@ class EnergyMeter:
             self._devs[idx] = self._open_device(idx, capacity)
         self._cpu_state = SensorState(False, "", "")
         self._cpu_sampler: Sampler | None = None
+        self._cpu_windows: dict[int, Window] = {}  # not yet reported: they pin the RAPL samples
         self._cpu_domains: list[str] = []
         if rapl_root is None:
             # Metering switched off: no CPU sampler either, so no report waits for one.
@@ -394,9 +396,31 @@ class EnergyMeter:
                         w.hurried.append(d.sampler)
             if self._cpu_sampler is not None:
                 w.hurried.append(self._cpu_sampler)
+                self._cpu_windows[w.id] = w
+                self._pin_cpu()
         for sampler in w.hurried:
             sampler.hurry()
         return w
+
+    def _pin_cpu(self) -> None:
+        """(under the lock) Keep the RAPL samples from the oldest unreported window's start; a
+        closed one unreported for 5 min is abandoned, as in the ledger."""
+        if self._cpu_sampler is None:
+            return
+        now = self._clock()
+        for key, w in list(self._cpu_windows.items()):
+            if w.reported or (w.t_end is not None and now - (w.closed_at or now) >= 300):
+                del self._cpu_windows[key]
+        self._cpu_sampler.pin(min((w.t_start for w in self._cpu_windows.values()), default=None))
+
+    def hold(self, index: int, since: float | None) -> None:
+        """A job runs on device ``index`` since ``since`` (None: none runs). The ledger keeps
+        that time unsettled: a load's window is registered only when the load ends, with its
+        start in the past, and must not find its time booked as idle."""
+        d = self._devs.get(index)
+        if d is not None:
+            with self._lock:
+                d.busy_since = since
 
     def close_window(self, window: Window, t_end: float, output_tokens: int | None) -> None:
         with self._lock:
@@ -413,6 +437,7 @@ class EnergyMeter:
                 window.closed_at = self._clock()
             window.reported = True
             hurried, window.hurried = window.hurried, []
+            self._pin_cpu()
         for sampler in hurried:
             sampler.relax()
 
@@ -432,6 +457,7 @@ class EnergyMeter:
             with self._lock:
                 window.reported = True
                 hurried, window.hurried = window.hurried, []
+                self._pin_cpu()
             for sampler in hurried:
                 sampler.relax()
             for i in window.devices:
@@ -527,19 +553,20 @@ class EnergyMeter:
         total = sum(r.energy_j for r in out)
         unc = sum(r.uncertainty_j for r in out)
         exclusive = all(r.exclusive for r in out)
-        counted = [r.counter_updates for r, d in zip(out, devs) if d.state.method == METHOD_COUNTER]
-        min_updates = min(counted) if counted else None
-        low = dur < SHORT_WINDOW_S or (min_updates is not None and min_updates < MIN_UPDATES)
-        if low:
-            warnings.insert(0, ("ENERGY_SHORT_WINDOW",
-                                f"energy window of {dur:.3f} s spans {min_updates} counter update(s) (under "
-                                f"{SHORT_WINDOW_S:g} s or {MIN_UPDATES} updates): {total:.3f} J ± {unc:.3f} J"))
-        elif approximate and dur < POWER_SHORT_WINDOW_S:
+        if approximate:
             # The counter's "10 updates", for a trailing 1 s average: 10 of its spans.
-            low = True
-            warnings.insert(0, ("ENERGY_SHORT_WINDOW",
-                                f"energy window of {dur:.3f} s integrates a ~1 s average power (no counter): under "
-                                f"{POWER_SHORT_WINDOW_S:g} s its edges weigh: {total:.3f} J ± {unc:.3f} J"))
+            low = dur < POWER_SHORT_WINDOW_S
+            if low:
+                warnings.insert(0, ("ENERGY_SHORT_WINDOW",
+                                    f"energy window of {dur:.3f} s integrates a ~1 s average power (no counter): "
+                                    f"under {POWER_SHORT_WINDOW_S:g} s its edges weigh: {total:.3f} J ± {unc:.3f} J"))
+        else:
+            min_updates = min(r.counter_updates for r in out)
+            low = dur < SHORT_WINDOW_S or min_updates < MIN_UPDATES
+            if low:
+                warnings.insert(0, ("ENERGY_SHORT_WINDOW",
+                                    f"energy window of {dur:.3f} s spans {min_updates} counter update(s) (under "
+                                    f"{SHORT_WINDOW_S:g} s or {MIN_UPDATES} updates): {total:.3f} J ± {unc:.3f} J"))
         if not exclusive:
             how = "by token rate" if shared_tokens and not shared_time else "by time"
             warnings.append(("ENERGY_SHARED_WINDOW",
@@ -601,6 +628,9 @@ class EnergyMeter:
         v = s.view(t0, t1)
         e0, e1 = energy_at(v.pt_t, v.pt_e, t0), energy_at(v.pt_t, v.pt_e, t1)
         if e0 is None or e1 is None:
+            if v.first_t is not None and t0 >= v.first_t:
+                return CpuReport(False, f"the window ({dur_h(t0, t1)}) began before the oldest RAPL sample kept "
+                                        "(held for an open request up to 8 x the buffer)")
             return CpuReport(False, "the window began before the RAPL sampler's first reading")
         # Package energy over the window, all processes: not split between requests.
         return CpuReport(True, "", (e1 - e0) / 1000.0, list(self._cpu_domains))
@@ -618,6 +648,8 @@ class EnergyMeter:
                 d.acct_t = d.sampler.first_point()[0]
                 d.sampler.pin(d.acct_t)
             h = min(lp[0], now - self._grace)
+            if d.busy_since is not None:
+                h = min(h, d.busy_since)
             for w in d.windows:
                 # A closed window never reported for 5 min is abandoned, not a reason to stall.
                 pending = not w.reported and (w.t_end is None or now - (w.closed_at or now) < 300)

@@ -291,7 +291,10 @@ class Sampler:
             last = self._clock()
             self.sample_once()
             if self.after_read is not None:
-                self.after_read()
+                try:
+                    self.after_read()
+                except Exception as exc:  # noqa: BLE001 - bookkeeping must never stop the readings
+                    self.last_error = f"after a read: {exc!r}"
             self._cpu = (time.thread_time() - cpu0, self._read_cpu_s, time.monotonic() - wall0)
             nxt = self.schedule(last, nxt)
             if nxt < self._clock():
@@ -483,13 +486,17 @@ class Sampler:
 
     def _trim(self) -> None:
         b = self._buf
-        pin = self._pin
+        keep_from = self._pin
+        if keep_from is not None and len(b.pt_t) > PIN_LIMIT * self._cap:
+            # Held back too long: the oldest points go anyway, and the samples (temperatures,
+            # throttling) of the same time with them, so both lists cover the same stretch.
+            keep_from = max(keep_from, b.pt_t[len(b.pt_t) - PIN_LIMIT * self._cap])
         for ts, others in ((b.s_t, (b.s_temp, b.s_reasons, b.s_power)), (b.pt_t, (b.pt_e, b.pt_lo, b.pt_hi))):
             if len(ts) > 2 * self._cap:  # amortised: lists stay bisectable
                 cut = len(ts) - self._cap
-                if pin is not None and len(ts) <= PIN_LIMIT * self._cap:
-                    # a few points before the pin: interpolation at it needs its neighbours
-                    cut = min(cut, bisect.bisect_right(ts, pin) - 4)
+                if keep_from is not None:
+                    # a few points before it: interpolation there needs its neighbours
+                    cut = min(cut, bisect.bisect_right(ts, keep_from) - 4)
                     if cut < self._cap // 2:
                         continue  # too few to free: wait for the pin to move
                 del ts[:cut]
