@@ -334,6 +334,19 @@ def test_a_load_registered_when_it_ends_is_not_booked_idle_meanwhile():
     assert attributed + idle == pytest.approx(m.counter_delta_j(0), abs=250.0 * 0.1)
 
 
+def test_samples_stay_bounded_while_points_are_pinned_and_the_counter_stands_still():
+    """Reads can outnumber points without end (a counter that stopped changing adds none):
+    the samples are held to the pin limit on their own."""
+    from llem_server.energy.sampler import PIN_LIMIT
+
+    clock = FakeClock()
+    sim, m = make([SimGpu(power=0.0, update_period_s=0.1)], clock, capacity=50)
+    m.hold(0, T0 + 0.5)  # a job runs for good: the pin never moves
+    drive(m, clock, 200.0, 0.1)  # 2 000 reads, hardly a point
+    buf = m._devs[0].sampler._buf
+    assert len(buf.s_t) <= 2 * PIN_LIMIT * 50
+
+
 def test_an_idle_stretch_longer_than_the_buffer_stays_in_the_ledger_and_memory_stays_bounded():
     clock = FakeClock()
     sim, m = make([SimGpu(power=60.0, update_period_s=0.1)], clock, capacity=50)

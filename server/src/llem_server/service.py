@@ -240,7 +240,8 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             return
         await self.health.set(config_hash, serving.SERVICE_UNKNOWN)
         statuses = getattr(self.health, "_server_status", None)
-        if self.registry.get(config_hash) is None and isinstance(statuses, dict) \
+        # Not while draining: grpc's shutdown walks this map, awaiting inside the walk.
+        if self.registry.get(config_hash) is None and isinstance(statuses, dict) and not self.draining \
                 and statuses.get(config_hash) == serving.SERVICE_UNKNOWN:  # not loaded again meanwhile
             del statuses[config_hash]
 
@@ -411,6 +412,19 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                     data = _hide_root(data, model)
                     self._job_failed(entry, data)
                     raise error_from_worker(data)
+        except ServiceError:
+            raise
+        except Exception:
+            # A bug on this side (a token that will not decode): the caller gets INTERNAL, and
+            # the device's work is stopped and accounted as a stopped request's, its window
+            # measured (left unreported, it would keep the samplers hurried for good).
+            if job.finished:
+                if edges.window is not None and not edges.window.reported and edges.window.t_end is not None:
+                    self._in_background(self._energy(edges.window, edges.window.t_end, None))
+            else:
+                worker.cancel(job)
+                self._finish_in_background(worker, job, entry, edges, request_id, "INTERNAL")
+            raise
         except (asyncio.CancelledError, GeneratorExit):
             # Client cancelled, went away or its deadline passed (a closed stream sees
             # GeneratorExit): stop within one decode step, account for the work in the background.
@@ -592,11 +606,16 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             "being measured: the energy counter has not yet passed the end of the load"),
             llem_pb2.ENERGY_ABSENCE_PENDING)
         entry.load_energy_warnings = []
-        entry.load_energy_task = self._in_background(self._measure_load(entry, *data["model"]["load_window"]))
-
-    async def _measure_load(self, entry, t0: float, t1: float) -> None:
+        # Registered now, in this step: the job's consumer runs before the dispatcher sees it
+        # over and lets the ledger settle past the job (EnergyMeter.hold), so the load's time,
+        # its start long past, is not booked as idle meanwhile.
+        t0, t1 = data["model"]["load_window"]
         worker = self.workers[entry.device_index]
         window = self.meter.open_window(self._meter_indices(worker), t0, f"load-{entry.config_hash[:16]}")
+        self.meter.close_window(window, t1, None)
+        entry.load_energy_task = self._in_background(self._measure_load(entry, window, t1))
+
+    async def _measure_load(self, entry, window, t1: float) -> None:
         entry.load_energy, entry.load_energy_warnings = await self._energy(window, t1, None)
 
     def _job_failed(self, entry, data: dict) -> None:

@@ -324,6 +324,8 @@ class EnergyMeter:
         sampler's points from its horizon on, so an idle stretch must not hold them."""
         if d.settled_at is None or self._clock() - d.settled_at >= SETTLE_EVERY_S:
             self._settle(d)
+            with self._lock:
+                self._pin_cpu()  # a window abandoned on an idle server must not hold the RAPL samples
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:

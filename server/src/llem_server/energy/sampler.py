@@ -486,12 +486,18 @@ class Sampler:
 
     def _trim(self) -> None:
         b = self._buf
-        keep_from = self._pin
-        if keep_from is not None and len(b.pt_t) > PIN_LIMIT * self._cap:
+        limit = PIN_LIMIT * self._cap
+        keep_pts = keep_samples = self._pin
+        if keep_pts is not None and len(b.pt_t) > limit:
             # Held back too long: the oldest points go anyway, and the samples (temperatures,
             # throttling) of the same time with them, so both lists cover the same stretch.
-            keep_from = max(keep_from, b.pt_t[len(b.pt_t) - PIN_LIMIT * self._cap])
-        for ts, others in ((b.s_t, (b.s_temp, b.s_reasons, b.s_power)), (b.pt_t, (b.pt_e, b.pt_lo, b.pt_hi))):
+            keep_pts = keep_samples = max(keep_pts, b.pt_t[len(b.pt_t) - limit])
+        if keep_samples is not None and len(b.s_t) > limit:
+            # Reads can outnumber points many times (a counter that stopped changing adds
+            # none): the samples are held to the same limit on their own.
+            keep_samples = max(keep_samples, b.s_t[len(b.s_t) - limit])
+        for ts, others, keep_from in ((b.s_t, (b.s_temp, b.s_reasons, b.s_power), keep_samples),
+                                      (b.pt_t, (b.pt_e, b.pt_lo, b.pt_hi), keep_pts)):
             if len(ts) > 2 * self._cap:  # amortised: lists stay bisectable
                 cut = len(ts) - self._cap
                 if keep_from is not None:
