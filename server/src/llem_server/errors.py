@@ -73,6 +73,14 @@ _MAX_DESCRIPTION_CHARS = 300
 DEADLINE_SLACK_S = 0.05
 
 
+def stop_code(context) -> grpc.StatusCode:
+    """How a call that stopped before its answer ended: DEADLINE_EXCEEDED within
+    DEADLINE_SLACK_S of its deadline, else CANCELLED (the caller went away)."""
+    remaining = context.time_remaining() if context is not None else None
+    past = remaining is not None and remaining < DEADLINE_SLACK_S
+    return grpc.StatusCode.DEADLINE_EXCEEDED if past else grpc.StatusCode.CANCELLED
+
+
 def status_from_name(name: str | grpc.StatusCode) -> grpc.StatusCode:
     """``"INVALID_ARGUMENT"`` (any case) -> ``grpc.StatusCode.INVALID_ARGUMENT``.
 

@@ -44,7 +44,8 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 
 from . import __version__
-from .errors import DEADLINE_SLACK_S
+from .energy.meter import SIMULATED_PREFIX
+from .errors import stop_code
 
 __all__ = ["Metrics", "MetricsInterceptor", "SKIP_PREFIXES"]
 
@@ -218,7 +219,7 @@ class Metrics:
         if not getattr(energy, "available", False):
             self.record_energy(device, None)
             return
-        simulated = energy.method.startswith("simulated:")
+        simulated = energy.method.startswith(SIMULATED_PREFIX)
         if energy.devices:
             for d in energy.devices:
                 self.record_energy(d.index, d.energy_j, simulated=simulated)
@@ -273,9 +274,7 @@ def _final_code(context: grpc.aio.ServicerContext, exc: BaseException | None,
     if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
         if answered:  # the stream's final message was sent: the caller has its whole answer
             return grpc.StatusCode.OK
-        remaining = context.time_remaining()
-        past = remaining is not None and remaining < DEADLINE_SLACK_S
-        return grpc.StatusCode.DEADLINE_EXCEEDED if past else grpc.StatusCode.CANCELLED
+        return stop_code(context)
     code = context.code()  # set by abort()/abort_with_status()/set_code()
     if isinstance(code, grpc.StatusCode):
         return code

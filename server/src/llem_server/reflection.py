@@ -79,7 +79,7 @@ class ReflectionServicer:
                 continue
             names.append(fd.name)
             todo.extend(fd.dependencies)
-        files = [self._serialized.get(n) or _plain(self._pool.FindFileByName(n)).SerializeToString() for n in names]
+        files = [self._serialized[n] for n in names]  # every file of the pool, dependencies included
         return reflection_pb2.ServerReflectionResponse(
             original_request=request,
             file_descriptor_response=reflection_pb2.FileDescriptorResponse(file_descriptor_proto=files))

@@ -24,7 +24,7 @@ from llem.v1 import llem_pb2, llem_pb2_grpc
 
 from . import __version__, config
 from . import energy_proto
-from .errors import DEADLINE_SLACK_S, ServiceError, abort
+from .errors import ServiceError, abort, stop_code
 from .logs import bind
 from .paths import ModelPathError, resolve_model
 from .registry import FAILED, READY, Registry
@@ -105,13 +105,6 @@ class _Deferred:
     """A deferred request's energy to come: known from the request's arrival."""
     fut: asyncio.Future  # -> (Energy, [Warning])
     generating: bool = True  # until its tokens are done; then the counter's update is awaited
-
-
-def _stop_status(context) -> str:
-    """How a call that stopped ended, for the log: grpc cancels at the deadline a hair early
-    by the server's clock."""
-    remaining = context.time_remaining() if context is not None else None
-    return "DEADLINE_EXCEEDED" if remaining is not None and remaining < DEADLINE_SLACK_S else "CANCELLED"
 
 
 class _JobWindow:
@@ -287,13 +280,11 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         idx = self.meter_devices.get(worker.index)
         return [] if idx is None else [idx]
 
-    async def _energy(self, window, t_end: float | None,
-                      output_tokens: int | None) -> tuple[llem_pb2.Energy, list[llem_pb2.Warning]]:
-        """Waits (off the device) for the counter to pass the window's end, then attributes."""
+    async def _energy(self, window) -> tuple[llem_pb2.Energy, list[llem_pb2.Warning]]:
+        """Waits (off the device) for the counter to pass the window's end, then attributes.
+        The window was closed where its end became known (_JobWindow, _note_load)."""
         if window is None:
             return energy_proto.absent("no generation ran for this request", llem_pb2.ENERGY_ABSENCE_NOT_RUN), []
-        if window.t_end is None:
-            self.meter.close_window(window, t_end, output_tokens)
         if not window.devices and not self.meter.cpu_sensor().available:
             # Nothing to wait for (no metered GPU, no RAPL): the report is immediate, so skip the
             # thread-pool hop (two context switches on every unmetered request's path).
@@ -396,7 +387,6 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         # a stream typically inside grpc's write: stop the device from the RPC's own end.
         context.add_done_callback(lambda _ctx: None if job.finished else worker.cancel(job))
         decoders, result = {}, None
-        t_end = None
         try:
             while True:
                 kind, data = await job.events.get()
@@ -420,7 +410,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             # measured (left unreported, it would keep the samplers hurried for good).
             if job.finished:
                 if edges.window is not None and not edges.window.reported and edges.window.t_end is not None:
-                    self._in_background(self._energy(edges.window, edges.window.t_end, None))
+                    self._in_background(self._energy(edges.window))
             else:
                 worker.cancel(job)
                 self._finish_in_background(worker, job, entry, edges, request_id, "INTERNAL")
@@ -429,7 +419,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             # Client cancelled, went away or its deadline passed (a closed stream sees
             # GeneratorExit): stop within one decode step, account for the work in the background.
             worker.cancel(job)
-            self._finish_in_background(worker, job, entry, edges, request_id, _stop_status(context))
+            self._finish_in_background(worker, job, entry, edges, request_id, stop_code(context).name)
             raise
         finally:
             if result is not None or not job.cancelled:
@@ -437,8 +427,6 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         # A load (and its evictions) was reported by the "loaded" event before generation began.
         self.registry.used(entry, result["model"])
         window = edges.window  # closed already, as "done" arrived
-        if result.get("window"):
-            t_end = result["window"][1]
         out_tokens = sum(c["output_tokens"] for c in result["completions"])
         device = self.meter_devices.get(entry.device_index, entry.device_index)
         stream_warnings = []
@@ -460,28 +448,28 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         except Exception:
             # The tail failed (a decoder's last characters): the answer is lost, but the window
             # is measured, so it does not keep its samplers hurried, nor stay unreported.
-            self._in_background(self._energy(window, t_end, out_tokens))
+            self._in_background(self._energy(window))
             raise
         except (asyncio.CancelledError, GeneratorExit):
             # Closed after generation, before its totals: the work was done, so its window is
             # closed and measured (left open, it would share every later window's energy).
             if deferred is not None:
-                self._defer_energy(deferred, request_id, config_hash, window, t_end, out_tokens, device)
+                self._defer_energy(deferred, request_id, config_hash, window, device)
                 self._stopped_after_generation(context, request_id, config_hash, out_tokens, device, None)
             else:
                 self._stopped_after_generation(context, request_id, config_hash, out_tokens, device,
-                                               self._in_background(self._energy(window, t_end, out_tokens)))
+                                               self._in_background(self._energy(window)))
             raise
         t_wait = time.monotonic()
         if deferred is not None:
-            self._defer_energy(deferred, request_id, config_hash, window, t_end, out_tokens, device)
+            self._defer_energy(deferred, request_id, config_hash, window, device)
             energy, energy_warnings = energy_proto.absent((
                 "deferred (energy_delivery = ENERGY_DELIVERY_DEFERRED): fetch it with GetEnergy(request_id) once "
                 "the energy counter has passed this request's end (~100 ms)"), llem_pb2.ENERGY_ABSENCE_DEFERRED), []
         else:
             # Shielded: a caller whose deadline passes during this wait (most of a short
             # request's latency) stops waiting, but its tokens and energy are still counted.
-            measuring = self._in_background(self._energy(window, t_end, out_tokens))
+            measuring = self._in_background(self._energy(window))
             try:
                 energy, energy_warnings = await asyncio.shield(measuring)
             except asyncio.CancelledError:
@@ -510,15 +498,14 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             while len(self._deferred_failed) > _FAILED_DEFERRED_KEEP:
                 self._deferred_failed.popitem(last=False)
 
-    def _defer_energy(self, held: _Deferred, request_id: str, config_hash: str, window, t_end, out_tokens,
-                      device) -> None:
+    def _defer_energy(self, held: _Deferred, request_id: str, config_hash: str, window, device) -> None:
         """Settle a deferred request's energy in the background, kept for GetEnergy."""
         held.generating = False
         fut = held.fut
 
         async def settle():
             try:
-                energy, warnings = await self._energy(window, t_end, out_tokens)
+                energy, warnings = await self._energy(window)
             except Exception as exc:  # noqa: BLE001 - a reason, never a lost future
                 energy, warnings = energy_proto.absent(f"energy failed: {exc!r}",
                                                        llem_pb2.ENERGY_ABSENCE_MEASUREMENT_FAILED), []
@@ -613,10 +600,10 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         worker = self.workers[entry.device_index]
         window = self.meter.open_window(self._meter_indices(worker), t0, f"load-{entry.config_hash[:16]}")
         self.meter.close_window(window, t1, None)
-        entry.load_energy_task = self._in_background(self._measure_load(entry, window, t1))
+        entry.load_energy_task = self._in_background(self._measure_load(entry, window))
 
-    async def _measure_load(self, entry, window, t1: float) -> None:
-        entry.load_energy, entry.load_energy_warnings = await self._energy(window, t1, None)
+    async def _measure_load(self, entry, window) -> None:
+        entry.load_energy, entry.load_energy_warnings = await self._energy(window)
 
     def _job_failed(self, entry, data: dict) -> None:
         """A job's error: a failed load is listed with its reason; other errors (cancelled,
@@ -647,7 +634,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                                   measuring: asyncio.Task | None) -> None:
         """A caller gone after its generation ended, before its answer: the tokens were made
         and the energy spent, so both are counted (as a stopped request's) and logged."""
-        status = _stop_status(context)
+        status = stop_code(context).name
 
         async def finish():
             energy = None
@@ -656,16 +643,21 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                     energy, _ = await measuring
                 except Exception:  # noqa: BLE001 - counted without its energy
                     energy = None
-            if self.metrics is not None:
-                self.metrics.stopped_tokens(out_tokens, device=device)
-                if energy is not None and energy.available:
-                    self.metrics.record_energy_message(energy, device)
-            if self.log is not None:
-                self.log.info("request_stopped", request_id=request_id, config_hash=config_hash, status=status,
-                              output_tokens=out_tokens, after_generation=True,
-                              energy_j=energy.total_j if energy is not None and energy.available else None)
+            self._record_stopped(request_id, config_hash, status, out_tokens, energy, device, after_generation=True)
 
         self._in_background(finish())
+
+    def _record_stopped(self, request_id: str, config_hash: str, status: str, tokens: int, energy, device,
+                        **extra) -> None:
+        """A stopped request's tokens (apart from answered ones) and measured energy, and its log line."""
+        measured = energy is not None and energy.available
+        if self.metrics is not None:
+            self.metrics.stopped_tokens(tokens, device=device)
+            if measured:
+                self.metrics.record_energy_message(energy, device)
+        if self.log is not None:
+            self.log.info("request_stopped", request_id=request_id, config_hash=config_hash, status=status,
+                          output_tokens=tokens, energy_j=energy.total_j if measured else None, **extra)
 
     def _finish_in_background(self, worker, job, entry, edges: _JobWindow, request_id, status: str) -> None:
         """After a cancel: wait for the worker's partial result, then log its tokens and energy."""
@@ -682,18 +674,11 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                 tokens = sum(c["output_tokens"] for c in data.get("completions", [])) if kind == "done" else 0
                 energy, w = None, edges.window
                 if w is not None and kind == "done" and data.get("window"):
-                    energy, _ = await self._energy(w, data["window"][1], tokens)
+                    energy, _ = await self._energy(w)
                 elif w is not None:
                     self.meter.discard(w)
-                if self.metrics is not None:
-                    device = self.meter_devices.get(worker.index, worker.index)
-                    self.metrics.stopped_tokens(tokens, device=device)
-                    if energy is not None and energy.available:
-                        self.metrics.record_energy_message(energy, device)
-                if self.log is not None:
-                    self.log.info("request_stopped", request_id=request_id, config_hash=entry.config_hash,
-                                  status=status, output_tokens=tokens,
-                                  energy_j=energy.total_j if energy is not None and energy.available else None)
+                self._record_stopped(request_id, entry.config_hash, status, tokens, energy,
+                                     self.meter_devices.get(worker.index, worker.index))
             finally:
                 self.registry.release(entry)
 

@@ -39,7 +39,7 @@ from . import nvml as _nvml
 from .attribution import Span, edge_step_mj, energy_at, split, updates_inside
 from .baseline import STALE_AFTER_S, BaselineResult
 from .rapl import RaplReader, RaplUnavailable
-from .sampler import MIN_PERIOD_S, Reading, ReadError, Sampler
+from .sampler import MIN_PERIOD_S, PIN_LIMIT, Reading, ReadError, Sampler
 
 METHOD_COUNTER = "nvml_total_energy_counter"
 METHOD_POWER = "nvml_power_average_integrated (approximate)"
@@ -53,6 +53,7 @@ PHASE_WAIT_S = 5.0  # a baseline waits at most this long for the sampler to lear
 TEMP_DRIFT_C = 10.0
 POWER_AVG_SPAN_S = 1.0  # NVML's average power covers about the last second
 POWER_SHORT_WINDOW_S = 10.0  # counter-less GPUs: windows shorter than 10 spans are low-confidence
+ABANDON_AFTER_S = 300.0  # a closed window unreported this long is given up
 SETTLE_EVERY_S = 10.0  # the ledger settles at least this often, requests or not (its horizon pins the samples)
 POWER_AVG_REL = 0.015  # counter vs integrated average agreed within 1.5 % over >= 8 s (energy.md)
 
@@ -169,8 +170,14 @@ def _edge_power_w(v, t: float) -> float:
     return max(near) if near else min(reads, default=(0.0, 0.0))[1]
 
 
-def dur_h(t0: float, t1: float) -> str:
+def _dur_h(t0: float, t1: float) -> str:
     return f"{(t1 - t0) / 3600:.1f} h"
+
+
+def _pending(w: Window, now: float) -> bool:
+    """Still to be reported: open, or closed less than ABANDON_AFTER_S ago (a closed window
+    never reported for that long is abandoned, not a reason to hold samples or the ledger)."""
+    return not w.reported and (w.t_end is None or now - (w.closed_at or now) < ABANDON_AFTER_S)
 
 
 def _nearest(ts: list[float], vals: list, t: float):
@@ -411,7 +418,7 @@ class EnergyMeter:
             return
         now = self._clock()
         for key, w in list(self._cpu_windows.items()):
-            if w.reported or (w.t_end is not None and now - (w.closed_at or now) >= 300):
+            if not _pending(w, now):
                 del self._cpu_windows[key]
         self._cpu_sampler.pin(min((w.t_start for w in self._cpu_windows.values()), default=None))
 
@@ -505,8 +512,8 @@ class EnergyMeter:
                                                  "first reading", cpu=cpu)
             if v.oldest_t is not None and t0 < v.oldest_t:
                 return self._unavailable(window, (
-                    f"GPU {d.index}: the window ({dur_h(t0, t1)}) began before the oldest energy sample kept: "
-                    "samples are held for an open request up to 8 x the buffer (8-16 h); split the work into "
+                    f"GPU {d.index}: the window ({_dur_h(t0, t1)}) began before the oldest energy sample kept: "
+                    f"samples are held for an open request up to {PIN_LIMIT} x the buffer (8-16 h); split the work into "
                     "shorter requests"), cpu=cpu)
             if v.gaps:
                 return self._unavailable(window, f"GPU {d.index}: {v.gaps[0][2]}", cpu=cpu)
@@ -631,8 +638,8 @@ class EnergyMeter:
         e0, e1 = energy_at(v.pt_t, v.pt_e, t0), energy_at(v.pt_t, v.pt_e, t1)
         if e0 is None or e1 is None:
             if v.first_t is not None and t0 >= v.first_t:
-                return CpuReport(False, f"the window ({dur_h(t0, t1)}) began before the oldest RAPL sample kept "
-                                        "(held for an open request up to 8 x the buffer)")
+                return CpuReport(False, f"the window ({_dur_h(t0, t1)}) began before the oldest RAPL sample kept "
+                                        f"(held for an open request up to {PIN_LIMIT} x the buffer)")
             return CpuReport(False, "the window began before the RAPL sampler's first reading")
         # Package energy over the window, all processes: not split between requests.
         return CpuReport(True, "", (e1 - e0) / 1000.0, list(self._cpu_domains))
@@ -653,9 +660,7 @@ class EnergyMeter:
             if d.busy_since is not None:
                 h = min(h, d.busy_since)
             for w in d.windows:
-                # A closed window never reported for 5 min is abandoned, not a reason to stall.
-                pending = not w.reported and (w.t_end is None or now - (w.closed_at or now) < 300)
-                if pending:
+                if _pending(w, now):
                     h = min(h, w.t_start)
             if h <= d.acct_t:
                 return
@@ -664,8 +669,7 @@ class EnergyMeter:
             # Open windows start after the horizon (it waits for them): pinning it keeps
             # both the ledger's and their points.
             d.sampler.pin(h)
-            d.windows = [w for w in d.windows if not (w.t_end is not None and w.t_end <= h
-                                                      and (w.reported or now - (w.closed_at or now) >= 300))]
+            d.windows = [w for w in d.windows if not (w.t_end is not None and w.t_end <= h and not _pending(w, now))]
 
     def _account(self, d: _Dev, t0: float, t1: float, commit: bool) -> tuple[float, float]:
         v = d.sampler.view(t0, t1)
