@@ -671,8 +671,11 @@ def main(argv=None) -> int:
         if args.anchor_json:
             ck.res["anchor"] = json.loads(Path(args.anchor_json).read_text())
             ck.res["skipped"][-1] += f" (anchor numbers from {args.anchor_json}, an earlier run on this kind of GPU)"
-            if not args.smoke and ck.res["anchor"].get("gpu") != ck.hdr.get("gpu"):
-                ck.res["errors"].append(f"--anchor-json was measured on {ck.res['anchor'].get('gpu')!r}, this is "
+            a = ck.res["anchor"]
+            # the header names the GPU as common.header does: "NAME (driver X)"
+            anchor_gpu = f"{a.get('gpu')} (driver {a.get('driver')})" if a.get("driver") else a.get("gpu")
+            if not args.smoke and anchor_gpu != ck.hdr.get("gpu"):
+                ck.res["errors"].append(f"--anchor-json was measured on {anchor_gpu!r}, this is "
                                         f"{ck.hdr.get('gpu')!r}: its ratios compare different GPUs")
     else:
         ck.phase("anchor", 60, ck.anchor)

@@ -11,6 +11,8 @@ machine's drift; the answer is the median on/off ratio of block times with its s
 
     python bench/nvml_interference.py                # on a GPU machine, ~1.5 min
     python bench/nvml_interference.py --smoke        # CPU, tiny model, a fake 4 ms "read"
+    python bench/nvml_interference.py --cache static --new 128   # static cache (compiled by
+        # transformers on CUDA, as the service's static rows are): shorter kernels, fewer launches
 """
 from __future__ import annotations
 
@@ -65,6 +67,8 @@ def main(argv=None) -> int:
     p.add_argument("--gens", type=int, default=3, help="generate calls per block")
     p.add_argument("--new", type=int, default=None, help="new tokens per call (default 32; smoke 8)")
     p.add_argument("--period-s", type=float, default=0.05)
+    p.add_argument("--cache", choices=["dynamic", "static"], default="dynamic",
+                   help="cache_implementation (static: compiled by transformers on CUDA)")
     p.add_argument("--model-root", default=None)
     args = p.parse_args(argv)
     pairs = args.pairs or (4 if args.smoke else 25)
@@ -74,7 +78,8 @@ def main(argv=None) -> int:
     hdr = B.header()
     B.ensure_model(root, name, "llama" if args.smoke else "llama-1b")
     ref = B.Reference(root, "cpu" if args.smoke else "auto")
-    cfg = B.Config(name, new, 1, 32 if args.smoke else 128)
+    cfg = B.Config(name, new, 1, 32 if args.smoke else 128,
+                   pytorch={"cache_implementation": "static"} if args.cache == "static" else None)
     run = ref.prepare(cfg)
 
     ctx = mp.get_context("spawn")
@@ -82,7 +87,7 @@ def main(argv=None) -> int:
     child = ctx.Process(target=reader, args=(go, stop, args.period_s, args.smoke, reads), daemon=True)
     child.start()
     try:
-        for _ in range(3):  # warm-up
+        for _ in range(3):  # warm-up (static: the compile)
             run()
         ref.sync()
         times = {"on": [], "off": []}
@@ -112,16 +117,17 @@ def main(argv=None) -> int:
     mean = statistics.fmean(ratios)
     se = statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else float("nan")
     on_s = sum(times["on"])
-    rows = [[pairs, args.gens, new, B.med(times["off"]), B.med(times["on"]), med, f"{q1:.4f}–{q3:.4f}",
+    rows = [[args.cache, pairs, args.gens, new, B.med(times["off"]), B.med(times["on"]), med, f"{q1:.4f}–{q3:.4f}",
              f"{mean:.4f} ± {2 * se:.4f}", n_reads / on_s if on_s else None]]
     table = B.Table("Generation time with a second process reading NVML every "
                     f"{args.period_s * 1000:.0f} ms vs not (block time on / off)",
-                    ["pairs", "generate calls per block", "new tokens", "off block s (p50)", "on block s (p50)",
+                    ["cache", "pairs", "generate calls per block", "new tokens", "off block s (p50)", "on block s (p50)",
                      "on / off (median)", "on / off (IQR)", "on / off (mean ± 2 s.e.)", "reads per s during on"],
                     rows,
                     "Each read = energy counter + temperature + clock event reasons (what the sampler reads). "
                     "The server's sampler reads at most this often (about half as often once phase-locked).")
-    B.write_results("nvml_interference-" + ("smoke" if args.smoke else "gpu"), hdr, [table],
+    B.write_results("nvml_interference-" + ("smoke" if args.smoke else "gpu")
+                    + ("-static" if args.cache == "static" else ""), hdr, [table],
                     data={"times": times, "ratios": ratios})
     return 0
 
