@@ -102,6 +102,11 @@ def rule9_verdict(label: str, pairs: list[tuple[dict, dict]]) -> str:
             f"({verdict(gen, lambda r: r <= 1.01)} at ≤ 1.01; its round-to-round noise is the device's).")
 
 
+def _energy_warnings(warnings) -> dict[str, str]:
+    """code -> message of a response's ENERGY_* warnings."""
+    return {w.code: w.message for w in warnings if w.code.startswith("ENERGY_")}
+
+
 class Check:
     def __init__(self, args):
         self.args = args
@@ -283,7 +288,8 @@ class Check:
                 "avg_power_w": d.avg_power_w if d is not None else None,
                 "counter_updates": d.counter_updates if d is not None else None,
                 "cache_hit": r.cache_hit, "compiled": r.effective_config.compiled,
-                "compile_warnings": sorted({w.code for w in r.warnings if "COMPIL" in w.code})}
+                "compile_warnings": sorted({w.code for w in r.warnings if "COMPIL" in w.code}),
+                "energy_warnings": _energy_warnings(r.warnings)}
 
     def run_stream(self, k: int, req) -> dict:
         """GenerateStream on server k, read to the end; same fields as run_service."""
@@ -310,7 +316,8 @@ class Check:
                 "generate_s": final.timing.generate_ms / 1e3, "energy_wait_ms": final.timing.energy_wait_ms,
                 "outside_generate_ms": final.timing.total_ms - final.timing.generate_ms - final.timing.tokenization_ms,
                 "cache_hit": final.cache_hit, "compiled": final.effective_config.compiled,
-                "compile_warnings": sorted({w.code for w in final.warnings if "COMPIL" in w.code})}
+                "compile_warnings": sorted({w.code for w in final.warnings if "COMPIL" in w.code}),
+                "energy_warnings": _energy_warnings(final.warnings)}
 
     def run_side(self, side: str, req) -> dict:
         if side == "stream":  # unmetered server: compares with 'off'
@@ -360,6 +367,20 @@ class Check:
         if said:
             self.res["notes"].append(f"{label}: service's effective_config.compiled and compile warnings in measured "
                                      f"rounds, per side: {json.dumps(said)}")
+        # Energy warnings on the metered sides: here the unmetered server's worker (and the
+        # in-process reference) hold contexts on the same GPU, so ENERGY_OTHER_PROCESSES is
+        # expected on every metered answer that carries its energy.
+        seen: dict[str, dict[str, int]] = {}
+        for s in sides:
+            for r in runs[s] if s in ("on", "son") else ():
+                for code in r.get("energy_warnings", {}):
+                    seen.setdefault(s, {}).setdefault(code, 0)
+                    seen[s][code] += 1
+        if seen:
+            example = next((m for s in ("on", "son") for r in runs.get(s, ())
+                            for c, m in r.get("energy_warnings", {}).items() if c == "ENERGY_OTHER_PROCESSES"), "")
+            self.res["notes"].append(f"{label}: energy warnings in measured rounds (counts), per metered side: "
+                                     f"{json.dumps(seen)}" + (f"; e.g. {example}" if example else ""))
 
     def streamed(self, label: str, cache: str | None) -> None:
         """Batch 1: in-process vs unmetered Generate vs unmetered GenerateStream, interleaved."""

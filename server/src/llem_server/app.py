@@ -8,6 +8,7 @@ import platform
 import signal
 import sys
 from pathlib import Path
+from typing import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -54,7 +55,8 @@ CONNECTION_LIMITS = [
 ]
 
 
-def make_meter(settings: Settings, devices: list[tuple[str, int | None]], versions: dict[str, str]):
+def make_meter(settings: Settings, devices: list[tuple[str, int | None]], versions: dict[str, str],
+               worker_pid: Callable[[], int | None] = lambda: None):
     """(meter, worker index → metered GPU index, reason energy is absent where it is)."""
     from .energy import EnergyMeter
 
@@ -68,7 +70,9 @@ def make_meter(settings: Settings, devices: list[tuple[str, int | None]], versio
         from .energy.simulated import SimGpu, SimulatedNvml
 
         watts = float(settings.extra.get("simulated_power_w", 150.0))
-        nvml = SimulatedNvml([SimGpu(power=watts)])
+        others = [int(p) for p in settings.extra.get("simulated_other_pids", ())]
+        # The simulated GPU lists worker 0 as a real one would, and any other PIDs asked for.
+        nvml = SimulatedNvml([SimGpu(power=watts, processes=lambda: [p for p in [worker_pid()] if p] + others)])
         return EnergyMeter([0], nvml=nvml, versions=versions, simulated=True), {0: 0}, ""
     gpus = [phys for _, phys in devices if phys is not None]
     if not gpus:
@@ -88,7 +92,10 @@ async def serve(settings: Settings, *, port_file: Path | None = None, auth_token
     await asyncio.gather(*(w.start() for w in workers))
     caps = workers[0].capabilities
     versions = {k: caps["versions"].get(k, "") for k in ("torch", "transformers", "cuda")}
-    meter, meter_devices, energy_reason = make_meter(settings, devices, versions)
+    meter, meter_devices, energy_reason = make_meter(settings, devices, versions, lambda: workers[0].pid)
+    # A GPU's own worker is not "another process" on it; a worker restarted after a crash has a new PID.
+    meter.set_server_pids(lambda: {w.pid: meter_devices[w.index] for w in workers
+                                   if w.pid is not None and w.index in meter_devices})
     meter.start()
     for w in workers:  # the ledger keeps a running job's time unsettled (see EnergyMeter.hold)
         if w.index in meter_devices:

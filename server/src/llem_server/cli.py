@@ -22,6 +22,13 @@ def _devices(spec: str) -> str:
     return ",".join(parts)
 
 
+def _pids(spec: str) -> tuple[int, ...]:
+    parts = [x.strip() for x in spec.split(",") if x.strip()]
+    if not all(x.isdigit() and int(x) > 0 for x in parts):
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected process ids such as 4242,4243")
+    return tuple(map(int, parts))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llem-server", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -43,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--energy-backend", choices=["auto", "nvml", "simulated", "none"], default="auto",
                    help="where GPU energy comes from; 'simulated' is a known-power fake counter for tests")
     p.add_argument("--simulated-power-w", type=float, default=150.0, help="power of the simulated counter")
+    p.add_argument("--simulated-other-pids", type=_pids, default=(),
+                   help="PIDs the simulated GPU lists as compute processes beside the worker "
+                        "(shows ENERGY_OTHER_PROCESSES)")
     p.add_argument("--baseline-seconds", type=float, default=0.0,
                    help="measure idle power this long at start-up, before serving (0: only via MeasureBaseline)")
     p.add_argument("--deferred-energy-keep", type=int, default=10_000,
@@ -78,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         max_output_tokens=args.max_output_tokens, max_message_bytes=args.max_message_bytes,
         allow_hub=args.allow_hub, allow_remote_code=args.allow_remote_code, grace_seconds=args.grace_seconds,
         energy_backend=args.energy_backend, devices=args.devices, deferred_energy_keep=args.deferred_energy_keep,
-        extra={"simulated_power_w": args.simulated_power_w, "baseline_seconds": args.baseline_seconds},
+        extra={"simulated_power_w": args.simulated_power_w, "simulated_other_pids": args.simulated_other_pids,
+               "baseline_seconds": args.baseline_seconds},
     )
     from .logs import configure, get_logger
 

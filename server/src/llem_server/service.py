@@ -933,8 +933,8 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
                     lock.release()
             for _idx, res in sorted(results.items()):
                 resp.devices.append(energy_proto.device_baseline(res))
-                if (warning := res.warning()) is not None:
-                    resp.warnings.add(code=warning[0], message=warning[1])
+                for code, message in res.warnings():
+                    resp.warnings.add(code=code, message=message)
             return resp
         except ServiceError as err:
             await abort(context, err)

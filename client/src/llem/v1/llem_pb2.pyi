@@ -1265,7 +1265,9 @@ class Energy(_message.Message):
     average power).
     """
     exclusive: _builtins.bool
-    """True when no other request shared the window on these GPUs."""
+    """True when no other request of this server shared the window on these GPUs.
+    Other processes on a GPU are not split out: see warning ENERGY_OTHER_PROCESSES.
+    """
     approximate: _builtins.bool
     """True where the figure integrates NVML's ~1 s average power (no counter)."""
     adjusted_uncertainty_j: _builtins.float
@@ -1372,12 +1374,16 @@ class Warning(_message.Message):
       ENERGY_SIMULATED                the energy comes from a simulated counter
       ENERGY_SHORT_WINDOW             window under 1 s or 10 counter updates
       ENERGY_SHARED_WINDOW            other requests ran on the GPU in the window
+      ENERGY_OTHER_PROCESSES          other processes held the GPU in the window
+                                      (NVML's compute processes, listed about once a
+                                      second): their energy is in the counter's figure
       ENERGY_APPROXIMATE              no energy counter: ~1 s average power integrated
       ENERGY_PERSISTENCE_OFF          GPU persistence mode is off
       ENERGY_TEMPERATURE_DRIFT        GPU temperature moved over 10 °C in the window
       ENERGY_THROTTLED                thermal or power throttling during the window
       ENERGY_BASELINE_STALE           the baseline behind adjusted_j is over 1 h old
       BASELINE_UNCERTAIN              MeasureBaseline: the idle power's bound is wide
+                                      (MeasureBaseline also sends ENERGY_OTHER_PROCESSES)
     """
     message: _builtins.str
     """Human-readable explanation."""

@@ -32,14 +32,23 @@ class BaselineResult:
     # Models resident on the device while it was measured (None: not known): a start-up
     # baseline has none, and weights in memory can change the idle power of the serving state.
     models_loaded: int | None = None
+    # Other processes seen on the GPU while it was measured (processes.py), for people; '' if none.
+    other_processes: str = ""
 
     @property
     def stale(self) -> bool:
         return self.available and self.age_s > STALE_AFTER_S
 
-    def warning(self) -> tuple[str, str] | None:
-        if not self.available or (self.duration_s >= SHORT_S and self.uncertainty_w <= UNCERTAIN_SHARE * self.power_w):
-            return None
-        return ("BASELINE_UNCERTAIN", f"GPU {self.index}: idle power {self.power_w:.2f} ± {self.uncertainty_w:.2f} W "
-                                      f"from {self.duration_s:.2f} s; responses carry this bound in "
-                                      "adjusted_uncertainty_j; a longer baseline (30 s by default) is tighter")
+    def warnings(self) -> list[tuple[str, str]]:
+        if not self.available:
+            return []
+        out = []
+        if self.duration_s < SHORT_S or self.uncertainty_w > UNCERTAIN_SHARE * self.power_w:
+            out.append(("BASELINE_UNCERTAIN", f"GPU {self.index}: idle power {self.power_w:.2f} ± "
+                                              f"{self.uncertainty_w:.2f} W from {self.duration_s:.2f} s; responses "
+                                              "carry this bound in adjusted_uncertainty_j; a longer baseline (30 s "
+                                              "by default) is tighter"))
+        if self.other_processes:
+            out.append(("ENERGY_OTHER_PROCESSES", self.other_processes + ": this is not the serving state's idle "
+                                                                         "power alone"))
+        return out

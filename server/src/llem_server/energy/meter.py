@@ -38,6 +38,7 @@ from typing import Any, Callable
 from . import nvml as _nvml
 from .attribution import Span, edge_step_mj, energy_at, split, updates_inside
 from .baseline import STALE_AFTER_S, BaselineResult
+from .processes import ProcessWatch
 from .rapl import RaplReader, RaplUnavailable
 from .sampler import MIN_PERIOD_S, PIN_LIMIT, Reading, ReadError, Sampler
 
@@ -159,6 +160,7 @@ class _Dev:
     acct_t: float | None = None
     settled_at: float | None = None  # clock time of the last settle
     busy_since: float | None = None  # a job runs on the device since then (hold)
+    procs: ProcessWatch | None = None  # other processes on the GPU (None: NVML cannot list them)
     attr_mj: float = 0.0
     idle_mj: float = 0.0
 
@@ -322,13 +324,22 @@ class EnergyMeter:
         sampler = Sampler(read, mode=mode, period_s=self._period, clock=self._clock, capacity=capacity,
                           fast_period_s=self._fast_period,
                           name=f"gpu{idx}")
-        dev = _Dev(idx, SensorState(True, "", method), static, sampler)
+        procs: ProcessWatch | None = ProcessWatch(idx, reader.compute_pids, self._clock)
+        try:
+            reader.compute_pids()
+        except _nvml.NvmlFailure as f:
+            if f.code in ("NVML_ERROR_NOT_SUPPORTED", "NVML_ERROR_NO_PERMISSION"):
+                procs = None  # for good: other processes go unseen (README, Energy); else a later listing may work
+        dev = _Dev(idx, SensorState(True, "", method), static, sampler, procs=procs)
         sampler.after_read = lambda: self._housekeep(dev)
         return dev
 
     def _housekeep(self, d: _Dev) -> None:
-        """Settle the ledger now and then even with no request reported: it pins the
-        sampler's points from its horizon on, so an idle stretch must not hold them."""
+        """After each read, on the sampler's thread: list the GPU's processes about once a
+        second; settle the ledger now and then even with no request reported (it pins the
+        sampler's points from its horizon on, so an idle stretch must not hold them)."""
+        if d.procs is not None:
+            d.procs.poll()
         if d.settled_at is None or self._clock() - d.settled_at >= SETTLE_EVERY_S:
             self._settle(d)
             with self._lock:
@@ -365,6 +376,13 @@ class EnergyMeter:
                 s.nvml.nvmlShutdown()
             except Exception:
                 pass
+
+    def set_server_pids(self, pids: Callable[[], dict[int, int]]) -> None:
+        """This server's workers as {pid: GPU index}, read when a window is judged: a GPU's
+        own worker is not "another process" (processes.py)."""
+        for d in self._devs.values():
+            if d.procs is not None:
+                d.procs.server_pids = pids
 
     # -- info ------------------------------------------------------------------------
     def _label(self, method: str) -> str:
@@ -559,6 +577,8 @@ class EnergyMeter:
                 baseline_power_w=bl.power_w if bl and bl.available else None,
                 uncertainty_j=unc_j, exclusive=exclusive))
             warnings += self._device_warnings(d, out[-1], reasons, bl)
+            if d.procs is not None and (others := d.procs.others(t0, t1)):
+                warnings.append(("ENERGY_OTHER_PROCESSES", others))
         total = sum(r.energy_j for r in out)
         unc = sum(r.uncertainty_j for r in out)
         exclusive = all(r.exclusive for r in out)
@@ -767,7 +787,8 @@ class EnergyMeter:
                 if counted is not None and abs(counted - power) <= unc + c_unc:
                     power, unc = counted, c_unc  # whole updates: far tighter, and it agrees
                 res = BaselineResult(d.index, True, "", power, t1 - t0, unix1, t1, self._label(d.state.method),
-                                     uncertainty_w=unc, models_loaded=(models_loaded or {}).get(d.index))
+                                     uncertainty_w=unc, models_loaded=(models_loaded or {}).get(d.index),
+                                     other_processes=d.procs.others(t0, t1) if d.procs is not None else "")
                 with self._lock:
                     self._baselines[d.index] = res
             out[d.index] = res

@@ -142,6 +142,11 @@ class DeviceReader:
             fn = "nvmlDeviceGetCurrentClocksThrottleReasons"
         return int(self._call(fn, "reading clock event reasons"))
 
+    def compute_pids(self) -> frozenset[int]:
+        """PIDs of the processes with a compute context on this GPU (host PIDs, also in a container)."""
+        procs = self._call("nvmlDeviceGetComputeRunningProcesses", "listing compute processes")
+        return frozenset(int(p.pid) for p in procs)
+
     def static(self) -> dict[str, Any]:
         """Name, UUID, power limit, persistence: read once at start; None where unknown."""
         info: dict[str, Any] = {"index": self.index}

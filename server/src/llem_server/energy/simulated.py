@@ -16,7 +16,8 @@ import random
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Callable
 
 KEEP_CALLS = 100_000  # the latest NVML calls kept for tests' checks
@@ -67,6 +68,9 @@ class SimGpu:
     name: str = "Simulated H200"
     uuid: str = ""
     power_limit_w: float = 700.0
+    # PIDs with a compute context on the GPU (a callable is asked at each listing);
+    # None: nvmlDeviceGetComputeRunningProcesses -> NOT_SUPPORTED
+    processes: list[int] | Callable[[], list[int]] | None = field(default_factory=list)
 
     def segments(self) -> list[tuple[float, float]]:
         return [(-math.inf, float(self.power))] if not isinstance(self.power, list) else \
@@ -186,6 +190,13 @@ class SimulatedNvml:
         self._rec("nvmlDeviceGetCurrentClocksEventReasons")
         r = self._gpu(h).reasons
         return int(r(self.clock() - self.t0) if callable(r) else r)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h: int) -> list[SimpleNamespace]:
+        self._rec("nvmlDeviceGetComputeRunningProcesses")
+        procs = self._gpu(h).processes
+        if procs is None:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        return [SimpleNamespace(pid=int(p), usedGpuMemory=None) for p in (procs() if callable(procs) else procs)]
 
     def nvmlDeviceGetName(self, h: int) -> str:
         self._rec("nvmlDeviceGetName")
