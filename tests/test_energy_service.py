@@ -6,6 +6,7 @@ over any window is 150 W x its length. Only the hardware is simulated.
 """
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -316,7 +317,7 @@ def test_a_start_up_baseline_is_measured_before_serving_and_says_no_model_was_lo
     from conftest import start_server, stop_server
 
     srv = start_server(tmp_path, model_root, "--energy-backend", "simulated", "--simulated-power-w", "150",
-                       "--baseline-seconds", "0.5")
+                       "--baseline-seconds", "0.5", "--simulated-other-pids", "4242")
     try:
         with Client(srv.address, timeout=60) as c:
             b = c.server_info().devices[0].baseline
@@ -324,3 +325,7 @@ def test_a_start_up_baseline_is_measured_before_serving_and_says_no_model_was_lo
         stop_server(srv)
     assert abs(b.power_w - POWER_W) <= b.uncertainty_w + 1e-6 and b.duration_s >= 0.5
     assert b.HasField("models_loaded") and b.models_loaded == 0
+    # Nobody asked for it over gRPC: its warnings go to the log (here: another process on the GPU).
+    line = next(json.loads(x) for x in srv.log().splitlines() if '"baseline_measured"' in x)
+    assert line["available"] and any(w.startswith("ENERGY_OTHER_PROCESSES") and "4242" in w for w in line["warnings"])
+    assert "4242" in b.other_processes

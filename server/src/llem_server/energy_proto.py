@@ -61,12 +61,14 @@ def warnings(report: EnergyReport) -> list[llem_pb2.Warning]:
 
 
 def sensor(state: SensorState) -> llem_pb2.EnergySensor:
-    return llem_pb2.EnergySensor(available=state.available, unavailable_reason=state.reason, method=state.method)
+    return llem_pb2.EnergySensor(available=state.available, unavailable_reason=state.reason, method=state.method,
+                                 processes_unseen_reason=state.processes_unseen)
 
 
 def baseline(b: BaselineResult) -> llem_pb2.Baseline:
     msg = llem_pb2.Baseline(power_w=b.power_w or 0.0, duration_s=b.duration_s, measured_unix=b.measured_unix,
-                            age_s=b.age_s, method=b.method, uncertainty_w=b.uncertainty_w)
+                            age_s=b.age_s, method=b.method, uncertainty_w=b.uncertainty_w,
+                            other_processes=b.other_processes)
     if b.models_loaded is not None:
         msg.models_loaded = b.models_loaded
     return msg

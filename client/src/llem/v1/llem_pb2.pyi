@@ -1374,14 +1374,17 @@ class Warning(_message.Message):
       ENERGY_SIMULATED                the energy comes from a simulated counter
       ENERGY_SHORT_WINDOW             window under 1 s or 10 counter updates
       ENERGY_SHARED_WINDOW            other requests ran on the GPU in the window
-      ENERGY_OTHER_PROCESSES          other processes held the GPU in the window
-                                      (NVML's compute processes, listed about once a
-                                      second): their energy is in the counter's figure
+      ENERGY_OTHER_PROCESSES          other processes used the GPU in the window
+                                      (NVML's compute and MPS-client processes, listed
+                                      about once a second; the worker's own children
+                                      excepted): their energy is in the counter's figure
       ENERGY_APPROXIMATE              no energy counter: ~1 s average power integrated
       ENERGY_PERSISTENCE_OFF          GPU persistence mode is off
       ENERGY_TEMPERATURE_DRIFT        GPU temperature moved over 10 °C in the window
       ENERGY_THROTTLED                thermal or power throttling during the window
       ENERGY_BASELINE_STALE           the baseline behind adjusted_j is over 1 h old
+      ENERGY_BASELINE_OTHER_PROCESSES the baseline behind adjusted_j was measured
+                                      while other processes used the GPU
       BASELINE_UNCERTAIN              MeasureBaseline: the idle power's bound is wide
                                       (MeasureBaseline also sends ENERGY_OTHER_PROCESSES)
     """
@@ -1906,6 +1909,7 @@ class Baseline(_message.Message):
     METHOD_FIELD_NUMBER: _builtins.int
     UNCERTAINTY_W_FIELD_NUMBER: _builtins.int
     MODELS_LOADED_FIELD_NUMBER: _builtins.int
+    OTHER_PROCESSES_FIELD_NUMBER: _builtins.int
     power_w: _builtins.float
     """Mean idle power, watts."""
     duration_s: _builtins.float
@@ -1926,6 +1930,11 @@ class Baseline(_message.Message):
     idle power can be higher with weights in memory, so measure again with the
     model loaded before relying on adjusted_j.
     """
+    other_processes: _builtins.str
+    """Other processes seen on the GPU while it was measured, for people; empty when
+    none were seen. Such a baseline includes their power: responses whose
+    adjusted_j uses it carry ENERGY_BASELINE_OTHER_PROCESSES.
+    """
     def __init__(
         self,
         *,
@@ -1936,10 +1945,11 @@ class Baseline(_message.Message):
         method: _builtins.str = ...,
         uncertainty_w: _builtins.float = ...,
         models_loaded: _builtins.int | None = ...,
+        other_processes: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_models_loaded", b"_models_loaded", "models_loaded", b"models_loaded"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_models_loaded", b"_models_loaded", "age_s", b"age_s", "duration_s", b"duration_s", "measured_unix", b"measured_unix", "method", b"method", "models_loaded", b"models_loaded", "power_w", b"power_w", "uncertainty_w", b"uncertainty_w"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_models_loaded", b"_models_loaded", "age_s", b"age_s", "duration_s", b"duration_s", "measured_unix", b"measured_unix", "method", b"method", "models_loaded", b"models_loaded", "other_processes", b"other_processes", "power_w", b"power_w", "uncertainty_w", b"uncertainty_w"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__models_loaded: _TypeAlias = _typing.Literal["models_loaded"]  # noqa: Y015
     _WhichOneofArgType__models_loaded: _TypeAlias = _typing.Literal["_models_loaded", b"_models_loaded"]  # noqa: Y015
@@ -1956,22 +1966,29 @@ class EnergySensor(_message.Message):
     AVAILABLE_FIELD_NUMBER: _builtins.int
     UNAVAILABLE_REASON_FIELD_NUMBER: _builtins.int
     METHOD_FIELD_NUMBER: _builtins.int
+    PROCESSES_UNSEEN_REASON_FIELD_NUMBER: _builtins.int
     available: _builtins.bool
     """True when per-request energy is measured on this device."""
     unavailable_reason: _builtins.str
     """Why not, where not."""
     method: _builtins.str
     """The method used, e.g. "nvml_total_energy_counter"."""
+    processes_unseen_reason: _builtins.str
+    """Why other processes on this GPU cannot be seen (NVML cannot list them, or its
+    listings fail now): ENERGY_OTHER_PROCESSES is then not sent. Empty while they are
+    listed.
+    """
     def __init__(
         self,
         *,
         available: _builtins.bool = ...,
         unavailable_reason: _builtins.str = ...,
         method: _builtins.str = ...,
+        processes_unseen_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "method", b"method", "unavailable_reason", b"unavailable_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "method", b"method", "processes_unseen_reason", b"processes_unseen_reason", "unavailable_reason", b"unavailable_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -49,6 +49,6 @@ class BaselineResult:
                                               "carry this bound in adjusted_uncertainty_j; a longer baseline (30 s "
                                               "by default) is tighter"))
         if self.other_processes:
-            out.append(("ENERGY_OTHER_PROCESSES", self.other_processes + ": this is not the serving state's idle "
-                                                                         "power alone"))
+            out.append(("ENERGY_OTHER_PROCESSES", f"{self.other_processes}: this idle power includes theirs, not "
+                                                  "the serving state's alone"))
         return out

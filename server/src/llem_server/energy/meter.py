@@ -66,6 +66,9 @@ class SensorState:
     available: bool
     reason: str = ""
     method: str = ""
+    # Why other processes on this GPU cannot be seen ('' while NVML lists them): then
+    # ENERGY_OTHER_PROCESSES is never sent for it.
+    processes_unseen: str = ""
 
 
 @dataclass
@@ -325,12 +328,14 @@ class EnergyMeter:
                           fast_period_s=self._fast_period,
                           name=f"gpu{idx}")
         procs: ProcessWatch | None = ProcessWatch(idx, reader.compute_pids, self._clock)
+        unseen = ""
         try:
             reader.compute_pids()
         except _nvml.NvmlFailure as f:
             if f.code in ("NVML_ERROR_NOT_SUPPORTED", "NVML_ERROR_NO_PERMISSION"):
-                procs = None  # for good: other processes go unseen (README, Energy); else a later listing may work
-        dev = _Dev(idx, SensorState(True, "", method), static, sampler, procs=procs)
+                procs = None  # for good; else a later listing may work
+                unseen = f"GPU {idx}: {f.reason}: other processes on it go unseen"
+        dev = _Dev(idx, SensorState(True, "", method, unseen), static, sampler, procs=procs)
         sampler.after_read = lambda: self._housekeep(dev)
         return dev
 
@@ -389,8 +394,13 @@ class EnergyMeter:
         return f"{SIMULATED_PREFIX}{method}" if self._simulated and method else method
 
     def sensors(self) -> dict[int, SensorState]:
-        return {i: SensorState(d.state.available, d.state.reason, self._label(d.state.method))
-                for i, d in self._devs.items()}
+        out = {}
+        for i, d in self._devs.items():
+            unseen = d.state.processes_unseen
+            if not unseen and d.procs is not None and d.procs.failing:
+                unseen = f"GPU {i}: listing its processes fails ({d.procs.failing}): other processes on it go unseen"
+            out[i] = SensorState(d.state.available, d.state.reason, self._label(d.state.method), unseen)
+        return out
 
     def cpu_sensor(self) -> SensorState:
         return self._cpu_state
@@ -421,6 +431,8 @@ class EnergyMeter:
                     d.windows.append(w)
                     if d.sampler is not None:
                         w.hurried.append(d.sampler)
+                    if d.procs is not None:
+                        d.procs.soon()
             if self._cpu_sampler is not None:
                 w.hurried.append(self._cpu_sampler)
                 self._cpu_windows[w.id] = w
@@ -578,7 +590,9 @@ class EnergyMeter:
                 uncertainty_j=unc_j, exclusive=exclusive))
             warnings += self._device_warnings(d, out[-1], reasons, bl)
             if d.procs is not None and (others := d.procs.others(t0, t1)):
-                warnings.append(("ENERGY_OTHER_PROCESSES", others))
+                warnings.append(("ENERGY_OTHER_PROCESSES", f"{others}: the energy counter measures the whole GPU, "
+                                                           "so their energy is in this figure (processes are listed "
+                                                           "about once a second)"))
         total = sum(r.energy_j for r in out)
         unc = sum(r.uncertainty_j for r in out)
         exclusive = all(r.exclusive for r in out)
@@ -641,6 +655,10 @@ class EnergyMeter:
         if held:
             w.append(("ENERGY_THROTTLED", f"GPU {d.index} clocks were held back during the window: "
                                           + ", ".join(held)))
+        if bl is not None and bl.available and bl.other_processes:
+            w.append(("ENERGY_BASELINE_OTHER_PROCESSES", f"the baseline behind adjusted_j was measured while "
+                                                         f"{bl.other_processes}: adjusted_j subtracts their power "
+                                                         "too; measure it again"))
         if bl is not None and bl.available:
             age = self._clock() - bl.measured_monotonic
             if age > STALE_AFTER_S:

@@ -143,8 +143,14 @@ class DeviceReader:
         return int(self._call(fn, "reading clock event reasons"))
 
     def compute_pids(self) -> frozenset[int]:
-        """PIDs of the processes with a compute context on this GPU (host PIDs, also in a container)."""
-        procs = self._call("nvmlDeviceGetComputeRunningProcesses", "listing compute processes")
+        """PIDs of the processes with a compute context on this GPU, MPS clients included
+        (NVML lists those apart; host PIDs, also in a container)."""
+        procs = list(self._call("nvmlDeviceGetComputeRunningProcesses", "listing compute processes"))
+        if hasattr(self.nvml, "nvmlDeviceGetMPSComputeRunningProcesses"):
+            try:
+                procs += self._call("nvmlDeviceGetMPSComputeRunningProcesses", "listing MPS client processes")
+            except NvmlFailure:
+                pass  # no MPS (NOT_SUPPORTED, or an older driver): the compute list is all there is
         return frozenset(int(p.pid) for p in procs)
 
     def static(self) -> dict[str, Any]:

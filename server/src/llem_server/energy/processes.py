@@ -3,88 +3,149 @@
 The energy counter measures the whole GPU: a request's energy includes whatever else ran
 on it meanwhile (another job, a second server, a notebook), and another process's CUDA
 context alone raises idle power (~81 to ~124 W on an H200, energy.md). ``exclusive``
-speaks only of this server's requests, so the meter also watches NVML's list of compute
-processes. The sampler thread reads it about once a second, never a request, and keeps
-the listings as changes. A window that overlaps a listing with any process besides its
-GPU's worker is warned; a process that came and went between two listings is not seen.
+speaks only of this server's requests, so the meter also watches NVML's lists of compute
+and MPS-client processes. The sampler thread reads them about once a second and soon
+after a window opens, never on a request's path, and keeps the listings as changes. A
+window that overlaps a listing with any process besides its GPU's worker (and the
+worker's own children, e.g. compile helpers) is warned. A process that starts during a
+window is seen at the next listing: a window under a second may miss it.
 
 PIDs: the driver gives host PIDs, also inside a container with its own PID namespace,
-where none of this server's workers appears under its own PID. Then a listing is judged
-by its length: one process is taken to be the worker.
+where none of this server's workers appears under its own PID. Until one has appeared in
+a listing, a listing is judged by its length (one process is taken to be the worker),
+and children cannot be told apart there.
 """
 from __future__ import annotations
 
 import threading
 from collections import deque
+from pathlib import Path
 from typing import Callable
 
-PROCESS_EVERY_S = 1.0  # how often the sampler thread lists the GPU's compute processes
-KEEP_CHANGES = 256     # listings kept (only changes are kept: a steady GPU keeps one)
+PROCESS_EVERY_S = 1.0  # how often the sampler thread lists the GPU's processes
+SOON_GAP_S = 0.5       # a window's opening asks for a listing, at most this often
+FAILED_AFTER = 3       # consecutive failed listings before the processes are "unknown"
+KEEP_CHANGES = 1024    # listings kept (only changes: a steady GPU keeps one)
+
+
+def _parent(pid: int, proc: Path) -> int | None:
+    try:
+        stat = (proc / str(pid) / "stat").read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[1])  # after "(comm) state": the parent's PID
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def descendants(pids: frozenset[int], ancestors: set[int], proc: Path = Path("/proc")) -> frozenset[int]:
+    """Those of ``pids`` whose chain of parents reaches one of ``ancestors`` (Linux /proc)."""
+    out = set()
+    for pid in pids:
+        p, hops = pid, 0
+        while p and p > 1 and hops < 64:
+            p, hops = _parent(p, proc), hops + 1
+            if p in ancestors:
+                out.add(pid)
+                break
+    return frozenset(out)
 
 
 class ProcessWatch:
-    """The compute processes NVML lists on one GPU, over time.
+    """The processes NVML lists on one GPU, over time.
 
     ``read`` returns the PIDs (raises on failure); ``server_pids`` returns this server's
-    workers as {pid: GPU index}. ``poll`` runs on the sampler thread; ``others`` on any.
+    workers as {pid: GPU index}. ``poll`` runs on the sampler thread; ``soon`` and
+    ``others`` on any.
     """
 
     def __init__(self, index: int, read: Callable[[], frozenset[int]], clock: Callable[[], float],
-                 every_s: float = PROCESS_EVERY_S, keep: int = KEEP_CHANGES):
+                 every_s: float = PROCESS_EVERY_S, keep: int = KEEP_CHANGES, proc: Path = Path("/proc")):
         self.index = index
         self._read = read
         self._clock = clock
         self._every = every_s
-        self._changes: deque[tuple[float, frozenset[int] | None]] = deque(maxlen=keep)  # None: read failed
+        self._proc = proc
+        # (time, PIDs listed or None when unknown, those of them that are our workers' children)
+        self._changes: deque[tuple[float, frozenset[int] | None, frozenset[int]]] = deque(maxlen=keep)
         self._last_poll: float | None = None
+        self._soon = False
+        self._failures = 0
+        self.last_error = ""
+        self._comparable = False  # one of our PIDs was listed: PIDs are in our namespace
         self._lock = threading.Lock()
         self.server_pids: Callable[[], dict[int, int]] = dict
 
+    def soon(self) -> None:
+        """A window opened: list at the next read (``SOON_GAP_S`` apart at most) so the
+        listing in force at its start is fresh."""
+        self._soon = True
+
+    @property
+    def failing(self) -> str:
+        """Why the processes are unknown now ('' while listings succeed)."""
+        return self.last_error if self._failures >= FAILED_AFTER else ""
+
+    def _ours(self) -> dict[int, int]:
+        try:
+            return dict(self.server_pids() or {})
+        except Exception:  # noqa: BLE001 - a broken callback must not lose a figure
+            return {}
+
     def poll(self) -> None:
         now = self._clock()
-        if self._last_poll is not None and now - self._last_poll < self._every:
-            return
-        self._last_poll = now
+        if self._last_poll is not None:
+            gap = now - self._last_poll
+            if gap < self._every and not (self._soon and gap >= SOON_GAP_S):
+                return
+        self._last_poll, self._soon = now, False
         try:
-            pids: frozenset[int] | None = frozenset(self._read())
-        except Exception:  # noqa: BLE001 - unknown until the next good read; never stops the sampler
-            pids = None
+            pids = frozenset(self._read())
+        except Exception as exc:  # noqa: BLE001 - never stops the sampler
+            self._failures += 1
+            self.last_error = getattr(exc, "reason", None) or repr(exc)
+            if self._failures == FAILED_AFTER:  # persistent: the last listing no longer holds
+                with self._lock:
+                    self._changes.append((now, None, frozenset()))
+            return  # a passing failure keeps the last good listing in force
+        self._failures, self.last_error = 0, ""
         with self._lock:
-            if not self._changes or self._changes[-1][1] != pids:
-                self._changes.append((now, pids))
+            last = self._changes[-1] if self._changes else None
+        if last is not None and last[1] == pids:
+            return
+        ours = self._ours()
+        self._comparable |= bool(pids & ours.keys())
+        children = descendants(pids - ours.keys(), set(ours), self._proc) if self._comparable and ours else frozenset()
+        with self._lock:
+            self._changes.append((now, pids, children))
 
     def others(self, t0: float, t1: float) -> str:
-        """Why this GPU was not this server's alone in [t0, t1], for people; '' if nothing was seen."""
+        """What else used this GPU in [t0, t1], for people ("1 other process(es) used GPU 0
+        meanwhile (PID 4242)"); '' if nothing was seen."""
         with self._lock:
             changes = list(self._changes)
-        listings: list[frozenset[int]] = []
-        for t, pids in changes:  # the listing in force at t0, and each one after it up to t1
+        listings: list[tuple[frozenset[int], frozenset[int]]] = []
+        for t, pids, children in changes:  # the listing in force at t0, and each one after it up to t1
             if t <= t0:
-                listings = [pids] if pids is not None else []
+                listings = [(pids, children)] if pids is not None else []
             elif t <= t1 and pids is not None:
-                listings.append(pids)
+                listings.append((pids, children))
         if not listings:
             return ""
-        ours = self.server_pids() or {}
+        ours = self._ours()
         mine = {p for p, i in ours.items() if i == self.index}
         named: set[int] = set()
-        unnamed: set[int] = set()  # listings where no PID of ours appears (host PIDs seen from a container)
+        unnamed: set[int] = set()  # listings judged by length (host PIDs seen from a container)
         extra = 0
-        for pids in listings:
-            if pids & ours.keys():
-                named |= pids - mine
+        for pids, children in listings:
+            if self._comparable:
+                named |= pids - mine - children
             elif len(pids) > 1:
                 unnamed |= pids
                 extra = max(extra, len(pids) - 1)
         if not named and not extra:
             return ""
-        head = f"GPU {self.index}: "
         if named:
             shown = ", ".join(f"{p} (this server's worker for GPU {ours[p]})" if p in ours else str(p)
                               for p in sorted(named))
-            head += f"{len(named)} other compute process(es) used the GPU during this window (PID {shown})"
-        else:
-            head += (f"NVML listed {extra + 1} compute processes during this window where this server runs one "
-                     f"(host PIDs {', '.join(map(str, sorted(unnamed)))})")
-        return (head + ": the energy counter measures the whole GPU, so their energy is in this figure "
-                       f"(processes are listed about every {self._every:g} s)")
+            return f"{len(named)} other process(es) used GPU {self.index} meanwhile (PID {shown})"
+        return (f"NVML listed {extra + 1} processes on GPU {self.index} meanwhile where this server runs one "
+                f"(host PIDs {', '.join(map(str, sorted(unnamed)))})")

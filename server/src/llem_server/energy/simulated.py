@@ -71,6 +71,7 @@ class SimGpu:
     # PIDs with a compute context on the GPU (a callable is asked at each listing);
     # None: nvmlDeviceGetComputeRunningProcesses -> NOT_SUPPORTED
     processes: list[int] | Callable[[], list[int]] | None = field(default_factory=list)
+    mps_processes: list[int] | None = None  # None: nvmlDeviceGetMPSComputeRunningProcesses -> NOT_SUPPORTED
 
     def segments(self) -> list[tuple[float, float]]:
         return [(-math.inf, float(self.power))] if not isinstance(self.power, list) else \
@@ -197,6 +198,13 @@ class SimulatedNvml:
         if procs is None:
             raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
         return [SimpleNamespace(pid=int(p), usedGpuMemory=None) for p in (procs() if callable(procs) else procs)]
+
+    def nvmlDeviceGetMPSComputeRunningProcesses(self, h: int) -> list[SimpleNamespace]:
+        self._rec("nvmlDeviceGetMPSComputeRunningProcesses")
+        procs = self._gpu(h).mps_processes
+        if procs is None:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        return [SimpleNamespace(pid=int(p), usedGpuMemory=None) for p in procs]
 
     def nvmlDeviceGetName(self, h: int) -> str:
         self._rec("nvmlDeviceGetName")
