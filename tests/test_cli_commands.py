@@ -21,9 +21,14 @@ def llem(*args: str, cwd: Path, timeout: float = 180) -> subprocess.CompletedPro
 def test_health_and_info(server, tmp_path):
     p = llem("health", "--server", server.address, cwd=tmp_path)
     assert p.returncode == 0 and p.stdout.strip() == "SERVING", p.stderr
+    from llem_client import Client
+
+    with Client(server.address, timeout=120) as c:
+        key = c.generate(["Hi"], model=MODEL, max_output_tokens=1).config_hash
     p = llem("info", "--server", server.address, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert "server version" in p.stdout and "device" in p.stdout
+    assert any(line.split()[:1] == ["loaded"] and key[:12] in line for line in p.stdout.splitlines()), p.stdout
     for line in p.stdout.splitlines()[1:]:  # every row has a value (no bare "cuda" row on a CPU server)
         assert len(line.split(None, 1)) == 2 or ":" in line, line
     p = llem("info", "--server", server.address, "--json", cwd=tmp_path)

@@ -140,6 +140,16 @@ SINGLE = [
      PT + "prompt_lookup_num_tokens", IA, CPU),
     ("prompt_lookup_with_beams", make(pytorch={"prompt_lookup_num_tokens": 3, "num_beams": 2}),
      PT + "prompt_lookup_num_tokens", IA, CPU),
+    # transformers: "Assisted decoding requires a cache" (RuntimeError inside generate)
+    ("prompt_lookup_without_cache", make(pytorch={"prompt_lookup_num_tokens": 2, "use_cache": False}),
+     PT + "prompt_lookup_num_tokens", IA, CPU),
+    # draft tokens written past a fixed-size cache: IndexError in index_copy_, data-dependent
+    ("prompt_lookup_static_cache", make(pytorch={"prompt_lookup_num_tokens": 2,
+                                                 "cache_implementation": pb.CACHE_IMPLEMENTATION_STATIC}),
+     PT + "prompt_lookup_num_tokens", IA, CPU),
+    ("prompt_lookup_sliding_window_cache", make(pytorch={"prompt_lookup_num_tokens": 2,
+                                                         "cache_implementation": pb.CACHE_IMPLEMENTATION_SLIDING_WINDOW}),
+     PT + "prompt_lookup_num_tokens", IA, CPU),
     # rule 6
     ("early_stopping_without_beams", make(pytorch={"early_stopping": True}), PT + "early_stopping", IA, CPU),
     ("early_stopping_false_without_beams", make(pytorch={"early_stopping": False}), PT + "early_stopping", IA, CPU),
@@ -163,8 +173,6 @@ SINGLE = [
     ("min_p_neg_inf", make(decoder={"min_p": -math.inf}), "decoder.min_p", IA, CPU),
     ("top_k_negative", make(decoder={"top_k": -1}), "decoder.top_k", IA, CPU),
     ("min_new_tokens_0", make(decoder={"min_new_tokens": 0}), "decoder.min_new_tokens", IA, CPU),
-    ("min_new_tokens_over_max", make(decoder={"min_new_tokens": 20}, max_output_tokens=10),
-     "decoder.min_new_tokens", IA, CPU),
     ("batch_size_0", make(pytorch={"batch_size": 0}), PT + "batch_size", IA, CPU),
     ("num_beams_0", make(pytorch={"num_beams": 0}), PT + "num_beams", IA, CPU),
     ("no_repeat_ngram_negative", make(pytorch={"no_repeat_ngram_size": -1}), PT + "no_repeat_ngram_size", IA, CPU),
@@ -532,8 +540,17 @@ def test_generation_fields_to_kwargs():
 
 
 def test_unset_generation_fields_produce_no_kwargs_and_explicit_ones_do():
-    assert ok(make(pytorch={"num_beams": 1, "use_cache": False, "prompt_lookup_num_tokens": 2})).plan.generate_kwargs \
-        == {"do_sample": True, "num_beams": 1, "use_cache": False, "prompt_lookup_num_tokens": 2}
+    assert ok(make(pytorch={"num_beams": 1, "use_cache": True, "prompt_lookup_num_tokens": 2})).plan.generate_kwargs \
+        == {"do_sample": True, "num_beams": 1, "use_cache": True, "prompt_lookup_num_tokens": 2}
+    assert ok(make(pytorch={"use_cache": False})).plan.generate_kwargs == {"do_sample": True, "use_cache": False}
+
+
+def test_min_new_tokens_above_the_output_limit_runs_capped_with_a_warning():
+    # config.md: int >= 1, and an llem YAML must run unchanged; generate() suppresses EOS to
+    # the end either way, so what is sent (and reported) is what runs.
+    r = ok(make(decoder={"min_new_tokens": 20, "temperature": 0.0}, max_output_tokens=10))
+    assert r.plan.generate_kwargs["min_new_tokens"] == 10
+    assert [c for c, _ in r.warnings] == ["MIN_NEW_TOKENS_CAPPED"] and "20" in r.warnings[0][1]
 
 
 def test_sliding_window_accepted_with_warning():

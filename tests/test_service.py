@@ -445,3 +445,36 @@ def test_concurrent_first_requests_load_the_model_once(small_cache_server):
         assert len({r.config_hash for r in results}) == 1
         entry = {m.config_hash: m for m in c.list_models().models}[results[0].config_hash]
         assert entry.use_count == 6
+
+
+# Combinations transformers fails inside generate() (RuntimeError, or an IndexError that
+# depends on the generated text): refused up front, naming the field, never INTERNAL.
+@pytest.mark.parametrize("pytorch", [
+    {"prompt_lookup_num_tokens": 2, "use_cache": False},
+    {"prompt_lookup_num_tokens": 2, "cache_implementation": "static"},
+    {"prompt_lookup_num_tokens": 2, "cache_implementation": "sliding_window"},
+], ids=["no_cache", "static", "sliding_window"])
+def test_prompt_lookup_on_a_cache_it_cannot_use_is_refused_by_name(client, pytorch):
+    with pytest.raises(InvalidArgument) as exc:
+        client.generate(["The quick brown fox jumps"], model="gpt2", pytorch=pytorch, decoder=GREEDY,
+                        max_output_tokens=6)
+    assert [f for f, _ in exc.value.field_violations] == ["model.pytorch.prompt_lookup_num_tokens"]
+    # The same request with a dynamic cache runs (and is what a user can fall back to).
+    ok = {k: v for k, v in pytorch.items() if k == "prompt_lookup_num_tokens"}
+    assert client.generate(["The quick brown fox jumps"], model="gpt2", pytorch=ok, decoder=GREEDY,
+                           max_output_tokens=6).usage.output_tokens >= 1
+
+
+def test_min_new_tokens_above_max_output_tokens_runs_to_the_limit(client):
+    r = client.generate(["Hi", "There"], model="llama", decoder={**GREEDY, "min_new_tokens": 50},
+                        max_output_tokens=5)
+    assert [c.output_tokens for c in r.completions] == [5, 5]
+    assert r.effective_config.decoder.min_new_tokens == 5
+    assert "MIN_NEW_TOKENS_CAPPED" in {w.code for w in r.warnings}
+
+
+def test_server_info_names_the_loaded_models_cache_keys(client):
+    r = client.generate(["Hi"], model="llama", decoder=GREEDY, max_output_tokens=2)
+    device = client.server_info().devices[0]
+    assert r.config_hash in device.loaded_config_hashes
+    assert set(device.loaded_config_hashes) <= {m.config_hash for m in client.list_models().models}

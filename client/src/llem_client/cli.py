@@ -358,7 +358,13 @@ def cmd_info(args: argparse.Namespace, display) -> int:
         extra = f", {_mib(d.total_memory_bytes)}" if d.total_memory_bytes else ""
         if d.HasField("baseline") and d.baseline.power_w:
             energy += f", baseline {d.baseline.power_w:.1f} W ({d.baseline.age_s:.0f} s old)"
+        if s.available and s.processes_unseen_reason:
+            energy += f" (other processes unseen: {s.processes_unseen_reason})"
+        if d.HasField("baseline") and d.baseline.other_processes:
+            energy += f"; baseline taken beside other processes: {d.baseline.other_processes}"
         rows.append((f"device {d.kind}:{d.index}", f"{d.name}{extra}; worker {d.worker_state or '?'}, queue {d.queue_depth}; {energy}"))
+        if d.loaded_config_hashes:
+            rows.append(("  loaded", ", ".join(h[:12] for h in d.loaded_config_hashes)))
     cpu = info.cpu_energy_sensor
     rows.append(("cpu energy", cpu.method if cpu.available else f"unavailable: {cpu.unavailable_reason or '?'}"))
     lim = info.limits

@@ -185,6 +185,8 @@ _CACHE = {
     llem_pb2.CACHE_IMPLEMENTATION_OFFLOADED: "offloaded",
     llem_pb2.CACHE_IMPLEMENTATION_QUANTIZED: "quantized",
 }
+# Caches allocated once at a fixed length (generate's max length): prompt lookup overruns them.
+_FIXED_SIZE_CACHES = frozenset({"static", "offloaded_static", "sliding_window"})
 _PRESET = {
     llem_pb2.DECODER_PRESET_DETERMINISTIC: "deterministic",
     llem_pb2.DECODER_PRESET_STANDARD: "standard",
@@ -880,6 +882,16 @@ def _resolve_plan(col: _Collector, req: llem_pb2.GenerateRequest, caps: Capabili
             # transformers would log that assisted generation ignores beams and carry on.
             col.bad(f"{pp}.prompt_lookup_num_tokens",
                     "prompt lookup decoding works only with greedy search or sampling; unset num_beams or set it to 1")
+        elif use_cache is False:
+            # transformers raises "Assisted decoding requires a cache" inside generate().
+            col.bad(f"{pp}.prompt_lookup_num_tokens",
+                    "prompt lookup decoding needs the KV cache; unset use_cache or set it to true")
+        elif cache in _FIXED_SIZE_CACHES:
+            # Candidate tokens are written past the cache's fixed length whenever the lookup
+            # finds a match near the end (transformers 5: IndexError in index_copy_, data-dependent).
+            col.bad(f"{pp}.prompt_lookup_num_tokens",
+                    f"prompt lookup decoding cannot run on a fixed-size cache ({cache!r}): it writes draft tokens "
+                    "past the cache's end; unset cache_implementation or use a dynamic one")
         else:
             gen["prompt_lookup_num_tokens"] = p.prompt_lookup_num_tokens
 
@@ -901,9 +913,12 @@ def _resolve_plan(col: _Collector, req: llem_pb2.GenerateRequest, caps: Capabili
         if ok:
             user[name] = value
     if "min_new_tokens" in user and user["min_new_tokens"] > max_out:
-        col.bad(f"{dp}.min_new_tokens",
-                f"min_new_tokens {user['min_new_tokens']} exceeds max_output_tokens {max_out}; "
-                "generation would stop at max_output_tokens")
+        # Accepted (config.md: int >= 1; an llem YAML must run unchanged): generate() would
+        # suppress end-of-sequence to the last token either way, so send what runs.
+        col.warn("MIN_NEW_TOKENS_CAPPED",
+                 f"min_new_tokens {user['min_new_tokens']} is above max_output_tokens {max_out}: every completion "
+                 f"runs to {max_out} tokens (end-of-sequence is suppressed throughout); sent as {max_out}")
+        user["min_new_tokens"] = max_out
     preset = _enum(col, f"{dp}.preset", d.preset, _PRESET, "preset")
     chosen = {**PRESETS.get(preset or "", {}), **user}
     temp_zero = chosen.get("temperature") == 0.0

@@ -154,7 +154,11 @@ class Registry:
 
     def loaded_on(self, device_index: int) -> int:
         """Models resident (READY) on a device."""
-        return sum(1 for e in self._entries.values() if e.device_index == device_index and e.state == READY)
+        return len(self.ready_on(device_index))
+
+    def ready_on(self, device_index: int) -> list[str]:
+        """Config hashes of the models resident (READY) on a device, most recently used first."""
+        return [e.config_hash for e in self.list() if e.device_index == device_index and e.state == READY]
 
     def hashes_on(self, device_index: int) -> list[str]:
         return [h for h, e in self._entries.items() if e.device_index == device_index and e.active > 0]

@@ -880,7 +880,8 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             caps = w.capabilities
             d = resp.devices.add(index=w.index, kind="cuda" if caps.get("cuda") else "cpu", name=caps.get("name", ""),
                                  total_memory_bytes=int(caps.get("total_memory_bytes", 0)),
-                                 worker_state=w.state, queue_depth=w.queue_depth())
+                                 worker_state=w.state, queue_depth=w.queue_depth(),
+                                 loaded_config_hashes=self.registry.ready_on(w.index))
             cc = caps.get("compute_capability")
             if cc:
                 d.compute_capability = f"{cc[0]}.{cc[1]}"

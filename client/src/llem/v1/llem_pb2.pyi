@@ -1370,6 +1370,8 @@ class Warning(_message.Message):
                                       (static cache on a GPU)
       COMPILE_LIMIT_REACHED           dynamo's recompile limit was hit: new shapes
                                       may run uncompiled
+      MIN_NEW_TOKENS_CAPPED           min_new_tokens was above max_output_tokens: sent
+                                      as max_output_tokens (every completion runs to it)
       ENERGY_UNAVAILABLE              energy could not be measured (see the reason)
       ENERGY_SIMULATED                the energy comes from a simulated counter
       ENERGY_SHORT_WINDOW             window under 1 s or 10 counter updates
@@ -2010,6 +2012,7 @@ class DeviceInfo(_message.Message):
     BASELINE_FIELD_NUMBER: _builtins.int
     WORKER_STATE_FIELD_NUMBER: _builtins.int
     QUEUE_DEPTH_FIELD_NUMBER: _builtins.int
+    LOADED_CONFIG_HASHES_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Device index (CUDA index, or 0 for the CPU)."""
     kind: _builtins.str
@@ -2034,6 +2037,12 @@ class DeviceInfo(_message.Message):
     def baseline(self) -> Global___Baseline:
         """Latest baseline, where measured."""
 
+    @_builtins.property
+    def loaded_config_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Cache keys (config_hash, config.md section 5) of the models loaded and ready on
+        this device, most recently used first; ListModels has their details.
+        """
+
     def __init__(
         self,
         *,
@@ -2047,10 +2056,11 @@ class DeviceInfo(_message.Message):
         baseline: Global___Baseline | None = ...,
         worker_state: _builtins.str = ...,
         queue_depth: _builtins.int = ...,
+        loaded_config_hashes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "energy_sensor", b"energy_sensor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "compute_capability", b"compute_capability", "energy_sensor", b"energy_sensor", "index", b"index", "kind", b"kind", "name", b"name", "queue_depth", b"queue_depth", "total_memory_bytes", b"total_memory_bytes", "uuid", b"uuid", "worker_state", b"worker_state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "compute_capability", b"compute_capability", "energy_sensor", b"energy_sensor", "index", b"index", "kind", b"kind", "loaded_config_hashes", b"loaded_config_hashes", "name", b"name", "queue_depth", b"queue_depth", "total_memory_bytes", b"total_memory_bytes", "uuid", b"uuid", "worker_state", b"worker_state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
