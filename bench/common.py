@@ -384,17 +384,8 @@ class Reference:
         self.C = C
         self.model_root = model_root
         dev = "cuda:0" if (device in ("auto", "cuda") and torch.cuda.is_available()) else "cpu"
-        caps = _capabilities(torch, dev)
         # The servicer's Capabilities, from the worker's probe (service.LlemServicer.capabilities).
-        self.caps = C.Capabilities(
-            cuda=bool(caps.get("cuda")), device_count=1 if caps.get("cuda") else 0,
-            compute_capability=tuple(caps["compute_capability"]) if caps.get("compute_capability") else None,
-            flash_attn_2=bool(caps.get("flash_attn_2")), flash_attn_3=bool(caps.get("flash_attn_3")),
-            bitsandbytes=bool(caps.get("bitsandbytes", False)),
-            compile_backends=frozenset(caps.get("compile_backends", ["inductor"])),
-            cache_implementations=frozenset(caps.get("cache_implementations", [])),
-            quantized_cache=bool(caps.get("quantized_cache")),
-        )
+        self.caps = C.Capabilities.from_worker(_capabilities(torch, dev))
         self._models: dict[str, Any] = {}
         self.loads = 0
 

@@ -146,6 +146,22 @@ class Capabilities:
     max_input_tokens: int = 8192
     max_output_tokens: int = 4096
 
+    @classmethod
+    def from_worker(cls, caps: dict, **kw: Any) -> "Capabilities":
+        """From a worker's probe (``worker._capabilities``); ``kw``: the server's limits and
+        the like. Each worker sees only its own GPU (CUDA_VISIBLE_DEVICES): cuda:0 only."""
+        cc = caps.get("compute_capability")
+        fields = dict(
+            cuda=bool(caps.get("cuda")), device_count=1 if caps.get("cuda") else 0,
+            compute_capability=tuple(cc) if cc else None,
+            flash_attn_2=bool(caps.get("flash_attn_2")), flash_attn_3=bool(caps.get("flash_attn_3")),
+            bitsandbytes=bool(caps.get("bitsandbytes", False)),
+            compile_backends=frozenset(caps.get("compile_backends", ["inductor"])),
+            cache_implementations=frozenset(caps.get("cache_implementations", [])),
+            quantized_cache=bool(caps.get("quantized_cache")),
+        )
+        return cls(**{**fields, **kw})
+
 
 # ---------------------------------------------------------------------------
 # Enum tables. An enum number missing here is "unknown" and rejected, so a value

@@ -198,15 +198,8 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
         caps = self.workers[0].capabilities if self.workers else {}
         ccs = [tuple(w.capabilities["compute_capability"]) for w in self.workers
                if w.capabilities.get("compute_capability")]
-        return config.Capabilities(
-            # Each worker sees only its own GPU (CUDA_VISIBLE_DEVICES), so cuda:0 is the only index.
-            cuda=bool(caps.get("cuda")), device_count=1 if caps.get("cuda") else 0,
-            compute_capability=min(ccs) if ccs else None,
-            flash_attn_2=bool(caps.get("flash_attn_2")), flash_attn_3=bool(caps.get("flash_attn_3")),
-            bitsandbytes=bool(caps.get("bitsandbytes", False)),
-            compile_backends=frozenset(caps.get("compile_backends", ["inductor"])),
-            cache_implementations=frozenset(caps.get("cache_implementations", [])),
-            quantized_cache=bool(caps.get("quantized_cache")),
+        return config.Capabilities.from_worker(
+            caps, compute_capability=min(ccs) if ccs else None,  # the lowest: a request may land on any
             allow_remote_code=self.settings.allow_remote_code,
             max_prompts=self.settings.max_prompts, max_input_tokens=self.settings.max_input_tokens,
             max_output_tokens=self.settings.max_output_tokens,
