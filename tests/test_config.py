@@ -147,6 +147,10 @@ SINGLE = [
     ("prompt_lookup_static_cache", make(pytorch={"prompt_lookup_num_tokens": 2,
                                                  "cache_implementation": pb.CACHE_IMPLEMENTATION_STATIC}),
      PT + "prompt_lookup_num_tokens", IA, CPU),
+    # a quantized cache cannot be cropped (transformers: "requires a cache that can be cropped")
+    ("prompt_lookup_quantized_cache", make(pytorch={"prompt_lookup_num_tokens": 2,
+                                                    "cache_implementation": pb.CACHE_IMPLEMENTATION_QUANTIZED}),
+     PT + "prompt_lookup_num_tokens", IA, GPU),
     ("prompt_lookup_sliding_window_cache", make(pytorch={"prompt_lookup_num_tokens": 2,
                                                          "cache_implementation": pb.CACHE_IMPLEMENTATION_SLIDING_WINDOW}),
      PT + "prompt_lookup_num_tokens", IA, CPU),

@@ -101,8 +101,9 @@ def test_once_our_pid_was_listed_a_lone_stranger_is_named():
     assert "1 other process(es)" in msg and str(OTHER) in msg
 
 
-def test_mps_clients_are_listed_too():
-    # Under MPS the compute list holds the MPS server; the clients come from a second call.
+def test_under_mps_the_clients_are_what_is_judged():
+    # Under MPS the compute list holds the MPS server (777), which owns the shared context;
+    # the clients come from a second call. The server is no "other process".
     clock = FakeClock()
     sim = SimulatedNvml([SimGpu(power=200.0, processes=[777], mps_processes=[WORKER, OTHER])], clock=clock)
     m = EnergyMeter([0], nvml=sim, clock=clock, period_s=0.05, min_period_s=0.001, rapl_root="/x")
@@ -114,7 +115,21 @@ def test_mps_clients_are_listed_too():
     w = m.open_window([0], T0 + 2.0, "r")
     m.close_window(w, T0 + 4.0, 4)
     msg = dict(m.report(w, 0.01).warnings)["ENERGY_OTHER_PROCESSES"]
-    assert "PID 777, 4242" in msg  # the MPS server and the other client
+    assert "(PID 4242)" in msg and "777" not in msg  # the other client, not the MPS server
+    sim.gpus[0].mps_processes = [WORKER]  # our worker alone among the clients: nothing to say
+    while clock.t < T0 + 8.0:
+        m.sample_once()
+        clock.t += 0.05
+    w = m.open_window([0], T0 + 6.5, "alone")
+    m.close_window(w, T0 + 7.5, 4)
+    assert "ENERGY_OTHER_PROCESSES" not in dict(m.report(w, 0.01).warnings)
+
+
+def test_only_this_gpus_worker_proves_the_pids_comparable():
+    # In a container, a host PID equal by chance to a sibling worker's PID must not switch
+    # judging to PIDs (the GPU's own worker's host PID would then be "another process").
+    _, _, (msg,) = run([4101, 90001], [(2.0, 4.0)], server_pids={WORKER: 0, 4101: 1}, gpus=2)
+    assert "NVML listed 2 processes" in msg  # still judged by count
 
 
 def test_a_sibling_worker_with_a_context_on_this_gpu_is_named_as_ours():

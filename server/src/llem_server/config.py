@@ -201,8 +201,11 @@ _CACHE = {
     llem_pb2.CACHE_IMPLEMENTATION_OFFLOADED: "offloaded",
     llem_pb2.CACHE_IMPLEMENTATION_QUANTIZED: "quantized",
 }
-# Caches allocated once at a fixed length (generate's max length): prompt lookup overruns them.
-_FIXED_SIZE_CACHES = frozenset({"static", "offloaded_static", "sliding_window"})
+# The caches prompt lookup can use: it crops rejected draft tokens off the cache. A
+# fixed-length one (static, offloaded_static, sliding_window, hybrid) is overrun by the
+# draft; a quantized one cannot be cropped. Also checked against the model's own
+# generation_config in the worker (generation.py).
+LOOKUP_CACHES = frozenset({"dynamic", "offloaded"})
 _PRESET = {
     llem_pb2.DECODER_PRESET_DETERMINISTIC: "deterministic",
     llem_pb2.DECODER_PRESET_STANDARD: "standard",
@@ -902,12 +905,14 @@ def _resolve_plan(col: _Collector, req: llem_pb2.GenerateRequest, caps: Capabili
             # transformers raises "Assisted decoding requires a cache" inside generate().
             col.bad(f"{pp}.prompt_lookup_num_tokens",
                     "prompt lookup decoding needs the KV cache; unset use_cache or set it to true")
-        elif cache in _FIXED_SIZE_CACHES:
-            # Candidate tokens are written past the cache's fixed length whenever the lookup
-            # finds a match near the end (transformers 5: IndexError in index_copy_, data-dependent).
+        elif cache is not None and cache not in LOOKUP_CACHES:
+            # A fixed-length cache is overrun whenever the lookup finds a match near its end
+            # (transformers 5: IndexError in index_copy_, data-dependent); a quantized one
+            # cannot be cropped (ValueError).
             col.bad(f"{pp}.prompt_lookup_num_tokens",
-                    f"prompt lookup decoding cannot run on a fixed-size cache ({cache!r}): it writes draft tokens "
-                    "past the cache's end; unset cache_implementation or use a dynamic one")
+                    f"prompt lookup decoding cannot run on a {cache!r} cache: it crops rejected draft tokens, "
+                    "which a fixed-length cache overruns and a quantized one cannot do; unset cache_implementation "
+                    "or use dynamic")
         else:
             gen["prompt_lookup_num_tokens"] = p.prompt_lookup_num_tokens
 

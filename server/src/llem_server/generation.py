@@ -18,6 +18,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from . import compiling
+from .config import LOOKUP_CACHES
 from .models import JobError, LoadedModel
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = 1, 2, 3  # llem.v1.FinishReason values
@@ -109,12 +110,37 @@ def _lengths(slices) -> list[int]:
     return [n for _, enc in slices for n in enc["attention_mask"].sum(dim=1).tolist()]
 
 
-def _check_positions(model, lengths: list[int], max_new: int) -> None:
+def _check_lookup(model, gen_kwargs: dict) -> None:
+    """Prompt lookup where the model's own generation_config.json supplies the cache.
+
+    Validation refuses a request that asks for prompt lookup on a cache it cannot use; the
+    checkpoint's generation_config applies where the request sent nothing, and may set
+    ``use_cache: false`` or a fixed-length cache (Gemma ships "hybrid"). transformers then
+    fails inside generate() (RuntimeError, or an IndexError depending on the text)."""
+    if not gen_kwargs.get("prompt_lookup_num_tokens"):
+        return
+    gc = model.generation_config
+    path = "model.pytorch.prompt_lookup_num_tokens"
+    use_cache = gen_kwargs.get("use_cache", getattr(gc, "use_cache", True))
+    cache = gen_kwargs.get("cache_implementation") or getattr(gc, "cache_implementation", None)
+    if use_cache is False:
+        what = "prompt lookup decoding needs the KV cache, which the model's generation_config.json switches off"
+        raise JobError("INVALID_ARGUMENT", f"{what}; set model.pytorch.use_cache to true",
+                       violations=((path, what),))
+    if cache is not None and cache not in LOOKUP_CACHES:
+        what = (f"prompt lookup decoding cannot run on the {cache!r} cache the model's generation_config.json "
+                "sets (its draft overruns or cannot be cropped from it)")
+        raise JobError("INVALID_ARGUMENT", f"{what}; set model.pytorch.cache_implementation to dynamic",
+                       violations=((path, what),))
+
+
+def _check_positions(model, lengths: list[int], max_new: int, draft: int = 0) -> None:
     """Refuse empty prompts, and what a model with a learned position table cannot run.
 
     GPT-2-style models index a table of ``n_positions`` (``max_position_embeddings``) rows:
     a prompt plus ``max_new_tokens`` beyond it fails deep inside torch with an IndexError
-    (a bare INTERNAL). Say so up front, naming the field to change.
+    (a bare INTERNAL). Say so up front, naming the field to change. Prompt lookup's draft
+    (``draft`` tokens) is scored past the current length, so it must fit too.
     Rotary (RoPE) and ALiBi models have no table and run on past their nominal length.
     """
     # A prompt with no tokens (an empty string, without a BOS token) would reach the model
@@ -135,6 +161,11 @@ def _check_positions(model, lengths: list[int], max_new: int) -> None:
         what = f"the prompt ({longest} tokens) plus max_output_tokens ({max_new}) exceed the model's {limit} positions"
         raise JobError("INVALID_ARGUMENT", f"{what}; lower max_output_tokens or max_input_tokens",
                        violations=(("max_output_tokens", what),))
+    if draft and longest + max_new + draft > limit:
+        what = (f"the prompt ({longest} tokens) plus max_output_tokens ({max_new}) plus prompt lookup's draft "
+                f"({draft}) exceed the model's {limit} positions")
+        raise JobError("INVALID_ARGUMENT", f"{what}; lower prompt_lookup_num_tokens, max_output_tokens or "
+                       "max_input_tokens", violations=(("model.pytorch.prompt_lookup_num_tokens", what),))
 
 
 def run_generate(entry: LoadedModel, prompts: list[str], plan: dict, *, job_id: int, cancel_flag,
@@ -170,7 +201,8 @@ def run_generate(entry: LoadedModel, prompts: list[str], plan: dict, *, job_id: 
         lengths = _lengths(slices)
         warnings = _truncation_warning(tok, texts, slices, lengths, limit, char_cut)
         warnings += _model_defaults_warning(model, gen_kwargs, sampling=decoder_used["do_sample"])
-        _check_positions(model, lengths, max_new)
+        _check_lookup(model, gen_kwargs)
+        _check_positions(model, lengths, max_new, int(gen_kwargs.get("prompt_lookup_num_tokens") or 0))
     tokenization_ms = (time.monotonic() - t_tok) * 1e3
 
     # The seed is applied once per request, before its first generate call (CPU and CUDA).

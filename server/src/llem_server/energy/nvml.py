@@ -143,14 +143,19 @@ class DeviceReader:
         return int(self._call(fn, "reading clock event reasons"))
 
     def compute_pids(self) -> frozenset[int]:
-        """PIDs of the processes with a compute context on this GPU, MPS clients included
-        (NVML lists those apart; host PIDs, also in a container)."""
-        procs = list(self._call("nvmlDeviceGetComputeRunningProcesses", "listing compute processes"))
+        """PIDs of the processes using this GPU for compute (host PIDs, also in a container).
+
+        Under MPS the compute list holds the MPS server, which owns the one shared context,
+        and NVML lists the clients apart: then the clients are the processes that matter
+        (a process beside MPS, outside it, goes unseen)."""
         if hasattr(self.nvml, "nvmlDeviceGetMPSComputeRunningProcesses"):
             try:
-                procs += self._call("nvmlDeviceGetMPSComputeRunningProcesses", "listing MPS client processes")
+                clients = self._call("nvmlDeviceGetMPSComputeRunningProcesses", "listing MPS client processes")
             except NvmlFailure:
-                pass  # no MPS (NOT_SUPPORTED, or an older driver): the compute list is all there is
+                clients = []  # no MPS (NOT_SUPPORTED, or an older driver)
+            if clients:
+                return frozenset(int(p.pid) for p in clients)
+        procs = self._call("nvmlDeviceGetComputeRunningProcesses", "listing compute processes")
         return frozenset(int(p.pid) for p in procs)
 
     def static(self) -> dict[str, Any]:

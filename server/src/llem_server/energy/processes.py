@@ -8,11 +8,12 @@ and MPS-client processes. The sampler thread reads them about once a second and 
 after a window opens, never on a request's path, and keeps the listings as changes. A
 window that overlaps a listing with any process besides its GPU's worker (and the
 worker's own children, e.g. compile helpers) is warned. A process that starts during a
-window is seen at the next listing: a window under a second may miss it.
+window is seen at the next listing, about a second later: one that starts in a window's
+last second may go unseen. Under MPS the MPS clients are listed (nvml.compute_pids).
 
 PIDs: the driver gives host PIDs, also inside a container with its own PID namespace,
-where none of this server's workers appears under its own PID. Until one has appeared in
-a listing, a listing is judged by its length (one process is taken to be the worker),
+where the worker does not appear under its own PID. Until the GPU's worker has appeared
+in a listing, a listing is judged by its length (one process is taken to be the worker),
 and children cannot be told apart there.
 """
 from __future__ import annotations
@@ -112,7 +113,10 @@ class ProcessWatch:
         if last is not None and last[1] == pids:
             return
         ours = self._ours()
-        self._comparable |= bool(pids & ours.keys())
+        # This GPU's own worker listed under its own PID: the driver's PIDs are ours (a
+        # container's PID namespace would give host PIDs). Any PID of ours would let one
+        # host PID equal by chance to a sibling's flip it for good.
+        self._comparable |= any(p in pids for p, i in ours.items() if i == self.index)
         children = descendants(pids - ours.keys(), set(ours), self._proc) if self._comparable and ours else frozenset()
         with self._lock:
             self._changes.append((now, pids, children))
