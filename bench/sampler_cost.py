@@ -20,6 +20,12 @@ costs on an H200. ``--nvml``: GPU 0's real counter, temperature and clock event 
 
     python bench/sampler_cost.py             # CPU, ~1.5 min
     python bench/sampler_cost.py --nvml      # on a GPU machine
+    python bench/sampler_cost.py --nvml --read-guard-ms 10   # hurried reads aimed later
+
+With ``--nvml`` it also times each NVML call alone (counter, temperature, clock event
+reasons, process lists: wall and CPU, sampler parked). On an H200 a read cost ~6 ms of
+CPU idle and ~10 ms hurried, where reads land ~2 ms after the counter's update
+(``READ_GUARD_S``): ``--read-guard-ms`` aims them later, to see whether that is why.
 """
 from __future__ import annotations
 
@@ -55,6 +61,35 @@ def sensor(nvml: bool):
     return read
 
 
+def time_nvml_calls(n: int, gate: threading.Event) -> list[list]:
+    """Wall and CPU time of each NVML call the meter makes, n calls each, sampler parked."""
+    import pynvml
+
+    from llem_server.energy import nvml as _nvml
+
+    dev = _nvml.DeviceReader(pynvml, 0)
+    gate.clear()
+    time.sleep(0.2)  # a read under way finishes
+    out = []
+    for name, fn in (("counter", dev.energy_mj), ("temperature", dev.temperature_c),
+                     ("clock event reasons", dev.event_reasons), ("process lists", dev.compute_pids)):
+        wall, cpu = [], []
+        try:
+            for _ in range(n):
+                w, c = time.perf_counter(), time.thread_time()
+                fn()
+                cpu.append((time.thread_time() - c) * 1e3)
+                wall.append((time.perf_counter() - w) * 1e3)
+                time.sleep(0.013)  # off the counter's 100 ms rhythm
+        except _nvml.NvmlFailure as f:
+            out.append([name, len(wall), None, None, f"failed: {f.reason}"])
+            continue
+        wall.sort()
+        out.append([name, n, statistics.median(wall), wall[int(0.9 * (n - 1))], statistics.median(cpu)])
+    gate.set()
+    return out
+
+
 def _f(i: int) -> int:
     return (i * 7) ^ (i >> 3)
 
@@ -80,8 +115,15 @@ def main(argv=None) -> int:
     p.add_argument("--pairs", type=int, default=15, help="on/off block pairs of the loop")
     p.add_argument("--block-s", type=float, default=1.0)
     p.add_argument("--pin-timeout-s", type=float, default=25.0, help="wait this long for the period to be pinned")
+    p.add_argument("--read-guard-ms", type=float, default=None,
+                   help="aim hurried reads this far past the predicted update (default: the sampler's READ_GUARD_S)")
+    p.add_argument("--calls", type=int, default=40, help="--nvml: timed calls of each NVML function")
     args = p.parse_args(argv)
+    from llem_server.energy import sampler as sampler_mod
     from llem_server.energy.sampler import Sampler
+
+    if args.read_guard_ms is not None:
+        sampler_mod.READ_GUARD_S = args.read_guard_ms / 1000.0
 
     read = sensor(args.nvml)
     gate = threading.Event()
@@ -121,10 +163,12 @@ def main(argv=None) -> int:
         st1 = s.stats()
         wall = w1 - w0
         nfit, sfit = fits["n"] - f0["n"], fits["s"] - f0["s"]
-        rows.append([mode, (st1["reads"] - st0["reads"]) / wall, (c1 - c0) / wall * 1e3, nfit / wall,
-                     sfit / nfit * 1e3 if nfit else None, sfit / wall * 1e3])
+        reads = (st1["reads"] - st0["reads"]) / wall
+        rows.append([mode, reads, (c1 - c0) / wall * 1e3, (c1 - c0) / wall * 1e3 / reads if reads else None,
+                     nfit / wall, sfit / nfit * 1e3 if nfit else None, sfit / wall * 1e3])
         B.log(f"{mode}: {rows[-1]}")
     st = s.stats()  # before the parked blocks below stretch its read times
+    calls = time_nvml_calls(args.calls, gate) if args.nvml else []
 
     on, off = [], []
     for i in range(args.pairs):  # hurried throughout, as while a request runs
@@ -144,7 +188,8 @@ def main(argv=None) -> int:
     hdr = B.header(argv)
     tables = [
         B.Table("Sampler thread CPU (front process), period pinned" if pinned else "Sampler thread CPU (period not yet pinned)",
-                ["state", "reads/s", "CPU ms per s", "phase fits/s", "ms per fit", "fit ms per s"], rows,
+                ["state", "reads/s", "CPU ms per s", "CPU ms per read", "phase fits/s", "ms per fit", "fit ms per s"],
+                rows,
                 "CPU ms per s: process CPU while the main thread sleeps, so the sampler's alone, sensor call "
                 "included (in the simulation a 4 ms sleep, whose wake-ups cost CPU but not the GIL). "
                 "Hurried: a request's window is open."),
@@ -156,7 +201,12 @@ def main(argv=None) -> int:
                 "the front process's Python (GIL and CPU), free of GPU drift; generation itself runs in the "
                 "worker process."),
     ]
-    notes = [f"sensor: {'GPU 0 via NVML' if args.nvml else 'simulated counter, 100.3 ms updates, 4 ms GIL-free read'}",
+    if calls:
+        tables.append(B.Table("Each NVML call alone (sampler parked), GPU 0",
+                              ["call", "n", "wall ms p50", "wall ms p90", "CPU ms p50"], calls,
+                              "The sampler's read = counter + temperature + clock event reasons; the process "
+                              "lists are read about once a second (ENERGY_OTHER_PROCESSES)."))
+    notes = [f"read guard: {sampler_mod.READ_GUARD_S * 1000:g} ms", f"sensor: {'GPU 0 via NVML' if args.nvml else 'simulated counter, 100.3 ms updates, 4 ms GIL-free read'}",
              f"sampler stats after the CPU measurement: {st}"]
     B.write_results(f"sampler_cost-{'gpu' if args.nvml else 'cpu'}", hdr, tables, notes=notes, data={"cpu": rows, "on": on, "off": off})
     return 0
