@@ -49,6 +49,12 @@ def make_hard_root(base: Path, model_root: Path) -> Path:
     weights.write_bytes(data[: len(data) // 2])  # truncated mid-tensor
     (root / "garbled" / "model.safetensors").write_bytes(os.urandom(len(data)))  # not safetensors at all
     (root / "missing" / "model.safetensors").unlink()
+    # Directories that are not models: a config.json naming no model_type, and no tokenizer.
+    for name in ("no-model-type", "no-tokenizer"):
+        shutil.copytree(model_root / "llama", root / name)
+    (root / "no-model-type" / "config.json").write_text("{}")
+    for f in (root / "no-tokenizer").glob("tokenizer*"):
+        f.unlink()
     # Outside the root: a real model, and links to it from inside.
     outside = base / "outside"
     shutil.copytree(model_root / "llama", outside / "llama")

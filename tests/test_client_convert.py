@@ -249,3 +249,13 @@ def test_every_json_flag_has_help():
         for a in p._actions:
             if a.option_strings:
                 assert a.help, f"{name} {a.option_strings} has no help"
+
+
+def test_a_prompt_with_half_a_character_is_a_configuration_error_naming_it():
+    # A lone surrogate cannot be encoded as UTF-8: it raised a bare UnicodeEncodeError.
+    from llem_client import _core
+
+    with pytest.raises(ConfigurationError) as ei:
+        _core.generate_request(["fine", "cut \ud83d"], model="llama")
+    assert [f for f, _ in ei.value.problems] == ["prompts[1]"]
+    assert "position 4" in ei.value.problems[0][1]

@@ -16,6 +16,7 @@ from llem.v1 import llem_pb2 as pb
 from llem_server.config import (
     GENERATION_FIELDS,
     LOAD_FIELDS,
+    MIN_TEMPERATURE,
     PRESETS,
     Capabilities,
     ConfigError,
@@ -181,6 +182,11 @@ SINGLE = [
     ("num_beams_0", make(pytorch={"num_beams": 0}), PT + "num_beams", IA, CPU),
     ("no_repeat_ngram_negative", make(pytorch={"no_repeat_ngram_size": -1}), PT + "no_repeat_ngram_size", IA, CPU),
     ("prompt_lookup_0", make(pytorch={"prompt_lookup_num_tokens": 0}), PT + "prompt_lookup_num_tokens", IA, CPU),
+    # generate() raised OverflowError: 21 ** 240 exceeds the largest float
+    ("length_penalty_overflows", make(pytorch={"num_beams": 2, "length_penalty": 240.0}, max_output_tokens=20),
+     PT + "length_penalty", IA, CPU),
+    # logits / 1e-40 overflow float32: "probability tensor contains inf, nan or element < 0"
+    ("temperature_subnormal", make(decoder={"temperature": 1e-40}), "decoder.temperature", IA, CPU),
     ("length_penalty_nan", make(pytorch={"length_penalty": math.nan, "num_beams": 2}), PT + "length_penalty", IA,
      CPU),
     ("max_input_tokens_0", make(max_input_tokens=0), "max_input_tokens", IA, CPU),
@@ -329,6 +335,10 @@ VALID = [
                                            "max_memory": {"0": "1GiB", "1": "2GB", "cpu": "1024"}}},
      GPU),
     ("min_new_equals_max", {"decoder": {"min_new_tokens": 10}, "max_output_tokens": 10}, CPU),
+    ("length_penalty_large_short", {"pytorch": {"num_beams": 2, "length_penalty": 230.0}, "max_output_tokens": 20},
+     CPU),
+    ("length_penalty_very_negative", {"pytorch": {"num_beams": 2, "length_penalty": -1000.0}}, CPU),
+    ("temperature_tiny", {"decoder": {"temperature": 1e-20}}, CPU),
     ("request_id_uuid", {"request_id": "0b7e4c1e-6a61-4d4c-9a1b-0e1d2c3b4a59"}, CPU),
     ("at_server_limits", {"prompts": ["p"] * 256, "max_input_tokens": 8192, "max_output_tokens": 4096}, CPU),
 ]
@@ -577,7 +587,8 @@ def test_decoder_proto_round_trip():
 
 
 @settings(max_examples=60, deadline=None)
-@given(t=st.floats(0.0, 2.0), p=st.floats(0.0, 1.0), rp=st.floats(0.1, 10.0), k=st.integers(0, 2**31 - 1))
+@given(t=st.one_of(st.just(0.0), st.floats(MIN_TEMPERATURE, 2.0)), p=st.floats(0.0, 1.0), rp=st.floats(0.1, 10.0),
+       k=st.integers(0, 2**31 - 1))
 def test_any_in_range_decoder_is_accepted(t, p, rp, k):
     r = kwargs_of({"temperature": t, "top_p": p, "repetition_penalty": rp, "top_k": k})
     assert r.plan.greedy == (t == 0.0)

@@ -130,6 +130,10 @@ def test_a_compile_failure_is_not_fatal(hstub):
     ("missing", grpc.StatusCode.NOT_FOUND, "no usable weights"),
     ("corrupt", grpc.StatusCode.FAILED_PRECONDITION, "corrupt weights"),
     ("garbled", grpc.StatusCode.FAILED_PRECONDITION, "corrupt weights"),
+    # service.md: "not a model" is NOT_FOUND (they were FAILED_PRECONDITION / NOT_SUPPORTED_HERE,
+    # which says another server could run them)
+    ("no-model-type", grpc.StatusCode.NOT_FOUND, "is not a model"),
+    ("no-tokenizer", grpc.StatusCode.NOT_FOUND, "no tokenizer files"),
 ])
 @pytest.mark.parametrize("rpc", ["Generate", "LoadModel"])
 def test_broken_weights_get_a_clear_status(hard_server, hard_root, hstub, model, code, reason, rpc):

@@ -157,3 +157,21 @@ def test_prompt_lookup_draft_must_fit_a_position_table(loaded):
         run(10)  # n_prompt + 10 + 10 > limit
     assert [f for f, _ in exc.value.violations] == ["model.pytorch.prompt_lookup_num_tokens"]
     assert run(2)["completions"][0]["output_tokens"] >= 1  # n_prompt + 10 + 2 = limit: fits
+
+
+def test_beam_sampling_over_torchs_category_limit_is_refused_by_name(loaded):
+    # num_beams x vocabulary categories in one multinomial draw: 32 769 x 512 > 2**24 here
+    # (131 beams on a Llama-3 vocabulary); generate() failed with a RuntimeError.
+    from llem_server.generation import MULTINOMIAL_MAX, run_generate
+    from llem_server.models import JobError
+
+    _, models = loaded
+    entry = models["gpt2"]
+    beams = MULTINOMIAL_MAX // entry.model.config.vocab_size + 1
+    flag = mp.get_context("spawn").RawValue("q", 0)
+    p = {"batch_size": 1, "generate_kwargs": {"do_sample": True, "num_beams": beams}, "max_input_tokens": 16,
+         "max_output_tokens": 2, "random_seed": 7}
+    with pytest.raises(JobError) as exc:
+        run_generate(entry, ["hi"], p, job_id=1, cancel_flag=flag, emit=None, on_start=lambda t: None)
+    assert [f for f, _ in exc.value.violations] == ["model.pytorch.num_beams"]
+    assert f"at most {beams - 1} beams" in exc.value.message

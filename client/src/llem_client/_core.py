@@ -258,6 +258,14 @@ def generate_request(
     if isinstance(prompts, str):
         prompts = [prompts]
     problems: list[tuple[str, str]] = []
+    for i, text in enumerate(prompts):
+        try:
+            text.encode("utf-8") if isinstance(text, str) else None
+        except UnicodeEncodeError as e:  # a lone surrogate: half of a character, not sendable
+            problems.append((f"prompts[{i}]", f"not valid text: {e.reason} at position {e.start} "
+                                              "(half of a character, e.g. a string cut inside an emoji)"))
+    if problems:
+        prompts = []
     req = llem_pb2.GenerateRequest()
     try:
         req.model.CopyFrom(model_config(model, precision, pytorch))

@@ -12,9 +12,8 @@ from typing import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from llem.v1 import llem_pb2_grpc
 
-from . import reflection
+from . import handlers, reflection
 from .scheduler import DeviceWorker
 from .service import SERVICE_NAME, LlemServicer, Settings
 
@@ -142,7 +141,7 @@ async def serve(settings: Settings, *, port_file: Path | None = None, auth_token
     servicer = LlemServicer(settings, workers, meter, meter_devices=meter_devices, energy_reason=energy_reason,
                             log=log, metrics=metrics,
                             health=health_servicer, front_versions=front_versions)
-    llem_pb2_grpc.add_LlemServiceServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((handlers.generic_handler(servicer),))  # requests parsed there: never UNKNOWN
     reflection.enable(server, [SERVICE_NAME, health.SERVICE_NAME])
 
     address = f"{settings.host}:{settings.port}"

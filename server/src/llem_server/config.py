@@ -65,6 +65,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
@@ -201,6 +202,10 @@ _CACHE = {
     llem_pb2.CACHE_IMPLEMENTATION_OFFLOADED: "offloaded",
     llem_pb2.CACHE_IMPLEMENTATION_QUANTIZED: "quantized",
 }
+_LOG_FLOAT_MAX = math.log(sys.float_info.max)
+# Above 0 and below this, logits / temperature overflow float32 (1e-38 ran, 1e-40 did not):
+# a margin of orders of magnitude, far below any temperature anyone samples with.
+MIN_TEMPERATURE = 1e-30
 # The caches prompt lookup can use: it crops rejected draft tokens off the cache. A
 # fixed-length one (static, offloaded_static, sliding_window, hybrid) is overrun by the
 # draft; a quantized one cannot be cropped. Also checked against the model's own
@@ -863,6 +868,13 @@ def _resolve_plan(col: _Collector, req: llem_pb2.GenerateRequest, caps: Capabili
         value = getattr(p, name)
         if name == "length_penalty" and not _float_range(col, f"{pp}.{name}", value, None, None):
             continue
+        if name == "length_penalty" and value > 0 and value * math.log(max_out + 1) > _LOG_FLOAT_MAX:
+            # Beam scores divide by (generated length) ** length_penalty, a Python float:
+            # past the largest float generate() raises OverflowError.
+            col.bad(f"{pp}.{name}", f"length_penalty {value:g} overflows beam scoring over {max_out} new tokens "
+                                    f"(their count to the power length_penalty exceeds the largest float); "
+                                    f"at most {_LOG_FLOAT_MAX / math.log(max_out + 1):.0f} here")
+            continue
         if num_beams <= 1:
             # rule 6: transformers would only log that the flag is ignored.
             col.bad(f"{pp}.{name}", f"{name} acts only in beam search; set num_beams > 1 or unset {name}")
@@ -921,6 +933,11 @@ def _resolve_plan(col: _Collector, req: llem_pb2.GenerateRequest, caps: Capabili
     user: dict[str, Any] = {}
     float_ranges = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "repetition_penalty": (0.1, 10.0),
                     "min_p": (0.0, 1.0)}
+    if d.HasField("temperature") and 0.0 < d.temperature < MIN_TEMPERATURE:
+        # float32 logits divided by it become inf, and sampling fails ("probability tensor
+        # contains inf, nan or element < 0"); 0 is the way to ask for greedy.
+        col.bad(f"{dp}.temperature", f"temperature {d.temperature:g} is too small to sample with (logits overflow "
+                                     f"below {MIN_TEMPERATURE:g}); use 0 for greedy decoding")
     int_mins = {"top_k": 0, "min_new_tokens": 1}
     for name in _DECODER_VALUE_FIELDS:
         if not d.HasField(name):

@@ -110,6 +110,20 @@ def _lengths(slices) -> list[int]:
     return [n for _, enc in slices for n in enc["attention_mask"].sum(dim=1).tolist()]
 
 
+MULTINOMIAL_MAX = 2 ** 24  # torch.multinomial: "number of categories cannot exceed 2^24"
+
+
+def _check_beam_sampling(model, beams: int, sampling: bool) -> None:
+    """Beam sampling draws from num_beams x vocabulary categories at once: past torch's
+    limit generate() fails (131 beams on a 128 256-token vocabulary)."""
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+    if sampling and beams > 1 and beams * vocab > MULTINOMIAL_MAX:
+        what = (f"beam sampling draws from num_beams x vocabulary = {beams} x {vocab} tokens, over torch's limit "
+                f"of {MULTINOMIAL_MAX}")
+        raise JobError("INVALID_ARGUMENT", f"{what}; use at most {MULTINOMIAL_MAX // vocab} beams with sampling, "
+                       "or greedy beam search", violations=(("model.pytorch.num_beams", what),))
+
+
 def _check_lookup(model, gen_kwargs: dict) -> None:
     """Prompt lookup where the model's own generation_config.json supplies the cache.
 
@@ -202,6 +216,7 @@ def run_generate(entry: LoadedModel, prompts: list[str], plan: dict, *, job_id: 
         warnings = _truncation_warning(tok, texts, slices, lengths, limit, char_cut)
         warnings += _model_defaults_warning(model, gen_kwargs, sampling=decoder_used["do_sample"])
         _check_lookup(model, gen_kwargs)
+        _check_beam_sampling(model, beams, decoder_used["do_sample"])
         _check_positions(model, lengths, max_new, int(gen_kwargs.get("prompt_lookup_num_tokens") or 0))
     tokenization_ms = (time.monotonic() - t_tok) * 1e3
 

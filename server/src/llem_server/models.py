@@ -174,6 +174,14 @@ def _classify_load_error(exc: BaseException, source: str) -> LoadError:
         return LoadError("INVALID_ARGUMENT", f"{what}: set model.pytorch.attn_implementation to eager",
                          violations=(("model.pytorch.attn_implementation", f"{what}; use eager"),))
     if isinstance(exc, ValueError):
+        # service.md: "not a model" is NOT_FOUND. transformers says so in a ValueError: a
+        # config.json without a model_type, or no tokenizer it can build.
+        if "should have a `model_type` key" in low or "unrecognized model in" in low:
+            return LoadError("NOT_FOUND", f"{source} is not a model: its config.json names no model_type ({exc})",
+                             reason="MODEL_NOT_FOUND")
+        if "couldn't instantiate the backend tokenizer" in low:
+            return LoadError("NOT_FOUND", f"{source} is not a servable model: it has no tokenizer files "
+                             f"(tokenizer.json or the like) ({str(exc)[:200]})", reason="MODEL_NOT_FOUND")
         return LoadError("FAILED_PRECONDITION", f"transformers refused to load {source} with this configuration: {exc}")
     return LoadError("INTERNAL", f"unexpected error loading {source}: {text}", reason="INTERNAL_ERROR")
 

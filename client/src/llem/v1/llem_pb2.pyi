@@ -6,10 +6,14 @@ The llem-serve contract: remote LLM generation with per-request GPU energy.
 This file is the only source of truth for messages. Field names mirror the
 LLenergyMeasure (`llem`) PyTorch-backend schema exactly (snake_case).
 
-Presence rule: a field marked `optional` that is left unset means "library
-default" and produces no keyword argument in transformers. An enum left at its
-`_UNSPECIFIED` zero means the same. Every field either changes what the server
-does or is rejected with INVALID_ARGUMENT naming it: nothing is ignored.
+Presence rule: a field marked `optional` that is left unset means "the default
+its comment documents" (config.md's). Most then produce no keyword argument in
+transformers; a few defaults are sent explicitly because transformers' own
+differ or are not known in advance: do_sample (true), max_new_tokens
+(max_output_tokens), the seed, attn_implementation (sdpa) and device_map (auto).
+An enum left at its `_UNSPECIFIED` zero means the same. Every field either
+changes what the server does or is rejected with INVALID_ARGUMENT naming it:
+nothing is ignored.
 In answers, an `optional` figure left unset means "not measured" (never a 0 that
 reads as measured): check presence (HasField, has_*, oneof case) before use.
 
@@ -545,11 +549,17 @@ class PyTorchConfig(_message.Message):
     cache_implementation: Global___CacheImplementation.ValueType
     """generate(cache_implementation=). Default: dynamic. Needs use_cache."""
     num_beams: _builtins.int
-    """generate(num_beams=). Default: 1. Must be >= 1."""
+    """generate(num_beams=). Default: 1. Must be >= 1; with sampling, num_beams x the
+    model's vocabulary must not exceed 2^24 (torch.multinomial's limit; checked
+    when the model is known).
+    """
     early_stopping: _builtins.bool
     """generate(early_stopping=). Default: false. Needs num_beams > 1."""
     length_penalty: _builtins.float
-    """generate(length_penalty=). Default: 1.0. Needs num_beams > 1."""
+    """generate(length_penalty=). Default: 1.0. Needs num_beams > 1. Above 0, at most
+    log(max float) / log(max_output_tokens + 1): beam scores divide by the
+    generated length to this power, a Python float.
+    """
     no_repeat_ngram_size: _builtins.int
     """generate(no_repeat_ngram_size=). Default: 0 (off). Must be >= 0."""
     prompt_lookup_num_tokens: _builtins.int
@@ -717,7 +727,9 @@ class DecoderConfig(_message.Message):
     MIN_NEW_TOKENS_FIELD_NUMBER: _builtins.int
     PRESET_FIELD_NUMBER: _builtins.int
     temperature: _builtins.float
-    """generate(temperature=), 0 to 2. Default: 1.0. 0 means greedy."""
+    """generate(temperature=), 0 to 2. Default: 1.0. 0 means greedy; above 0 and below
+    1e-30 it is refused (the logits would overflow float32).
+    """
     do_sample: _builtins.bool
     """generate(do_sample=). Default: true."""
     top_k: _builtins.int

@@ -6,10 +6,14 @@ The llem-serve contract: remote LLM generation with per-request GPU energy.
 This file is the only source of truth for messages. Field names mirror the
 LLenergyMeasure (`llem`) PyTorch-backend schema exactly (snake_case).
 
-Presence rule: a field marked `optional` that is left unset means "library
-default" and produces no keyword argument in transformers. An enum left at its
-`_UNSPECIFIED` zero means the same. Every field either changes what the server
-does or is rejected with INVALID_ARGUMENT naming it: nothing is ignored.
+Presence rule: a field marked `optional` that is left unset means "the default
+its comment documents" (config.md's). Most then produce no keyword argument in
+transformers; a few defaults are sent explicitly because transformers' own
+differ or are not known in advance: do_sample (true), max_new_tokens
+(max_output_tokens), the seed, attn_implementation (sdpa) and device_map (auto).
+An enum left at its `_UNSPECIFIED` zero means the same. Every field either
+changes what the server does or is rejected with INVALID_ARGUMENT naming it:
+nothing is ignored.
 In answers, an `optional` figure left unset means "not measured" (never a 0 that
 reads as measured): check presence (HasField, has_*, oneof case) before use.
 
