@@ -259,3 +259,5 @@ def test_a_prompt_with_half_a_character_is_a_configuration_error_naming_it():
         _core.generate_request(["fine", "cut \ud83d"], model="llama")
     assert [f for f, _ in ei.value.problems] == ["prompts[1]"]
     assert "position 4" in ei.value.problems[0][1]
+    # prompts given as a generator are read once, not lost to that check
+    assert list(_core.generate_request((p for p in ["a", "b"]), model="llama").prompts) == ["a", "b"]

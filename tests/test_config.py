@@ -789,3 +789,11 @@ def test_module_is_pure():
     code = ("import sys, llem_server.config; "
             "bad = {'torch', 'transformers', 'grpc'} & set(sys.modules); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_length_penalty_checks_keep_their_order_and_never_crash():
+    # rule 6 first: a length_penalty without beams is named for that, whatever its size
+    assert "acts only in beam search" in only(make(pytorch={"length_penalty": 1000.0}), PT + "length_penalty").description
+    # an invalid max_output_tokens is reported on its own (math.log of it raised before)
+    err = error(make(pytorch={"num_beams": 2, "length_penalty": 1.0}, max_output_tokens=-1))
+    assert [v.field for v in err.violations] == ["max_output_tokens"]

@@ -57,6 +57,14 @@ class _Broken:
         yield llem_pb2.GenerateStreamResponse(chunk=llem_pb2.TokenChunk())
         raise KeyError("bug mid-stream")
 
+    async def GetServerInfo(self, request, context):
+        return None  # grpc would fail serialising it: UNKNOWN
+
+    async def UnloadModel(self, request, context):
+        from llem_server.errors import ServiceError
+
+        raise ServiceError("NOT_FOUND", "no such model")  # meant for the caller, not aborted
+
 
 def test_an_exception_escaping_a_method_is_internal_with_details_not_unknown():
     from llem_server.handlers import generic_handler
@@ -69,7 +77,8 @@ def test_an_exception_escaping_a_method_is_internal_with_details_not_unknown():
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
                 errs = []
-                for path, streaming in (("ListModels", False), ("GenerateStream", True)):
+                for path, streaming in (("ListModels", False), ("GenerateStream", True), ("GetServerInfo", False),
+                                        ("UnloadModel", False)):
                     call = (ch.unary_stream if streaming else ch.unary_unary)(f"/llem.v1.LlemService/{path}")
                     try:
                         if streaming:
@@ -84,6 +93,8 @@ def test_an_exception_escaping_a_method_is_internal_with_details_not_unknown():
             await srv.stop(None)
 
     errs = asyncio.run(main())
-    assert [e.code() for e in errs] == [grpc.StatusCode.INTERNAL] * 2
+    assert [e.code() for e in errs] == [grpc.StatusCode.INTERNAL] * 3 + [grpc.StatusCode.NOT_FOUND]
     assert "RuntimeError: bug in ListModels" in errs[0].details() and "KeyError" in errs[1].details()
-    assert [error_reason(e) for e in errs] == ["INTERNAL_ERROR"] * 2
+    assert "answered NoneType, not llem.v1.GetServerInfoResponse" in errs[2].details()
+    assert [error_reason(e) for e in errs] == ["INTERNAL_ERROR"] * 3 + ["MODEL_NOT_FOUND"]
+    assert errs[3].details() == "no such model"

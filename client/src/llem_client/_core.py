@@ -255,8 +255,7 @@ def generate_request(
     energy_delivery: str | int | None = None,
 ) -> llem_pb2.GenerateRequest:
     """A GenerateRequest; every problem in the arguments is reported at once."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)  # a generator is read once
     problems: list[tuple[str, str]] = []
     for i, text in enumerate(prompts):
         try:

@@ -868,16 +868,18 @@ def _resolve_plan(col: _Collector, req: llem_pb2.GenerateRequest, caps: Capabili
         value = getattr(p, name)
         if name == "length_penalty" and not _float_range(col, f"{pp}.{name}", value, None, None):
             continue
-        if name == "length_penalty" and value > 0 and value * math.log(max_out + 1) > _LOG_FLOAT_MAX:
-            # Beam scores divide by (generated length) ** length_penalty, a Python float:
-            # past the largest float generate() raises OverflowError.
-            col.bad(f"{pp}.{name}", f"length_penalty {value:g} overflows beam scoring over {max_out} new tokens "
-                                    f"(their count to the power length_penalty exceeds the largest float); "
-                                    f"at most {_LOG_FLOAT_MAX / math.log(max_out + 1):.0f} here")
-            continue
         if num_beams <= 1:
             # rule 6: transformers would only log that the flag is ignored.
             col.bad(f"{pp}.{name}", f"{name} acts only in beam search; set num_beams > 1 or unset {name}")
+            continue
+        if name == "length_penalty" and value > 0 and max_out >= 1 and \
+                value * math.log(max_out + 1) > _LOG_FLOAT_MAX:
+            # Beam scores divide by (generated length) ** length_penalty, a Python float:
+            # past the largest float generate() raises OverflowError. (An invalid
+            # max_output_tokens is reported on its own.)
+            col.bad(f"{pp}.{name}", f"length_penalty {value:g} overflows beam scoring over {max_out} new tokens "
+                                    f"(their count to the power length_penalty exceeds the largest float); "
+                                    f"at most {_LOG_FLOAT_MAX / math.log(max_out + 1):.0f} here")
             continue
         gen[name] = value
     if p.HasField("no_repeat_ngram_size") and _int_range(col, f"{pp}.no_repeat_ngram_size",

@@ -113,13 +113,25 @@ def _lengths(slices) -> list[int]:
 MULTINOMIAL_MAX = 2 ** 24  # torch.multinomial: "number of categories cannot exceed 2^24"
 
 
-def _check_beam_sampling(model, beams: int, sampling: bool) -> None:
+def _vocabulary(model) -> int:
+    """Rows of the logits: the output layer's width (a composite config may keep
+    vocab_size under its text config)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    width = getattr(head, "out_features", None)
+    if width:
+        return int(width)
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(getattr(cfg, "vocab_size", 0) or 0)
+
+
+def _check_beam_sampling(model, beams: int, sampling: bool, from_request: bool) -> None:
     """Beam sampling draws from num_beams x vocabulary categories at once: past torch's
     limit generate() fails (131 beams on a 128 256-token vocabulary)."""
-    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+    vocab = _vocabulary(model)
     if sampling and beams > 1 and beams * vocab > MULTINOMIAL_MAX:
         what = (f"beam sampling draws from num_beams x vocabulary = {beams} x {vocab} tokens, over torch's limit "
-                f"of {MULTINOMIAL_MAX}")
+                f"of {MULTINOMIAL_MAX}" + ("" if from_request else
+                                           f" (num_beams {beams} comes from the model's generation_config.json)"))
         raise JobError("INVALID_ARGUMENT", f"{what}; use at most {MULTINOMIAL_MAX // vocab} beams with sampling, "
                        "or greedy beam search", violations=(("model.pytorch.num_beams", what),))
 
@@ -216,7 +228,7 @@ def run_generate(entry: LoadedModel, prompts: list[str], plan: dict, *, job_id: 
         warnings = _truncation_warning(tok, texts, slices, lengths, limit, char_cut)
         warnings += _model_defaults_warning(model, gen_kwargs, sampling=decoder_used["do_sample"])
         _check_lookup(model, gen_kwargs)
-        _check_beam_sampling(model, beams, decoder_used["do_sample"])
+        _check_beam_sampling(model, beams, decoder_used["do_sample"], "num_beams" in gen_kwargs)
         _check_positions(model, lengths, max_new, int(gen_kwargs.get("prompt_lookup_num_tokens") or 0))
     tokenization_ms = (time.monotonic() - t_tok) * 1e3
 

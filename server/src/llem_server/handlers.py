@@ -36,18 +36,24 @@ def _internal(method: str, exc: Exception) -> ServiceError:
                         reason="INTERNAL_ERROR")
 
 
-def _unary(method: str, cls: type, behaviour: Callable) -> Callable:
+def _unary(method: str, cls: type, resp_cls: type, behaviour: Callable) -> Callable:
     async def handle(data: bytes, context: grpc.aio.ServicerContext) -> Any:
         try:
             request = cls.FromString(data)
         except DecodeError as exc:
             await abort(context, _bad_request(cls, exc))
         try:
-            return await behaviour(request, context)
+            result = await behaviour(request, context)
         except grpc.aio.AbortError:
             raise
+        except ServiceError as err:  # meant for the caller: its own status
+            await abort(context, err)
         except Exception as exc:  # noqa: BLE001 - answered INTERNAL with details, not UNKNOWN
             await abort(context, _internal(method, exc))
+        if not isinstance(result, resp_cls):  # grpc would fail serialising it: UNKNOWN
+            await abort(context, _internal(method, TypeError(f"answered {type(result).__name__}, "
+                                                             f"not {resp_cls.DESCRIPTOR.full_name}")))
+        return result
     return handle
 
 
@@ -63,6 +69,8 @@ def _streaming(method: str, cls: type, behaviour: Callable) -> Callable:
                 yield item
         except grpc.aio.AbortError:
             raise
+        except ServiceError as err:
+            await abort(context, err)
         except Exception as exc:  # noqa: BLE001
             await abort(context, _internal(method, exc))
         finally:  # closed early (the caller went away): the servicer's own cleanup runs now
@@ -82,5 +90,5 @@ def generic_handler(servicer: Any) -> grpc.GenericRpcHandler:
                 _streaming(m.name, req_cls, behaviour), response_serializer=resp_cls.SerializeToString)
         else:
             handlers[m.name] = grpc.unary_unary_rpc_method_handler(
-                _unary(m.name, req_cls, behaviour), response_serializer=resp_cls.SerializeToString)
+                _unary(m.name, req_cls, resp_cls, behaviour), response_serializer=resp_cls.SerializeToString)
     return grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)

@@ -149,6 +149,14 @@ def oom_message(exc: BaseException, where: str) -> str:
     return f"out of {kind} {where}: {type(exc).__name__}: {str(exc)[:300]}"
 
 
+_TOKENIZER_FILES = ("tokenizer", "vocab", "merges.txt", "spiece", "sentencepiece")
+
+
+def _has_tokenizer_files(directory: str) -> bool:
+    names = os.listdir(directory)
+    return any(n.startswith(_TOKENIZER_FILES) or n.endswith((".model", ".tiktoken")) for n in names)
+
+
 def _classify_load_error(exc: BaseException, source: str) -> LoadError:
     text = f"{type(exc).__name__}: {exc}"
     if is_out_of_memory(exc):
@@ -180,8 +188,13 @@ def _classify_load_error(exc: BaseException, source: str) -> LoadError:
             return LoadError("NOT_FOUND", f"{source} is not a model: its config.json names no model_type ({exc})",
                              reason="MODEL_NOT_FOUND")
         if "couldn't instantiate the backend tokenizer" in low:
-            return LoadError("NOT_FOUND", f"{source} is not a servable model: it has no tokenizer files "
-                             f"(tokenizer.json or the like) ({str(exc)[:200]})", reason="MODEL_NOT_FOUND")
+            if os.path.isdir(source) and not _has_tokenizer_files(source):
+                return LoadError("NOT_FOUND", f"{source} is not a servable model: it has no tokenizer files "
+                                 f"(tokenizer.json or the like) ({str(exc)[:200]})", reason="MODEL_NOT_FOUND")
+            # Files there, but transformers could not build them: likely a missing package.
+            return LoadError("FAILED_PRECONDITION", f"the tokenizer of {source} could not be built (a package such "
+                             f"as sentencepiece or tiktoken may be missing): {str(exc)[:300]}",
+                             reason="PACKAGE_MISSING")
         return LoadError("FAILED_PRECONDITION", f"transformers refused to load {source} with this configuration: {exc}")
     return LoadError("INTERNAL", f"unexpected error loading {source}: {text}", reason="INTERNAL_ERROR")
 
