@@ -409,10 +409,7 @@ class Reference:
 
     def plan(self, cfg: Config) -> dict:
         _, resolved = self.resolve(cfg)
-        p = resolved.plan
-        return {"batch_size": p.batch_size, "generate_kwargs": p.generate_kwargs,
-                "max_input_tokens": p.max_input_tokens, "max_output_tokens": p.max_output_tokens,
-                "random_seed": p.random_seed}
+        return resolved.plan.worker_payload()
 
     def prepare(self, cfg: Config) -> Callable[[], int]:
         """A zero-argument callable running one plain in-process request; returns output tokens."""

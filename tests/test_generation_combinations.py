@@ -99,8 +99,7 @@ def test_every_accepted_combination_runs(loaded, model):
             continue
         accepted += 1
         for n in LENGTHS:
-            p = {"batch_size": plan.batch_size, "generate_kwargs": plan.generate_kwargs,
-                 "max_input_tokens": plan.max_input_tokens, "max_output_tokens": n, "random_seed": plan.random_seed}
+            p = {**plan.worker_payload(), "max_output_tokens": n}
             try:
                 r = run_generate(entry, PROMPTS, p, job_id=1, cancel_flag=flag, emit=None, on_start=lambda t: None)
                 assert all(1 <= c["output_tokens"] <= n for c in r["completions"]), r["completions"]
@@ -125,8 +124,7 @@ def test_prompt_lookup_against_the_models_own_cache_settings_is_refused_by_name(
     req = pb.GenerateRequest(model=pb.ModelConfig(model=model, pytorch=pb.PyTorchConfig(prompt_lookup_num_tokens=2)),
                              decoder=pb.DecoderConfig(temperature=0.0), prompts=PROMPTS[:1])
     plan = C.resolve_generate(req, caps, model_is_local=True).plan  # the request alone is fine
-    p = {"batch_size": 1, "generate_kwargs": plan.generate_kwargs, "max_input_tokens": 64, "max_output_tokens": 12,
-         "random_seed": 7}
+    p = {**plan.worker_payload(), "max_input_tokens": 64, "max_output_tokens": 12}
     flag = mp.get_context("spawn").RawValue("q", 0)
     with pytest.raises(JobError) as exc:
         run_generate(models[model], PROMPTS[:1], p, job_id=1, cancel_flag=flag, emit=None, on_start=lambda t: None)

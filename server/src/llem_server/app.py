@@ -104,11 +104,10 @@ async def serve(settings: Settings, *, port_file: Path | None = None, auth_token
         # Before serving, so nothing runs; the workers already hold their CUDA contexts.
         results = await asyncio.to_thread(meter.measure_baseline, baseline_s, None,
                                           {i: 0 for i in meter_devices.values()})
-        for idx, res in sorted(results.items()):  # nobody asked over gRPC: the log is where they go
-            if log is not None:
-                log.info("baseline_measured", device=idx, available=res.available, power_w=res.power_w,
-                         uncertainty_w=res.uncertainty_w, reason=res.reason,
-                         warnings=[f"{code}: {msg}" for code, msg in res.warnings()])
+        for idx, res in sorted(results.items()) if log is not None else ():  # nobody asked over gRPC: logged
+            log.info("baseline_measured", device=idx, available=res.available, power_w=res.power_w,
+                     uncertainty_w=res.uncertainty_w, reason=res.reason,
+                     warnings=[f"{code}: {msg}" for code, msg in res.warnings()])
 
     metrics = None
     if metrics_port is not None:

@@ -211,6 +211,17 @@ MIN_TEMPERATURE = 1e-30
 # draft; a quantized one cannot be cropped. Also checked against the model's own
 # generation_config in the worker (generation.py).
 LOOKUP_CACHES = frozenset({"dynamic", "offloaded"})
+
+
+def lookup_blocker(use_cache: bool | None, cache: str | None) -> str | None:
+    """The field that keeps prompt lookup from running ("use_cache" off, or a
+    "cache_implementation" it cannot crop), None when it can run. Validation asks it of
+    the request, the worker of the model's own generation_config."""
+    if use_cache is False:
+        return "use_cache"
+    if cache is not None and cache not in LOOKUP_CACHES:
+        return "cache_implementation"
+    return None
 _PRESET = {
     llem_pb2.DECODER_PRESET_DETERMINISTIC: "deterministic",
     llem_pb2.DECODER_PRESET_STANDARD: "standard",
@@ -458,6 +469,12 @@ class GenerationPlan:
     generate_kwargs: dict[str, Any]  # excludes max_new_tokens: the worker adds it
     decoder: dict[str, Any]  # DecoderConfig field names; "preset" as its lower-case name
     energy_delivery: str = "in_response"  # or "deferred": the service answers before the energy settles
+
+    def worker_payload(self) -> dict[str, Any]:
+        """What the worker's run_generate reads (plain data, sent over the pipe)."""
+        return {"batch_size": self.batch_size, "generate_kwargs": self.generate_kwargs,
+                "max_input_tokens": self.max_input_tokens, "max_output_tokens": self.max_output_tokens,
+                "random_seed": self.random_seed}
 
     def decoder_proto(self) -> llem_pb2.DecoderConfig:
         d = llem_pb2.DecoderConfig(**{k: v for k, v in self.decoder.items() if k != "preset"})
@@ -915,11 +932,11 @@ def _resolve_plan(col: _Collector, req: llem_pb2.GenerateRequest, caps: Capabili
             # transformers would log that assisted generation ignores beams and carry on.
             col.bad(f"{pp}.prompt_lookup_num_tokens",
                     "prompt lookup decoding works only with greedy search or sampling; unset num_beams or set it to 1")
-        elif use_cache is False:
+        elif (blocker := lookup_blocker(use_cache, cache)) == "use_cache":
             # transformers raises "Assisted decoding requires a cache" inside generate().
             col.bad(f"{pp}.prompt_lookup_num_tokens",
                     "prompt lookup decoding needs the KV cache; unset use_cache or set it to true")
-        elif cache is not None and cache not in LOOKUP_CACHES:
+        elif blocker == "cache_implementation":
             # A fixed-length cache is overrun whenever the lookup finds a match near its end
             # (transformers 5: IndexError in index_copy_, data-dependent); a quantized one
             # cannot be cropped (ValueError).

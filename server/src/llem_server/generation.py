@@ -18,7 +18,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from . import compiling
-from .config import LOOKUP_CACHES
+from .config import lookup_blocker
 from .models import JobError, LoadedModel
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = 1, 2, 3  # llem.v1.FinishReason values
@@ -149,11 +149,12 @@ def _check_lookup(model, gen_kwargs: dict) -> None:
     path = "model.pytorch.prompt_lookup_num_tokens"
     use_cache = gen_kwargs.get("use_cache", getattr(gc, "use_cache", True))
     cache = gen_kwargs.get("cache_implementation") or getattr(gc, "cache_implementation", None)
-    if use_cache is False:
+    blocker = lookup_blocker(use_cache, cache)
+    if blocker == "use_cache":
         what = "prompt lookup decoding needs the KV cache, which the model's generation_config.json switches off"
         raise JobError("INVALID_ARGUMENT", f"{what}; set model.pytorch.use_cache to true",
                        violations=((path, what),))
-    if cache is not None and cache not in LOOKUP_CACHES:
+    if blocker == "cache_implementation":
         what = (f"prompt lookup decoding cannot run on the {cache!r} cache the model's generation_config.json "
                 "sets (its draft overruns or cannot be cropped from it)")
         raise JobError("INVALID_ARGUMENT", f"{what}; set model.pytorch.cache_implementation to dynamic",

@@ -365,9 +365,7 @@ class LlemServicer(llem_pb2_grpc.LlemServiceServicer):
             "load_kwargs": load.load_kwargs(), "compile_kwargs": load.compile_kwargs(),
             "prompts": list(request.prompts), "stream": stream,
             "pinned": self.registry.hashes_on(worker.index),
-            "plan": {"batch_size": plan.batch_size, "generate_kwargs": plan.generate_kwargs,
-                     "max_input_tokens": plan.max_input_tokens, "max_output_tokens": plan.max_output_tokens,
-                     "random_seed": plan.random_seed},
+            "plan": plan.worker_payload(),
         }
         try:
             job = self._submit(worker, "generate", payload, context)
